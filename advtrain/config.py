@@ -1,0 +1,302 @@
+"""Frozen, validated configuration dataclasses: the one place defaults live.
+
+Every field is checked in `__post_init__`, so a config that exists is a valid config. Errors
+follow the Keras house form: the field in backticks, the allowed set or range, then
+`Received: name=value`. `from_dict` rejects unknown keys by name, so a typo in a YAML file is an
+error instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "NORMS",
+    "LOSSES",
+    "METHODS",
+    "MODELS",
+    "SCHEDULES",
+    "SUITES",
+    "AttackConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "load_yaml",
+]
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin", "dlr")
+ATTACK_NAMES = ("fgsm", "pgd", "apgd")
+METHODS = ("clean", "fgsm", "pgd", "trades")
+MODELS = ("mlp", "cnn", "madry")
+SCHEDULES = ("constant", "cosine", "onecycle")
+SUITES = ("fgsm", "quick", "standard")
+SPLITS = ("val", "test")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}. Received: {name}={value!r}"
+        )
+    return value.lower()
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    integer: bool = False,
+) -> float | int:
+    """Checks a number against a range and returns it, typed.
+
+    Bools are refused (True is an int in Python, never a sensible epsilon or step count).
+    """
+    kind = "an integer" if integer else "a number"
+    ok_type = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        raise TypeError(f"`{name}` must be {kind}. Received: {name}={value!r}")
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
+    lo_bracket = "(" if low_open else "["
+    rng = f"{lo_bracket}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        raise ValueError(f"`{name}` must be in {rng}. Received: {name}={value!r}")
+    return int(value) if integer else float(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be true or false. Received: {name}={value!r}")
+    return value
+
+
+class _Config:
+    """Shared dict round trip for the frozen config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{cls.__name__} expects a mapping. Received: {data!r}")
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown {cls.__name__} key(s): {', '.join(unknown)}. "
+                f"Known keys: {', '.join(sorted(known))}."
+            )
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig(_Config):
+    """One attack at one budget: the unit of a threat model.
+
+    Args:
+        name: `"fgsm"`, `"pgd"` or `"apgd"`. Defaults to `"pgd"`.
+        eps: radius of the perturbation ball, in [0, 1] (pixels are in [0, 1]). Defaults to `0.3`.
+        steps: gradient steps, >= 1 (FGSM always takes one). Defaults to `40`.
+        step_size: step length, > 0; `None` means 2.5 * eps / steps (Madry et al. 2018).
+        norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
+        random_start: start uniformly inside the eps-ball. Defaults to `True`.
+        restarts: independent random starts, >= 1; each example keeps its strongest. Defaults to `1`.
+        loss: `"ce"`, `"margin"` (Carlini-Wagner) or `"dlr"` (Croce and Hein 2020). Defaults to `"ce"`.
+        seed: seed of the random start, so the same seed gives the same result. Defaults to `0`.
+    """
+
+    name: str = "pgd"
+    eps: float = 0.3
+    steps: int = 40
+    step_size: float | None = None
+    norm: str = "linf"
+    random_start: bool = True
+    restarts: int = 1
+    loss: str = "ce"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _set(self, "name", _check_choice("name", self.name, ATTACK_NAMES))
+        _set(self, "eps", _check_number("eps", self.eps, low=0.0, high=1.0))
+        _set(self, "steps", _check_number("steps", self.steps, low=1, integer=True))
+        if self.step_size is not None:
+            _set(self, "step_size", _check_number("step_size", self.step_size, low=0.0, low_open=True))
+        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _check_bool("random_start", self.random_start)
+        _set(self, "restarts", _check_number("restarts", self.restarts, low=1, integer=True))
+        _set(self, "loss", _check_choice("loss", self.loss, LOSSES))
+        _set(self, "seed", _check_number("seed", self.seed, low=0, integer=True))
+
+    def resolved_step_size(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Adversarial training of one model: method, attack, optimisation and data.
+
+    Args:
+        model: registry name, `"mlp"`, `"cnn"` or `"madry"`. Defaults to `"cnn"`.
+        method: `"clean"`, `"fgsm"` (FGSM-RS, Wong et al. 2020), `"pgd"` (Madry et al. 2018) or
+            `"trades"` (Zhang et al. 2019). Defaults to `"pgd"`.
+        eps: training perturbation radius, in [0, 1]. Defaults to `0.3`.
+        steps: PGD steps in training, >= 1 (ignored by `clean` and `fgsm`). Defaults to `10`.
+        step_size: PGD step, > 0; `None` = 2.5 * eps / steps (FGSM-RS uses 1.25 * eps).
+        norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
+        mix: weight of the adversarial loss, in [0, 1]: loss = (1 - mix) CE(x) + mix CE(x_adv).
+            1 is Madry training, 0.5 is Goodfellow et al. 2015. Defaults to `1.0`.
+        beta: TRADES trade-off, >= 0. Defaults to `6.0`.
+        epochs: passes over the training split, >= 1. Defaults to `5`.
+        batch_size: examples per step on each worker, >= 1. Defaults to `128`.
+        learning_rate: peak learning rate of Adam, > 0. Defaults to `1e-3`.
+        schedule: `"constant"`, `"cosine"` or `"onecycle"`. Defaults to `"onecycle"`.
+        eps_ramp_epochs: epochs over which eps grows linearly from 0, >= 0. Defaults to `0`.
+        val_size: validation examples held out of the training split, >= 1. Defaults to `5000`.
+        train_size: use only the first n training examples (after the validation split), or
+            `None` for all. Defaults to `None`.
+        probe_size: validation examples attacked by the per-epoch probe. Defaults to `500`.
+        probe_steps: PGD steps of the probe. Defaults to `10`.
+        guard: stop and restore the best epoch on catastrophic overfitting. Defaults to `True`.
+        data: MNIST source for `advtrain.data.load_mnist`. Defaults to `"bundled"`.
+        seed: seed of initialisation, shuffling and attacks. Defaults to `0`.
+    """
+
+    model: str = "cnn"
+    method: str = "pgd"
+    eps: float = 0.3
+    steps: int = 10
+    step_size: float | None = None
+    norm: str = "linf"
+    mix: float = 1.0
+    beta: float = 6.0
+    epochs: int = 5
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    schedule: str = "onecycle"
+    eps_ramp_epochs: int = 0
+    val_size: int = 5000
+    train_size: int | None = None
+    probe_size: int = 500
+    probe_steps: int = 10
+    guard: bool = True
+    data: str = "bundled"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _set(self, "model", _check_choice("model", self.model, MODELS))
+        _set(self, "method", _check_choice("method", self.method, METHODS))
+        _set(self, "eps", _check_number("eps", self.eps, low=0.0, high=1.0))
+        _set(self, "steps", _check_number("steps", self.steps, low=1, high=1000, integer=True))
+        if self.step_size is not None:
+            _set(self, "step_size", _check_number("step_size", self.step_size, low=0.0, low_open=True))
+        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _set(self, "mix", _check_number("mix", self.mix, low=0.0, high=1.0))
+        _set(self, "beta", _check_number("beta", self.beta, low=0.0))
+        _set(self, "epochs", _check_number("epochs", self.epochs, low=1, high=10000, integer=True))
+        _set(self, "batch_size", _check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
+        _set(
+            self,
+            "learning_rate",
+            _check_number("learning_rate", self.learning_rate, low=0.0, high=10.0, low_open=True),
+        )
+        _set(self, "schedule", _check_choice("schedule", self.schedule, SCHEDULES))
+        _set(self, "eps_ramp_epochs", _check_number("eps_ramp_epochs", self.eps_ramp_epochs, low=0, integer=True))
+        _set(self, "val_size", _check_number("val_size", self.val_size, low=1, high=59999, integer=True))
+        if self.train_size is not None:
+            _set(self, "train_size", _check_number("train_size", self.train_size, low=1, integer=True))
+        _set(self, "probe_size", _check_number("probe_size", self.probe_size, low=1, integer=True))
+        _set(self, "probe_steps", _check_number("probe_steps", self.probe_steps, low=1, integer=True))
+        _check_bool("guard", self.guard)
+        if not isinstance(self.data, str) or not self.data:
+            raise TypeError(f"`data` must be a non-empty string. Received: data={self.data!r}")
+        _set(self, "seed", _check_number("seed", self.seed, low=0, integer=True))
+
+    def resolved_step_size(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        if self.method == "fgsm":
+            return 1.25 * self.eps
+        return 2.5 * self.eps / self.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(_Config):
+    """The threat model a robustness number is stated under.
+
+    Args:
+        norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
+        eps: radius (or radii, a sweep) judged, each in [0, 1]. Defaults to `(0.3,)`.
+        suite: `"fgsm"` (weak reference), `"quick"` (PGD-20) or `"standard"` (PGD-100 x 5
+            restarts, APGD-CE, targeted APGD-DLR). Defaults to `"standard"`.
+        n: examples evaluated, >= 1, or `None` for the whole split. Defaults to `None`.
+        split: `"test"` or `"val"`. Defaults to `"test"`.
+        batch_size: examples per attack batch (the last one is padded). Defaults to `500`.
+        sanity: run the gradient-masking sanity checks. Defaults to `True`.
+        seed: seed of random starts and sample choice. Defaults to `0`.
+    """
+
+    norm: str = "linf"
+    eps: tuple[float, ...] = (0.3,)
+    suite: str = "standard"
+    n: int | None = None
+    split: str = "test"
+    batch_size: int = 500
+    sanity: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        eps = self.eps
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+            eps = (eps,)
+        if not isinstance(eps, (tuple, list)) or not eps:
+            raise ValueError(f"`eps` must be a number or a non-empty list of numbers. Received: eps={self.eps!r}")
+        _set(self, "eps", tuple(_check_number("eps", e, low=0.0, high=1.0) for e in eps))
+        _set(self, "suite", _check_choice("suite", self.suite, SUITES))
+        if self.n is not None:
+            _set(self, "n", _check_number("n", self.n, low=1, integer=True))
+        _set(self, "split", _check_choice("split", self.split, SPLITS))
+        _set(self, "batch_size", _check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
+        _check_bool("sanity", self.sanity)
+        _set(self, "seed", _check_number("seed", self.seed, low=0, integer=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["eps"] = list(self.eps)
+        return d
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping, with an error that names the file when it is missing or malformed."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"Cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"Config file {str(path)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {str(path)!r} must hold a mapping at the top level. Received: {type(data).__name__}")
+    return data
