@@ -94,9 +94,13 @@ class AdversarialTraining:
         steps_per_epoch: optimizer steps per epoch (sets the LR schedule and the eps ramp).
         strategy: a `tf.distribute.Strategy`, or `None` for the default (one process).
         rank: this worker's rank, mixed into the attack seeds so replicas draw different starts.
+        judge: `(norm, eps)` of the fixed threat model runs are compared under; the probe reports
+            `val_robust_acc` under it (a search ranks trials by it, whatever eps they train at).
+            Defaults to the training norm and eps.
     """
 
-    def __init__(self, cfg: TrainConfig, *, steps_per_epoch: int, strategy=None, rank: int = 0):
+    def __init__(self, cfg: TrainConfig, *, steps_per_epoch: int, strategy=None, rank: int = 0,
+                 judge: tuple[str, float] | None = None):
         if steps_per_epoch < 1:
             raise ValueError(
                 f"`steps_per_epoch` must be >= 1 (is the training split smaller than one batch?). "
@@ -106,6 +110,7 @@ class AdversarialTraining:
         self.steps_per_epoch = steps_per_epoch
         self.strategy = strategy or tf.distribute.get_strategy()
         self.rank = rank
+        self.judge = judge or (cfg.norm, cfg.eps)
         # Variables must be created in the strategy's scope to be mirrored across workers.
         with self.strategy.scope():
             self.model = build_model(cfg.model, seed=cfg.seed)
@@ -196,21 +201,29 @@ class AdversarialTraining:
         return {name: float(metric.result().numpy()) for name, metric in self.metrics.items()}
 
     def probe(self, x_val: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
-        """Clean, FGSM and PGD-k accuracy at the training eps on a fixed validation batch.
-
-        Cheap enough for every epoch; never touches the test split.
+        """Clean accuracy on the validation split; FGSM and PGD-k accuracy at the training eps
+        (the overfitting guard's signal) and PGD-k accuracy under the judging threat model, on a
+        fixed validation batch. Cheap enough for every epoch; never touches the test split.
         """
         cfg = self.cfg
         x, y = x_val[: cfg.probe_size], y_val[: cfg.probe_size]
         out = {"val_clean_acc": _accuracy(self.model, x_val, y_val)}
+
+        def pgd_acc(norm, eps):
+            if eps == 0:
+                return _accuracy(self.model, x, y)
+            x_adv = attacks.run_attack("pgd", self.model, x, y, eps=eps, norm=norm, steps=cfg.probe_steps,
+                                       seed=cfg.seed, batch_size=len(x))
+            return _accuracy(self.model, x_adv, y)
+
         if cfg.eps == 0:
-            out.update(val_fgsm_acc=out["val_clean_acc"], val_pgd_acc=out["val_clean_acc"])
-            return out
-        kw = dict(eps=cfg.eps, norm=cfg.norm, batch_size=len(x))
-        out["val_fgsm_acc"] = _accuracy(self.model, attacks.run_attack("fgsm", self.model, x, y, **kw), y)
-        out["val_pgd_acc"] = _accuracy(
-            self.model, attacks.run_attack("pgd", self.model, x, y, steps=cfg.probe_steps, seed=cfg.seed, **kw), y
-        )
+            out["val_fgsm_acc"] = out["val_pgd_acc"] = _accuracy(self.model, x, y)
+        else:
+            x_fgsm = attacks.run_attack("fgsm", self.model, x, y, eps=cfg.eps, norm=cfg.norm, batch_size=len(x))
+            out["val_fgsm_acc"] = _accuracy(self.model, x_fgsm, y)
+            out["val_pgd_acc"] = pgd_acc(cfg.norm, cfg.eps)
+        same = self.judge == (cfg.norm, cfg.eps)
+        out["val_robust_acc"] = out["val_pgd_acc"] if same else pgd_acc(*self.judge)
         return out
 
     def checkpoint(self) -> tf.train.Checkpoint:
@@ -255,13 +268,15 @@ def save_run(run_dir: str | os.PathLike, model: keras.Model, cfg: TrainConfig, h
 
 
 def fit(cfg: TrainConfig, *, on_epoch: Callable[[dict], None] | None = None,
-        progress: Callable[[int, int], None] | None = None):
+        progress: Callable[[int, int], None] | None = None, judge: tuple[str, float] | None = None):
     """Trains one model in this process: data, epochs, probe, guard.
 
     Args:
         cfg: the training configuration.
         on_epoch: called with each epoch's metrics dict (for logging or reporting).
         progress: called as progress(epoch, step) after every step (for a progress bar).
+        judge: `(norm, eps)` of the threat model runs are compared under (see
+            `AdversarialTraining`). Defaults to the training norm and eps.
 
     Returns:
         (model, history, summary): the trained `keras.Model` (best epoch restored when the guard
@@ -277,17 +292,21 @@ def fit(cfg: TrainConfig, *, on_epoch: Callable[[dict], None] | None = None,
     if cfg.train_size is not None:
         x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
     steps = len(x_train) // cfg.batch_size
-    run = AdversarialTraining(cfg, steps_per_epoch=steps)
-    dataset = make_dataset(x_train, y_train, cfg.batch_size, seed=cfg.seed)
-    return run_epochs(run, dataset, data.x_val, data.y_val, on_epoch=on_epoch, progress=progress,
+    run = AdversarialTraining(cfg, steps_per_epoch=steps, judge=judge)
+    def dataset_for(epoch: int):
+        return make_dataset(x_train, y_train, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
+
+    return run_epochs(run, dataset_for, data.x_val, data.y_val, on_epoch=on_epoch, progress=progress,
                       clock=time.perf_counter, examples_per_epoch=steps * cfg.batch_size)
 
 
-def run_epochs(run: AdversarialTraining, dataset, x_val, y_val, *, start_epoch: int = 0,
+def run_epochs(run: AdversarialTraining, dataset_for: Callable[[int], Any], x_val, y_val, *, start_epoch: int = 0,
                history: list[dict] | None = None, on_epoch=None, progress=None, clock=None,
-               examples_per_epoch: int = 0, after_epoch: Callable[[int], None] | None = None):
+               examples_per_epoch: int = 0):
     """The epoch loop shared by local and Ray training: train, probe, guard.
 
+    `dataset_for(epoch)` returns that epoch's (distributed) dataset; seeding the shuffle by epoch
+    makes a resumed run see the same batches as an uninterrupted one.
     The guard keeps the weights of the best probe-PGD epoch in memory; when catastrophic
     overfitting is detected it restores them and stops.
     """
@@ -303,7 +322,7 @@ def run_epochs(run: AdversarialTraining, dataset, x_val, y_val, *, start_epoch: 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = clock()
         step_cb = (lambda s, e=epoch: progress(e, s)) if progress else None
-        metrics = run.train_epoch(dataset, step_cb)
+        metrics = run.train_epoch(dataset_for(epoch), step_cb)
         seconds = clock() - t0
         metrics.update(run.probe(x_val, y_val))
         metrics.update(epoch=epoch + 1, epoch_seconds=seconds,
@@ -314,8 +333,6 @@ def run_epochs(run: AdversarialTraining, dataset, x_val, y_val, *, start_epoch: 
             best, best_weights = metrics, run.model.get_weights()
         if on_epoch is not None:
             on_epoch(metrics)
-        if after_epoch is not None:
-            after_epoch(epoch + 1)
         if guard and is_catastrophic_overfitting(metrics["val_fgsm_acc"], metrics["val_pgd_acc"], best["val_pgd_acc"]):
             log.warning(
                 "Catastrophic overfitting at epoch %d (probe FGSM %.3f, PGD %.3f); restoring epoch %d",

@@ -1,0 +1,129 @@
+"""Adversarial training in one process: methods, mix, eps ramp, schedule, guard, saving."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from advtrain import attacks, training
+from advtrain.config import TrainConfig
+from advtrain.data import load_mnist
+from advtrain.models import load_model
+
+EPS = 0.1
+# ~200 optimizer steps per run: enough for adversarial training to show, small enough for CI.
+BASE = dict(model="cnn", eps=EPS, steps=3, epochs=2, batch_size=128, train_size=12800, learning_rate=0.003,
+            probe_size=200, seed=1)
+
+
+def _pgd_accuracy(model, n=500):
+    data = load_mnist()
+    x, y = data.x_val[-n:], data.y_val[-n:]  # not the probe batch (first probe_size of val)
+    x_adv = attacks.run_attack("pgd", model, x, y, eps=EPS, steps=10, batch_size=n, seed=3)
+    return float(np.mean(np.argmax(model(x_adv), -1) == y))
+
+
+@pytest.fixture(scope="module")
+def clean_run():
+    model, history, summary = training.fit(TrainConfig(method="clean", **BASE))
+    return model, history, summary, _pgd_accuracy(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fgsm", "pgd", "trades"])
+def test_fit_adversarial_method_beats_clean_training_in_robust_accuracy(method, clean_run):
+    model, history, summary = training.fit(TrainConfig(method=method, **BASE))
+    robust = _pgd_accuracy(model)
+    clean_robust = clean_run[3]
+    assert robust > clean_robust + 0.15, f"{method}: PGD acc {robust:.3f} vs clean training {clean_robust:.3f}"
+    assert summary["epochs_run"] == BASE["epochs"]
+    assert history[-1]["val_clean_acc"] > 0.85
+
+
+def test_fit_mix_zero_gives_exactly_clean_training():
+    small = {**BASE, "epochs": 1, "train_size": 2560}
+    a, _, _ = training.fit(TrainConfig(method="pgd", mix=0.0, **small))
+    b, _, _ = training.fit(TrainConfig(method="clean", **small))
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
+@pytest.mark.slow
+def test_guard_forced_catastrophic_overfitting_stops_and_restores_best_epoch():
+    # FGSM-RS on the mlp with an oversized step at eps 0.3: FGSM accuracy climbs while PGD
+    # accuracy sits near zero, the signature of catastrophic overfitting.
+    cfg = TrainConfig(model="mlp", method="fgsm", eps=0.3, step_size=0.6, epochs=5, eps_ramp_epochs=1,
+                      train_size=12800, learning_rate=0.002, schedule="constant", probe_size=300, seed=0)
+    seen = []
+    model, history, summary = training.fit(cfg, on_epoch=seen.append)
+    assert summary["stopped_early"] is True
+    assert summary["stop_reason"] == "catastrophic_overfitting"
+    assert summary["epochs_run"] < cfg.epochs
+    last = history[-1]
+    assert last["val_fgsm_acc"] - last["val_pgd_acc"] > training.CO_GAP
+    best = max(history, key=lambda h: h["val_pgd_acc"])
+    assert summary["restored_epoch"] == best["epoch"]
+
+
+def test_guard_healthy_pgd_run_does_not_fire(clean_run):
+    model, history, summary = training.fit(TrainConfig(method="pgd", **{**BASE, "epochs": 1, "train_size": 6400}))
+    assert summary["stopped_early"] is False
+    assert summary["stop_reason"] is None
+
+
+@pytest.mark.parametrize(
+    "fgsm_acc, pgd_acc, best, expected",
+    [(0.9, 0.02, 0.3, True), (0.65, 0.3, 0.3, False), (0.6, 0.1, 0.5, True), (0.3, 0.2, 0.25, False),
+     (0.1, 0.1, 0.1, False)],
+)
+def test_is_catastrophic_overfitting_thresholds(fgsm_acc, pgd_acc, best, expected):
+    assert training.is_catastrophic_overfitting(fgsm_acc, pgd_acc, best) is expected
+
+
+def test_one_cycle_rises_to_peak_then_falls_to_zero():
+    s = training.OneCycle(0.01, 100)
+    values = [float(s(i)) for i in (0, 20, 40, 70, 100)]
+    assert values[0] == 0.0
+    assert values[1] == pytest.approx(0.005)
+    assert values[2] == pytest.approx(0.01)
+    assert values[3] == pytest.approx(0.005)
+    assert values[4] == 0.0
+
+
+def test_current_eps_ramps_linearly_then_holds():
+    cfg = TrainConfig(method="pgd", eps=0.3, eps_ramp_epochs=2, epochs=3, train_size=1280, batch_size=128)
+    run = training.AdversarialTraining(cfg, steps_per_epoch=10)
+    assert float(run.current_eps(0)) == pytest.approx(0.3 / 20)
+    assert float(run.current_eps(9)) == pytest.approx(0.15)
+    assert float(run.current_eps(19)) == pytest.approx(0.3)
+    assert float(run.current_eps(25)) == pytest.approx(0.3)
+
+
+def test_adversarial_training_zero_steps_per_epoch_raises():
+    with pytest.raises(ValueError, match="Received: steps_per_epoch=0"):
+        training.AdversarialTraining(TrainConfig(), steps_per_epoch=0)
+
+
+def test_save_run_round_trip_gives_identical_outputs(tmp_path, clean_run):
+    model, history, summary, _ = clean_run
+    cfg = TrainConfig(method="clean", **BASE)
+    training.save_run(tmp_path, model, cfg, history, summary)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.json", "model.keras"]
+    assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == history and metrics["epochs_run"] == summary["epochs_run"]
+    x = load_mnist().x_test[:64]
+    np.testing.assert_allclose(load_model(tmp_path / "model.keras")(x), model(x), atol=1e-6)
+
+
+def test_probe_reports_judge_threat_model_separately():
+    cfg = TrainConfig(method="pgd", eps=0.2, epochs=1, train_size=1280, batch_size=128, probe_size=64)
+    run = training.AdversarialTraining(cfg, steps_per_epoch=10, judge=("linf", 0.0))
+    data = load_mnist()
+    out = run.probe(data.x_val[:256], data.y_val[:256])
+    # At eps 0 the judge's "robust" accuracy is the clean accuracy of the probe batch.
+    clean_probe = float(np.mean(np.argmax(run.model(data.x_val[:64]), -1) == data.y_val[:64]))
+    assert out["val_robust_acc"] == pytest.approx(clean_probe)
+    assert set(out) == {"val_clean_acc", "val_fgsm_acc", "val_pgd_acc", "val_robust_acc"}

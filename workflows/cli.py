@@ -1,0 +1,244 @@
+"""The `advtrain` command: train, tune, evaluate, attack, report, cluster.
+
+Bad input is one line on stderr and exit status 2, checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["build_parser", "main"]
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+    return values
+
+
+def _add_train_overrides(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training overrides (on top of --config's `train` section)")
+    g.add_argument("--model", help="mlp, cnn or madry")
+    g.add_argument("--method", help="clean, fgsm, pgd or trades")
+    g.add_argument("--eps", type=float, help="training eps in [0, 1]")
+    g.add_argument("--steps", type=int, help="PGD steps in training (>= 1)")
+    g.add_argument("--step-size", type=float, help="PGD step (> 0); default 2.5*eps/steps")
+    g.add_argument("--norm", help="linf or l2")
+    g.add_argument("--mix", type=float, help="adversarial loss weight in [0, 1]")
+    g.add_argument("--beta", type=float, help="TRADES beta (>= 0)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="per-worker batch")
+    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--schedule", help="constant, cosine or onecycle")
+    g.add_argument("--eps-ramp-epochs", type=int)
+    g.add_argument("--train-size", type=int, help="train on the first N examples only")
+    g.add_argument("--seed", type=int)
+
+
+TRAIN_KEYS = ("model", "method", "eps", "steps", "step_size", "norm", "mix", "beta", "epochs", "batch_size",
+              "learning_rate", "schedule", "eps_ramp_epochs", "train_size", "seed")
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray")
+    g.add_argument("--workers", type=int, help="Ray Train workers per run (default: the config's scaling.workers)")
+    g.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
+    g.add_argument("--address", help="Ray cluster to join ('auto' inside `ray job submit`); default: start Ray locally")
+    g.add_argument("--storage", default=os.environ.get("ADVTRAIN_STORAGE"),
+                   help="Train/Tune storage path (shared storage such as s3://... on multi-node clusters); "
+                        "default $ADVTRAIN_STORAGE or the run folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="advtrain", description="Distributed adversarial training and robustness evaluation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="adversarial training, in one process (--local) or on Ray Train workers")
+    p.add_argument("--config", help="run file (YAML); see configs/")
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--out", help="run folder (default runs/train-<time>); must not exist or be empty")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts tolerated (Ray)")
+    _add_ray_options(p)
+    _add_train_overrides(p)
+
+    p = sub.add_parser("tune", help="Ray Tune search over training eps, PGD steps and mix")
+    p.add_argument("--config", help="run file (YAML) with a `search` section")
+    p.add_argument("--samples", type=int, help="trials (default: the config's search.samples)")
+    p.add_argument("--out", help="experiment folder (default runs/tune-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted search in DIR")
+    _add_ray_options(p)
+
+    p = sub.add_parser("evaluate", help="robust accuracy of a .keras model under a threat model")
+    p.add_argument("model", help="a .keras model file (loaded with safe_mode)")
+    p.add_argument("--eps", type=_floats, default=(0.3,), help="comma-separated eps values, e.g. 0.1,0.2,0.3")
+    p.add_argument("--norm", default="linf")
+    p.add_argument("--suite", default="standard", help="fgsm, quick or standard")
+    p.add_argument("--n", type=int, help="examples (default: the whole split)")
+    p.add_argument("--split", default="test", help="test or val")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for report.json, report.md and plots (default: beside the model)")
+
+    p = sub.add_parser("attack", help="adversarial examples for given images")
+    p.add_argument("model", help="a .keras model file")
+    p.add_argument("--method", default="pgd", help="fgsm, pgd or apgd")
+    p.add_argument("--eps", type=float, required=True)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--step-size", type=float)
+    p.add_argument("--norm", default="linf")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--loss", default="ce", help="ce, margin or dlr")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input", help=".npz with x (N, 28, 28[, 1]) in [0, 1] and y; default: MNIST --split")
+    p.add_argument("--n", type=int, default=100, help="images from --split when no --input")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, help="output .npz (x, y, x_adv, pred, pred_adv)")
+
+    p = sub.add_parser("report", help="rebuild the report of a run or search folder")
+    p.add_argument("dir")
+
+    from workflows import cluster
+
+    cluster.register_cli(sub)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _new_run_dir(out: str | None, kind: str) -> Path:
+    path = Path(out) if out else Path("runs") / f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"advtrain {kind}: output folder {str(path)!r} exists and is not empty; choose another --out")
+    return path
+
+
+def _train_overrides(args) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
+
+
+def _scaling_overrides(args) -> dict[str, Any]:
+    out = {}
+    if args.workers is not None:
+        out["workers"] = args.workers
+    if args.gpu:
+        out["gpu"] = True
+    if getattr(args, "max_failures", None) is not None:
+        out["max_failures"] = args.max_failures
+    return out
+
+
+def _cmd_train(args) -> int:
+    from workflows.spec import load_spec
+
+    spec = load_spec(args.config, train=_train_overrides(args), scaling=_scaling_overrides(args))
+    if args.local and (args.workers not in (None, 1) or args.gpu or args.address):
+        raise UsageError("advtrain train: --local runs one process; drop --workers/--gpu/--address or --local")
+    run_dir = _new_run_dir(args.out, "train")
+    from workflows import runs
+
+    return runs.train_and_report(spec, run_dir, local=args.local, address=args.address, storage=args.storage)
+
+
+def _cmd_tune(args) -> int:
+    from workflows import tune
+
+    if args.resume:
+        if args.config or args.out:
+            raise UsageError("advtrain tune: --resume DIR takes the config stored in DIR; drop --config/--out")
+        return tune.resume_cli(Path(args.resume), address=args.address, storage=args.storage)
+    from workflows.spec import load_spec
+
+    spec = load_spec(args.config, scaling=_scaling_overrides(args))
+    search = tune.SearchSpec.from_dict(spec.search, samples=args.samples)
+    run_dir = _new_run_dir(args.out, "tune")
+    return tune.tune_cli(spec, search, run_dir, address=args.address, storage=args.storage)
+
+
+def _cmd_evaluate(args) -> int:
+    from advtrain.config import EvalConfig
+
+    cfg = EvalConfig(norm=args.norm, eps=args.eps, suite=args.suite, n=args.n, split=args.split,
+                     batch_size=args.batch_size, seed=args.seed)
+    model_path = Path(args.model)
+    if model_path.suffix != ".keras" or not model_path.is_file():
+        raise UsageError(f"advtrain evaluate: model must be an existing .keras file. Received: {args.model!r}")
+    out = Path(args.out) if args.out else model_path.parent / f"eval-{model_path.stem}"
+    from workflows import runs
+
+    return runs.evaluate_and_report(model_path, cfg, out)
+
+
+def _cmd_attack(args) -> int:
+    from advtrain.config import AttackConfig
+
+    cfg = AttackConfig(name=args.method, eps=args.eps, steps=args.steps, step_size=args.step_size, norm=args.norm,
+                       restarts=args.restarts, loss=args.loss, seed=args.seed)
+    if not args.out.endswith(".npz"):
+        raise UsageError(f"advtrain attack: --out must end in .npz. Received: {args.out!r}")
+    from workflows import runs
+
+    return runs.attack_to_file(Path(args.model), cfg, args.input, args.n, args.split, Path(args.out))
+
+
+def _cmd_report(args) -> int:
+    from workflows import tune
+
+    return tune.report_cli(Path(args.dir))
+
+
+COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "attack": _cmd_attack,
+            "report": _cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `advtrain` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        if args.command == "cluster":
+            from workflows import cluster
+
+            return cluster.run_cli(args)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError) as e:
+        # Config/data validation errors: one line naming the value and the allowed range.
+        print(f"advtrain: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("advtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

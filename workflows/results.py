@@ -1,0 +1,210 @@
+"""Search results: the ranked table, the clean-vs-robust Pareto front, curves and the report.
+
+`collect` turns a Tune ResultGrid into `trials.json` (plus the best model and the top trials'
+evaluation reports) in the experiment folder; `write_all` builds everything else from that folder
+alone, so `advtrain report DIR` can rebuild it without Ray. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from workflows.spec import RunSpec
+
+__all__ = ["collect", "write_all", "rank", "COLUMNS"]
+
+TOP_K = 3
+COLUMNS = ("rank", "trial_id", "config", "val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc",
+           "epochs_run", "stopped", "wall_s")
+
+
+def _stopped(metrics: dict, error: Any) -> str:
+    if error is not None:
+        return "error"
+    if metrics.get("evaluated"):
+        return "overfitting guard" if metrics.get("stopped_early") else "no"
+    return "asha"
+
+
+def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
+    """Reads every trial of the ResultGrid into rows; copies the best model and top reports."""
+    from advtrain.training import write_json
+
+    searched = list(json.loads((run_dir / "spec.json").read_text())["search"]["space"])
+    rows = []
+    for result in grid:
+        m = dict(result.metrics or {})
+        cfg = result.config or {}
+        rows.append({
+            "trial_id": m.get("trial_id") or Path(result.path).name,
+            "config": {k: (round(cfg[k], 4) if isinstance(cfg.get(k), float) else cfg.get(k)) for k in searched},
+            "val_clean_acc": m.get("val_clean_acc"),
+            "val_robust_acc": m.get("val_robust_acc"),
+            "test_clean_acc": m.get("test_clean_acc"),
+            "test_robust_acc": m.get("test_robust_acc"),
+            "test_flags_failed": m.get("test_flags_failed", []),
+            "epochs_run": m.get("epoch"),
+            "planned_epochs": spec.train.epochs,
+            "stopped": _stopped(m, result.error),
+            "wall_s": m.get("time_total_s"),
+            "error": None if result.error is None else str(result.error).splitlines()[0][:300],
+            "_checkpoint": result.checkpoint,
+        })
+    ranked = rank(rows)
+    trials_dir = run_dir / "trials"
+    for row in ranked[:TOP_K]:
+        ckpt = row.get("_checkpoint")
+        if ckpt is None:
+            continue
+        src = Path(ckpt.to_directory())
+        dst = trials_dir / row["trial_id"]
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("report.json", "report.md", "model.keras", "history.json"):
+            if (src / name).is_file():
+                tmp = dst / f".{name}.tmp"
+                shutil.copyfile(src / name, tmp)
+                tmp.replace(dst / name)
+    best = next((r for r in ranked if (trials_dir / r["trial_id"] / "model.keras").is_file()), None)
+    if best is not None:
+        tmp = run_dir / ".best_model.keras.tmp"
+        shutil.copyfile(trials_dir / best["trial_id"] / "model.keras", tmp)
+        tmp.replace(run_dir / "best_model.keras")
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in ranked]
+    write_json(run_dir / "trials.json", {"threat_model": {"norm": spec.eval.norm, "eps": max(spec.eval.eps),
+                                                          "suite": spec.eval.suite, "split": spec.eval.split,
+                                                          "n": spec.eval.n},
+                                         "metric": "val_robust_acc", "trials": clean,
+                                         "best_trial": best["trial_id"] if best else None})
+    return clean
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    """Trials that finished their evaluation first, then by validation robust accuracy (the
+    search objective, never the test split), then validation clean accuracy."""
+    def key(r):
+        return (r.get("test_robust_acc") is not None, r.get("val_robust_acc") or -1.0, r.get("val_clean_acc") or -1.0)
+
+    out = sorted(rows, key=key, reverse=True)
+    for i, r in enumerate(out, 1):
+        r["rank"] = i
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x) if not isinstance(x, float) else f'{x:g}'}" for k, x in v.items())
+    return str(v)
+
+
+def write_all(run_dir: Path) -> list[str]:
+    """Builds results.csv/.md, pareto.png, accuracy_vs_eps.png and report.md/.html from the folder."""
+    from advtrain import report
+
+    data = json.loads((run_dir / "trials.json").read_text())
+    rows, tm = data["trials"], data["threat_model"]
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(COLUMNS)
+    for r in rows:
+        writer.writerow([json.dumps(r[c]) if isinstance(r[c], dict) else ("" if r[c] is None else r[c]) for c in COLUMNS])
+    report.write_text_atomic(run_dir / "results.csv", buf.getvalue())
+    table = report.markdown_table([{c: _fmt(r[c]) for c in COLUMNS} for r in rows], list(COLUMNS))
+    report.write_text_atomic(run_dir / "results.md", table + "\n")
+
+    evaluated = [r for r in rows if r["test_robust_acc"] is not None]
+    points = [{"label": r["trial_id"], "clean": r["test_clean_acc"], "robust": r["test_robust_acc"]} for r in evaluated]
+    front = report.pareto_front(points)
+    if points:
+        report.plot_pareto(points, front, run_dir / "pareto.png")
+    curves = []
+    for r in rows[:TOP_K]:
+        p = run_dir / "trials" / r["trial_id"] / "report.json"
+        if p.is_file():
+            curves.append((f"#{r['rank']} {r['trial_id']}", json.loads(p.read_text())))
+    if curves:
+        report.plot_accuracy_vs_eps(curves, run_dir / "accuracy_vs_eps.png")
+
+    threat = f"{tm['norm']} eps={tm['eps']}, {tm['suite']} suite, {tm['split']} split, n={tm['n'] or 'all'}"
+    md = [f"# advtrain search report", "", f"Threat model (fixed for every trial): **{threat}**.",
+          "Trials are ranked by `val_robust_acc` (PGD on the validation split under this threat model); "
+          "test columns come from each finished trial's final evaluation and never steered the search.", "",
+          "## Ranked trials", "", table, "", "## Clean vs robust (test) Pareto front", ""]
+    md += [f"- {p['label']}: clean {p['clean']:.4f}, robust {p['robust']:.4f}" for p in front] or ["- no evaluated trial"]
+    if points:
+        md += ["", "![Pareto front](pareto.png)"]
+    if curves:
+        md += ["", "## Accuracy against eps (top trials)", "", "![accuracy vs eps](accuracy_vs_eps.png)"]
+    flagged = [r for r in rows if r.get("test_flags_failed")]
+    if flagged:
+        md += ["", "## Sanity-check warnings", ""]
+        md += [f"- WARNING {r['trial_id']}: failed {', '.join(r['test_flags_failed'])} (see docs/flags.md)" for r in flagged]
+    if data.get("best_trial"):
+        md += ["", f"Best model: [best_model.keras](best_model.keras) (trial {data['best_trial']}); its evaluation: "
+                   f"[report](trials/{data['best_trial']}/report.md)."]
+    md += ["", "Files: [results.csv](results.csv), [results.md](results.md), [trials.json](trials.json)."]
+    text = "\n".join(md) + "\n"
+    report.write_text_atomic(run_dir / "report.md", text)
+    report.write_text_atomic(run_dir / "report.html", _html(text))
+
+    lines = [f"Threat model: {threat}", table]
+    if front:
+        lines.append("Pareto front (test clean, robust): " + "; ".join(
+            f"{p['label']} ({p['clean']:.3f}, {p['robust']:.3f})" for p in front))
+    lines.append(f"Report: {run_dir / 'report.md'} (and report.html)")
+    return lines
+
+
+def _html(markdown: str) -> str:
+    """A minimal, dependency-free rendering: headings, lists, tables, images and links."""
+    import re
+
+    out, in_table, in_list = [], False, False
+    for line in markdown.splitlines():
+        esc = html.escape(line)
+        esc = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:720px">', esc)
+        esc = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', esc)
+        esc = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", esc)
+        esc = re.sub(r"`([^`]+)`", r"<code>\1</code>", esc)
+        if line.startswith("|"):
+            cells = [c.strip() for c in esc.strip("|").split("|")]
+            if set("".join(cells)) <= set("-: "):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                out.append("<table border=1 cellpadding=4>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{esc[2:]}</li>")
+            continue
+        if in_list:
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{esc[level:].strip()}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{esc}</p>")
+    if in_table:
+        out.append("</table>")
+    if in_list:
+        out.append("</ul>")
+    return "<!doctype html><meta charset=utf-8><title>advtrain search report</title>\n" + "\n".join(out) + "\n"

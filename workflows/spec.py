@@ -1,0 +1,99 @@
+"""A run file (YAML) in one validated object: training, threat model, search and scaling.
+
+```yaml
+train:   {model: cnn, method: pgd, eps: 0.1, steps: 3, epochs: 2, ...}   # advtrain TrainConfig
+eval:    {norm: linf, eps: [0.1], suite: quick, n: 500}                   # the fixed threat model
+search:  {samples: 3, scheduler: asha, space: {eps: {choice: [...]}, ...}}  # Ray Tune
+scaling: {workers: 1, gpu: false, cpus_per_worker: 1}                     # Ray Train
+```
+Every section is optional; unknown keys anywhere are an error naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+from advtrain.config import EvalConfig, TrainConfig, _check_bool, _check_number, load_yaml
+
+__all__ = ["Scaling", "RunSpec", "load_spec"]
+
+SECTIONS = ("train", "eval", "search", "scaling")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling:
+    """Ray Train scaling: workers per run, GPUs, CPUs per worker, tolerated worker failures."""
+
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workers", _check_number("workers", self.workers, low=1, high=1024, integer=True))
+        _check_bool("gpu", self.gpu)
+        object.__setattr__(
+            self, "cpus_per_worker", _check_number("cpus_per_worker", self.cpus_per_worker, low=1, high=256, integer=True)
+        )
+        object.__setattr__(self, "max_failures", _check_number("max_failures", self.max_failures, low=0, high=100, integer=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    train: TrainConfig
+    eval: EvalConfig
+    scaling: Scaling
+    search: Mapping[str, Any]
+    source: str = "<defaults>"
+
+    @property
+    def judge(self) -> tuple[str, float]:
+        """The fixed threat model runs are ranked under: the eval norm at the largest eval eps."""
+        return (self.eval.norm, max(self.eval.eps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": self.train.to_dict(), "eval": self.eval.to_dict(),
+                "scaling": dataclasses.asdict(self.scaling), "search": dict(self.search)}
+
+
+def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"Section `{name}` must be a mapping. Received: {name}={value!r}")
+    return dict(value)
+
+
+def _build(cls, values: dict[str, Any], section: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Unknown key(s) in `{section}`: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
+    return cls(**values)
+
+
+def load_spec(path: str | Path | None = None, *, train: Mapping[str, Any] | None = None,
+              eval: Mapping[str, Any] | None = None, scaling: Mapping[str, Any] | None = None) -> RunSpec:
+    """Reads a run file and applies overrides (CLI flags) on top of it, validating everything.
+
+    Raises:
+        ValueError / TypeError: an unreadable file, an unknown section or key, or a value out of
+            range; the message names the key, the value and the allowed range.
+    """
+    data = load_yaml(path) if path is not None else {}
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"Unknown section(s) in {str(path)!r}: {', '.join(unknown)}. Known sections: {', '.join(SECTIONS)}.")
+    t = {**_section(data, "train"), **dict(train or {})}
+    e = {**_section(data, "eval"), **dict(eval or {})}
+    s = {**_section(data, "scaling"), **dict(scaling or {})}
+    if isinstance(e.get("eps"), list):
+        e["eps"] = tuple(e["eps"])
+    return RunSpec(
+        train=_build(TrainConfig, t, "train"),
+        eval=_build(EvalConfig, e, "eval"),
+        scaling=_build(Scaling, s, "scaling"),
+        search=_section(data, "search"),
+        source=str(path) if path is not None else "<defaults>",
+    )

@@ -1,0 +1,184 @@
+"""Ray Train: advtrain's adversarial training on N workers, each with its own MNIST shard.
+
+Each worker runs `train_loop_per_worker` under MultiWorkerMirroredStrategy (TF_CONFIG is set by
+Ray's TensorflowTrainer). The loop is the same epoch loop as local training
+(`advtrain.training.run_epochs`); this module only adds sharding, reporting and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+from advtrain.config import TrainConfig
+
+__all__ = ["train_loop_per_worker", "build_trainer", "fit_distributed", "check_resources", "WORKER_ENV"]
+
+log = logging.getLogger(__name__)
+
+# Quiet TF's C++ logs in workers; keep Keras 3 (Ray sets TF_USE_LEGACY_KERAS=1 otherwise).
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+HISTORY_FILE = "history.json"
+MODEL_FILE = "model.keras"
+
+
+def _configure_tensorflow(cpus: int):
+    """Pins TF's thread pools to this worker's CPU share (no oversubscription) and turns on GPU
+    memory growth, before any TF op runs."""
+    import tensorflow as tf
+
+    threads = max(1, int(cpus))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    return tf
+
+
+def _digest(indices) -> str:
+    return hashlib.sha256(indices.astype("int64").tobytes()).hexdigest()[:16]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: shard, model in the strategy's scope, resume, epochs, reports.
+
+    `config` holds `train` (a TrainConfig dict), `cpus_per_worker` and `judge` ((norm, eps) of
+    the fixed threat model, or None). Everything the worker
+    needs comes through it: the loop never reads the driver's globals or sys.argv.
+    """
+    cfg = TrainConfig.from_dict(config["train"])
+    tf = _configure_tensorflow(config["cpus_per_worker"])
+    from advtrain.data import load_mnist, make_dataset, shard
+    from advtrain.models import save_model
+    from advtrain.training import AdversarialTraining, run_epochs, write_json
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    data = load_mnist(cfg.data, val_size=cfg.val_size, seed=cfg.seed)
+    x_train, y_train = data.x_train, data.y_train
+    if cfg.train_size is not None:
+        x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
+    idx = shard(len(x_train), rank, world, seed=cfg.seed)
+    x_shard, y_shard = x_train[idx], y_train[idx]
+    steps = len(idx) // cfg.batch_size  # equal shards: every rank runs the same step count
+
+    def dataset_for(epoch: int):
+        # Per-replica batches as written: cfg.batch_size is the per-worker batch.
+        return strategy.distribute_datasets_from_function(
+            lambda _ctx: make_dataset(x_shard, y_shard, cfg.batch_size, seed=(cfg.seed * 1000 + epoch) * 97 + rank)
+        )
+
+    judge = tuple(config["judge"]) if config.get("judge") else None
+    run = AdversarialTraining(cfg, steps_per_epoch=steps, strategy=strategy, rank=rank, judge=judge)
+    history: list[dict] = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            run.checkpoint().read(os.path.join(d, "state")).expect_partial()
+            history = json.loads(Path(d, HISTORY_FILE).read_text())
+        log.info("rank %d resumed after epoch %d", rank, len(history))
+
+    shard_info = {"shard_digest": _digest(idx), "shard_size": int(len(idx)), "world_size": world, "rank": rank,
+                  "global_batch": cfg.batch_size * world}
+
+    def report(metrics: dict, *, final: bool = False, summary: dict | None = None):
+        metrics = {**metrics, **shard_info, "resumed_from_epoch": resumed_from, "final": final}
+        state = {"history": history, "summary": summary}
+        # Every rank writes (a collective-safe save); only rank 0's folder becomes the checkpoint.
+        with tempfile.TemporaryDirectory() as d:
+            run.checkpoint().write(os.path.join(d, "state"))
+            if rank == 0:
+                write_json(Path(d, HISTORY_FILE), state["history"])
+                if final:
+                    save_model(run.model, Path(d, MODEL_FILE))
+                    write_json(Path(d, "summary.json"), summary)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+    resumed_from = len(history)
+    import time
+
+    model, history_out, summary = run_epochs(
+        run, dataset_for, data.x_val, data.y_val, start_epoch=len(history), history=history,
+        on_epoch=lambda m: (history.append(m), report(m)), clock=time.perf_counter,
+        examples_per_epoch=steps * cfg.batch_size * world,
+    )
+    # run_epochs appends to its own copy; `history` above already holds every epoch.
+    last = dict(history_out[-1]) if history_out else {}
+    report(last, final=True, summary=summary)
+
+
+def check_resources(workers: int, cpus_per_worker: float, gpu: bool) -> None:
+    """Fails at once when the connected cluster cannot ever place the workers.
+
+    Ray would otherwise wait for resources that never come (WorkerGroupStartupTimeoutError
+    minutes later).
+    """
+    total = ray.cluster_resources()
+    need_cpu = workers * cpus_per_worker
+    have_cpu = total.get("CPU", 0.0)
+    if need_cpu > have_cpu:
+        raise ValueError(
+            f"`workers` x CPUs per worker needs {need_cpu:g} CPUs but the cluster has {have_cpu:g}. "
+            f"Received: workers={workers}, cpus_per_worker={cpus_per_worker:g}"
+        )
+    if gpu and workers > total.get("GPU", 0.0):
+        raise ValueError(
+            f"`--gpu` needs one GPU per worker ({workers}) but the cluster has {total.get('GPU', 0.0):g}. "
+            f"Received: workers={workers}"
+        )
+
+
+def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per_worker: float = 1,
+                  storage_path: str, name: str, max_failures: int = 1, callbacks=None,
+                  judge: tuple[str, float] | None = None):
+    """A Train V2 TensorflowTrainer for one adversarial training run."""
+    from ray.train.tensorflow import TensorflowTrainer
+
+    return TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "cpus_per_worker": cpus_per_worker,
+                           "judge": list(judge) if judge else None},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit_distributed(cfg: TrainConfig, *, workers: int, gpu: bool, storage_path: str, name: str,
+                    cpus_per_worker: float = 1, max_failures: int = 1, judge=None):
+    """Runs one distributed training to completion; returns the Ray `Result`.
+
+    The result's checkpoint holds `model.keras` (best epoch restored if the guard fired),
+    `history.json` and `summary.json`.
+    """
+    check_resources(workers, cpus_per_worker, gpu)
+    trainer = build_trainer(cfg, workers=workers, gpu=gpu, cpus_per_worker=cpus_per_worker,
+                            storage_path=storage_path, name=name, max_failures=max_failures, judge=judge)
+    return trainer.fit()
+
+
+def read_final(result) -> tuple[Path, list[dict], dict]:
+    """Copies the final checkpoint's model out of Ray's storage: (model_path, history, summary)."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"Training ended without a checkpoint: {result.error!r}")
+    d = Path(result.checkpoint.to_directory())
+    return d / MODEL_FILE, json.loads((d / HISTORY_FILE).read_text()), json.loads((d / "summary.json").read_text())

@@ -1,0 +1,319 @@
+"""Ray Tune: search training eps, PGD steps and the clean/adversarial mix; rank by robustness.
+
+Each trial is one Ray Train run (`workflows.train.build_trainer`) reporting per epoch, through
+`TuneReportCallback`, its PGD accuracy on the validation split under the search's one fixed
+threat model (`val_robust_acc`). ASHA stops weak trials on that metric. A trial that finishes
+training ends with the evaluation suite on the test split, reported as `test_*` metrics with a
+checkpoint holding its model and report. The test split never steers the search.
+
+Experiment folder (`--out`):
+    spec.json                 the run spec and search spec (what `--resume` reads)
+    tune/                     Ray Tune's experiment (trial folders, state for Tuner.restore)
+    train/                    Ray Train runs, one per trial (unless --storage points elsewhere)
+    trials.json, results.*    written by `workflows.results` when the search ends
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import ray
+from ray import tune
+
+from advtrain.config import TrainConfig, _check_choice, _check_number
+from workflows.spec import RunSpec
+
+__all__ = ["METRIC", "MODE", "SearchSpec", "build_param_space", "run_trial", "run_search", "tune_cli", "resume_cli",
+           "report_cli"]
+
+log = logging.getLogger(__name__)
+
+METRIC, MODE = "val_robust_acc", "max"
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+SCHEDULERS = ("asha", "fifo")
+SEARCHERS = ("random", "optuna", "optuna-multi")
+# Searching these would change what trials are judged on, or leak the held-out data choice.
+NOT_SEARCHABLE = ("data", "val_size", "probe_size", "probe_steps", "train_size")
+DEFAULT_SPACE = {
+    "eps": {"choice": [0.1, 0.2, 0.3]},
+    "steps": {"choice": [3, 5, 10]},
+    "mix": {"uniform": [0.5, 1.0]},
+}
+
+
+def _validate_space(space: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, dict[str, list]]:
+    """Checks every key and every candidate value against TrainConfig before any trial runs."""
+    if not isinstance(space, Mapping) or not space:
+        raise ValueError(f"`search.space` must be a non-empty mapping. Received: space={space!r}")
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    searchable = [f for f in fields if f not in NOT_SEARCHABLE]
+    out = {}
+    for key, dist in space.items():
+        if key not in searchable:
+            raise ValueError(f"Unknown or unsearchable key {key!r} in `search.space`. Searchable: {', '.join(searchable)}.")
+        if not isinstance(dist, Mapping) or len(dist) != 1:
+            raise ValueError(
+                f"`search.space.{key}` must be one distribution such as {{choice: [...]}} "
+                f"({', '.join(DISTRIBUTIONS)}). Received: {key}={dist!r}"
+            )
+        (kind, values), = dist.items()
+        _check_choice(f"search.space.{key} distribution", kind, DISTRIBUTIONS)
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"`search.space.{key}.{kind}` must be a non-empty list. Received: {key}={values!r}")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not values[0] < values[1]:
+                raise ValueError(f"`search.space.{key}.{kind}` must be [low, high] with low < high. Received: {key}={values!r}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"`search.space.{key}.loguniform` needs low > 0. Received: {key}={values!r}")
+        for v in values:
+            try:
+                TrainConfig.from_dict({**base, key: v})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"search.space.{key}: {e}") from None
+        out[key] = {kind: list(values)}
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+    """The `search` section: what to sample and how to schedule it.
+
+    Args:
+        space: TrainConfig key -> one distribution (`choice`, `grid`, `uniform`, `loguniform`,
+            `randint` with inclusive bounds). Defaults to eps, steps and mix.
+        samples: trials (times the grid, if any), >= 1. Defaults to `4`.
+        scheduler: `"asha"` (early stopping) or `"fifo"`. Defaults to `"asha"`.
+        searcher: `"random"`, `"optuna"` (TPE) or `"optuna-multi"` (clean and robust accuracy
+            both maximised; runs with `fifo`). Defaults to `"random"`.
+        grace_period: epochs before ASHA may stop a trial, >= 1. Defaults to `1`.
+        reduction_factor: ASHA's halving rate, >= 2. Defaults to `2`.
+        max_concurrent: trials at once, or `None` to derive from the cluster. Defaults to `None`.
+        seed: seed of the searcher. Defaults to `0`.
+    """
+
+    space: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPACE))
+    samples: int = 4
+    scheduler: str = "asha"
+    searcher: str = "random"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_concurrent: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base: Mapping[str, Any] | None = None,
+                  samples: int | None = None) -> "SearchSpec":
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown key(s) in `search`: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
+        if samples is not None:
+            data["samples"] = samples
+        spec = cls(**data)
+        object.__setattr__(spec, "space", _validate_space(spec.space, base or {}))
+        return spec
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", _check_number("samples", self.samples, low=1, high=10000, integer=True))
+        object.__setattr__(self, "scheduler", _check_choice("scheduler", self.scheduler, SCHEDULERS))
+        object.__setattr__(self, "searcher", _check_choice("searcher", self.searcher, SEARCHERS))
+        object.__setattr__(self, "grace_period", _check_number("grace_period", self.grace_period, low=1, integer=True))
+        object.__setattr__(self, "reduction_factor",
+                           _check_number("reduction_factor", self.reduction_factor, low=2, integer=True))
+        if self.max_concurrent is not None:
+            object.__setattr__(self, "max_concurrent",
+                               _check_number("max_concurrent", self.max_concurrent, low=1, integer=True))
+        object.__setattr__(self, "seed", _check_number("seed", self.seed, low=0, integer=True))
+        if self.searcher == "optuna-multi" and self.scheduler == "asha":
+            raise ValueError("`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: fifo`. "
+                             "Received: searcher='optuna-multi', scheduler='asha'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "space": dict(self.space)}
+
+
+def build_param_space(search: SearchSpec) -> dict[str, Any]:
+    """Tune distributions from the validated space."""
+    out = {}
+    for key, dist in search.space.items():
+        (kind, v), = dist.items()
+        out[key] = {
+            "choice": lambda: tune.choice(v),
+            "grid": lambda: tune.grid_search(v),
+            "uniform": lambda: tune.uniform(v[0], v[1]),
+            "loguniform": lambda: tune.loguniform(v[0], v[1]),
+            "randint": lambda: tune.randint(int(v[0]), int(v[1]) + 1),
+        }[kind]()
+    return out
+
+
+def _round_params(params: dict[str, Any]) -> dict[str, Any]:
+    # Continuous samples are rounded to 4 digits so configs read well in tables and YAML.
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in params.items()}
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
+    """One Tune trial: a Ray Train run, then the test-split evaluation of its final model."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from advtrain.config import EvalConfig
+    from advtrain.data import load_mnist
+    from advtrain.models import load_model, save_model
+    from advtrain.training import write_json
+    from workflows.runs import _select
+    from workflows.train import build_trainer, read_final
+
+    cfg = TrainConfig.from_dict({**base["train"], **_round_params(params)})
+    eval_cfg = EvalConfig.from_dict(base["eval"])
+    scaling = base["scaling"]
+    trial_id = tune.get_context().get_trial_id()
+    trainer = build_trainer(
+        cfg, workers=scaling["workers"], gpu=scaling["gpu"], cpus_per_worker=scaling["cpus_per_worker"],
+        storage_path=base["train_storage"], name=f"train_{trial_id}", max_failures=scaling["max_failures"],
+        callbacks=[TuneReportCallback()], judge=tuple(base["judge"]),
+    )
+    result = trainer.fit()
+    model_path, history, summary = read_final(result)
+    model = load_model(model_path)
+
+    from advtrain import evaluation
+
+    x, y = _select(eval_cfg, load_mnist(cfg.data))
+    rep = evaluation.evaluate_robustness(model, x, y, eval_cfg, split=eval_cfg.split)
+    d = rep.to_dict()
+    threat_eps = max(eval_cfg.eps)
+    at = {r["eps"]: r for r in evaluation.per_eps(d)}[threat_eps]
+    # The delivered model is the restored epoch's when the overfitting guard fired.
+    delivered = history[summary["restored_epoch"] - 1] if summary.get("restored_epoch") else history[-1]
+    final = {**delivered, "epoch": history[-1]["epoch"], **{k: summary[k] for k in ("stopped_early", "stop_reason", "epochs_run")},
+             "test_clean_acc": at["clean_acc"], "test_robust_acc": at["robust_acc"],
+             "test_flags_failed": [f["id"] for f in d.get("flags", []) if f.get("passed") is False],
+             "evaluated": True, "config": cfg.to_dict()}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, Path(tmp, "model.keras"))
+        rep.write(Path(tmp))
+        write_json(Path(tmp, "history.json"), history)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _max_concurrent(spec: RunSpec, search: SearchSpec) -> int:
+    if search.max_concurrent is not None:
+        return search.max_concurrent
+    total = ray.cluster_resources()
+    s = spec.scaling
+    per_trial = s.workers if s.gpu else s.workers * s.cpus_per_worker
+    have = total.get("GPU" if s.gpu else "CPU", 0.0)
+    return max(1, int(have // per_trial))
+
+
+def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None, *, restore: bool):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    train_storage = storage.rstrip("/") + f"/{run_dir.name}/train" if storage else str((run_dir / "train").resolve())
+    base = {**spec.to_dict(), "train_storage": train_storage, "judge": list(spec.judge)}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
+                                    {"cpu": 0, "memory": 256 * 1024 * 1024})
+    tune_storage = storage.rstrip("/") + f"/{run_dir.name}" if storage else str(run_dir.resolve())
+    if restore:
+        return tune.Tuner.restore(f"{tune_storage}/tune", trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    multi = search.searcher == "optuna-multi"
+    searcher = None
+    if search.searcher != "random":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(metric=["val_clean_acc", METRIC] if multi else METRIC,
+                                mode=["max", "max"] if multi else MODE, seed=search.seed)
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=spec.train.epochs + 1, grace_period=search.grace_period,
+                               reduction_factor=search.reduction_factor)
+                 if search.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        param_space=build_param_space(search),
+        tune_config=tune.TuneConfig(
+            metric=None if multi else METRIC, mode=None if multi else MODE, num_samples=search.samples,
+            scheduler=scheduler, search_alg=searcher, max_concurrent_trials=_max_concurrent(spec, search),
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=tune_storage),
+    )
+
+
+def run_search(spec: RunSpec, search: SearchSpec, run_dir: Path, *, storage: str | None = None,
+               restore: bool = False):
+    """Runs (or resumes) the search on the connected Ray cluster; returns the ResultGrid."""
+    from workflows.train import check_resources
+
+    check_resources(spec.scaling.workers, spec.scaling.cpus_per_worker, spec.scaling.gpu)
+    return _tuner(spec, search, run_dir, storage, restore=restore).fit()
+
+
+def _write_spec(run_dir: Path, spec: RunSpec, search: SearchSpec, storage: str | None) -> None:
+    from advtrain.training import write_json
+
+    write_json(run_dir / "spec.json", {"spec": spec.to_dict(), "search": search.to_dict(), "storage": storage})
+
+
+def _read_spec(run_dir: Path) -> tuple[RunSpec, SearchSpec, str | None]:
+    from workflows.spec import load_spec
+
+    path = run_dir / "spec.json"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not an advtrain tune folder (no spec.json)")
+    d = json.loads(path.read_text())
+    s = d["spec"]
+    spec = load_spec(None, train=s["train"], eval=s["eval"], scaling=s["scaling"])
+    spec = dataclasses.replace(spec, search=s["search"])
+    return spec, SearchSpec.from_dict(d["search"], base=s["train"]), d.get("storage")
+
+
+def _finish(spec: RunSpec, grid, run_dir: Path) -> int:
+    from workflows import results
+
+    results.collect(grid, run_dir, spec)
+    for line in results.write_all(run_dir):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def tune_cli(spec: RunSpec, search: SearchSpec, run_dir: Path, *, address: str | None, storage: str | None) -> int:
+    """`advtrain tune --config FILE`."""
+    from workflows import cluster
+
+    search = SearchSpec.from_dict(search.to_dict(), base=spec.train.to_dict())
+    cluster.connect(address)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_spec(run_dir, spec, search, storage)
+    print(f"Tune: {search.samples} trial(s), {search.scheduler}/{search.searcher}, threat model "
+          f"{spec.eval.norm} eps={max(spec.eval.eps)} ({spec.eval.suite} suite on {spec.eval.split}); folder {run_dir}",
+          file=sys.stderr)
+    grid = run_search(spec, search, run_dir, storage=storage)
+    return _finish(spec, grid, run_dir)
+
+
+def resume_cli(run_dir: Path, *, address: str | None, storage: str | None) -> int:
+    """`advtrain tune --resume DIR`: Tuner.restore; finished trials are not rerun."""
+    from workflows import cluster
+
+    spec, search, saved_storage = _read_spec(run_dir)
+    cluster.connect(address)
+    grid = run_search(spec, search, run_dir, storage=storage or saved_storage, restore=True)
+    return _finish(spec, grid, run_dir)
+
+
+def report_cli(run_dir: Path) -> int:
+    """`advtrain report DIR`: rebuilds tables, plots and the report from the folder alone."""
+    from workflows import results
+
+    if not (run_dir / "trials.json").is_file():
+        raise ValueError(f"{str(run_dir)!r} holds no trials.json: not a finished advtrain tune folder")
+    for line in results.write_all(run_dir):
+        print(line, file=sys.stderr)
+    return 0
+
