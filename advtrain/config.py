@@ -32,6 +32,7 @@ ATTACK_NAMES = ("fgsm", "pgd", "apgd")
 METHODS = ("clean", "fgsm", "pgd", "trades")
 MODELS = ("mlp", "cnn", "madry")
 SCHEDULES = ("constant", "cosine", "onecycle")
+OPTIMIZERS = ("adam", "sgd")
 SUITES = ("fgsm", "quick", "standard")
 SPLITS = ("val", "test")
 
@@ -70,6 +71,15 @@ def _check_number(
     if too_low or too_high:
         raise ValueError(f"`{name}` must be in {rng}. Received: {name}={value!r}")
     return int(value) if integer else float(value)
+
+
+# The largest useful radius per norm: the diameter of [0, 1]^784 is 1 in linf and 28 in l2.
+MAX_EPS = {"linf": 1.0, "l2": 28.0}
+
+
+def _check_eps(value: Any, norm: str) -> float:
+    """eps in [0, 1] for linf, [0, 28] for l2 (checked after `norm`)."""
+    return _check_number("eps", value, low=0.0, high=MAX_EPS.get(norm, 1.0))
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -111,7 +121,8 @@ class AttackConfig(_Config):
 
     Args:
         name: `"fgsm"`, `"pgd"` or `"apgd"`. Defaults to `"pgd"`.
-        eps: radius of the perturbation ball, in [0, 1] (pixels are in [0, 1]). Defaults to `0.3`.
+        eps: radius of the perturbation ball, in [0, 1] for linf, [0, 28] for l2 (pixels are in
+            [0, 1]). Defaults to `0.3`.
         steps: gradient steps, >= 1 (FGSM always takes one). Defaults to `40`.
         step_size: step length, > 0; `None` means 2.5 * eps / steps (Madry et al. 2018).
         norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
@@ -133,11 +144,11 @@ class AttackConfig(_Config):
 
     def __post_init__(self) -> None:
         _set(self, "name", _check_choice("name", self.name, ATTACK_NAMES))
-        _set(self, "eps", _check_number("eps", self.eps, low=0.0, high=1.0))
+        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _set(self, "eps", _check_eps(self.eps, self.norm))
         _set(self, "steps", _check_number("steps", self.steps, low=1, integer=True))
         if self.step_size is not None:
             _set(self, "step_size", _check_number("step_size", self.step_size, low=0.0, low_open=True))
-        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
         _check_bool("random_start", self.random_start)
         _set(self, "restarts", _check_number("restarts", self.restarts, low=1, integer=True))
         _set(self, "loss", _check_choice("loss", self.loss, LOSSES))
@@ -155,7 +166,7 @@ class TrainConfig(_Config):
         model: registry name, `"mlp"`, `"cnn"` or `"madry"`. Defaults to `"cnn"`.
         method: `"clean"`, `"fgsm"` (FGSM-RS, Wong et al. 2020), `"pgd"` (Madry et al. 2018) or
             `"trades"` (Zhang et al. 2019). Defaults to `"pgd"`.
-        eps: training perturbation radius, in [0, 1]. Defaults to `0.3`.
+        eps: training perturbation radius, in [0, 1] (linf) or [0, 28] (l2). Defaults to `0.3`.
         steps: PGD steps in training, >= 1 (ignored by `clean` and `fgsm`). Defaults to `10`.
         step_size: PGD step, > 0; `None` = 2.5 * eps / steps (FGSM-RS uses 1.25 * eps).
         norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
@@ -164,7 +175,8 @@ class TrainConfig(_Config):
         beta: TRADES trade-off, >= 0. Defaults to `6.0`.
         epochs: passes over the training split, >= 1. Defaults to `5`.
         batch_size: examples per step on each worker, >= 1. Defaults to `128`.
-        learning_rate: peak learning rate of Adam, > 0. Defaults to `1e-3`.
+        learning_rate: peak learning rate, > 0. Defaults to `1e-3`.
+        optimizer: `"adam"` or `"sgd"` (momentum 0.9). Defaults to `"adam"`.
         schedule: `"constant"`, `"cosine"` or `"onecycle"`. Defaults to `"onecycle"`.
         eps_ramp_epochs: epochs over which eps grows linearly from 0, >= 0. Defaults to `0`.
         val_size: validation examples held out of the training split, >= 1. Defaults to `5000`.
@@ -188,6 +200,7 @@ class TrainConfig(_Config):
     epochs: int = 5
     batch_size: int = 128
     learning_rate: float = 1e-3
+    optimizer: str = "adam"
     schedule: str = "onecycle"
     eps_ramp_epochs: int = 0
     val_size: int = 5000
@@ -201,11 +214,11 @@ class TrainConfig(_Config):
     def __post_init__(self) -> None:
         _set(self, "model", _check_choice("model", self.model, MODELS))
         _set(self, "method", _check_choice("method", self.method, METHODS))
-        _set(self, "eps", _check_number("eps", self.eps, low=0.0, high=1.0))
+        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _set(self, "eps", _check_eps(self.eps, self.norm))
         _set(self, "steps", _check_number("steps", self.steps, low=1, high=1000, integer=True))
         if self.step_size is not None:
             _set(self, "step_size", _check_number("step_size", self.step_size, low=0.0, low_open=True))
-        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
         _set(self, "mix", _check_number("mix", self.mix, low=0.0, high=1.0))
         _set(self, "beta", _check_number("beta", self.beta, low=0.0))
         _set(self, "epochs", _check_number("epochs", self.epochs, low=1, high=10000, integer=True))
@@ -215,6 +228,7 @@ class TrainConfig(_Config):
             "learning_rate",
             _check_number("learning_rate", self.learning_rate, low=0.0, high=10.0, low_open=True),
         )
+        _set(self, "optimizer", _check_choice("optimizer", self.optimizer, OPTIMIZERS))
         _set(self, "schedule", _check_choice("schedule", self.schedule, SCHEDULES))
         _set(self, "eps_ramp_epochs", _check_number("eps_ramp_epochs", self.eps_ramp_epochs, low=0, integer=True))
         _set(self, "val_size", _check_number("val_size", self.val_size, low=1, high=59999, integer=True))
@@ -241,7 +255,8 @@ class EvalConfig(_Config):
 
     Args:
         norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
-        eps: radius (or radii, a sweep) judged, each in [0, 1]. Defaults to `(0.3,)`.
+        eps: radius (or radii, a sweep) judged, each in [0, 1] (linf) or [0, 28] (l2).
+            Defaults to `(0.3,)`.
         suite: `"fgsm"` (weak reference), `"quick"` (PGD-20) or `"standard"` (PGD-100 x 5
             restarts, APGD-CE, targeted APGD-DLR). Defaults to `"standard"`.
         n: examples evaluated, >= 1, or `None` for the whole split. Defaults to `None`.
@@ -267,7 +282,7 @@ class EvalConfig(_Config):
             eps = (eps,)
         if not isinstance(eps, (tuple, list)) or not eps:
             raise ValueError(f"`eps` must be a number or a non-empty list of numbers. Received: eps={self.eps!r}")
-        _set(self, "eps", tuple(_check_number("eps", e, low=0.0, high=1.0) for e in eps))
+        _set(self, "eps", tuple(_check_eps(e, self.norm) for e in eps))
         _set(self, "suite", _check_choice("suite", self.suite, SUITES))
         if self.n is not None:
             _set(self, "n", _check_number("n", self.n, low=1, integer=True))
@@ -294,7 +309,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"Config file {str(path)!r} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"Config file {str(path)!r} is not valid YAML: {problem}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -1,0 +1,161 @@
+"""Model and attack-output checks of a robustness evaluation (AutoAttack's `checks.py`).
+
+`check_model` runs before any attack: the output must be logits (a final softmax layer is
+removed, anything else that outputs probabilities is refused), the model deterministic, and its
+output differentiable with respect to the input. `verify_adversarial` runs after every attack:
+points outside the eps-ball or [0, 1], or NaNs, are an error, never a result.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from advtrain import sanity
+
+__all__ = ["PERTURBATION_TOL", "AttackOutputError", "verify_adversarial", "check_model"]
+
+PERTURBATION_TOL = 1e-5
+
+
+class AttackOutputError(RuntimeError):
+    """An attack returned points outside the threat model: a bug, never a robustness result."""
+
+
+def verify_adversarial(
+    x,
+    x_adv,
+    *,
+    eps: float,
+    norm: str,
+    clip_min: float = 0.0,
+    clip_max: float = 1.0,
+    tol: float = PERTURBATION_TOL,
+) -> None:
+    """Checks an attack's output against the threat model, like AutoAttack's output check.
+
+    Args:
+        x: clean inputs, (n, ...).
+        x_adv: attack outputs, the shape of x.
+        eps: radius of the ball. norm: `"linf"` or `"l2"`.
+        clip_min, clip_max: the valid input range. Defaults to `0.0`, `1.0`.
+        tol: slack on eps for float rounding. Defaults to `1e-5`.
+
+    Raises:
+        AttackOutputError: a shape change, NaN or infinity, a value outside the range, or a
+            perturbation larger than eps + tol; the message gives the worst value found.
+    """
+    x = np.asarray(x, np.float64)
+    x_adv = np.asarray(x_adv, np.float64)
+    if x.shape != x_adv.shape:
+        raise AttackOutputError(f"Attack output has shape {x_adv.shape}, expected {x.shape}")
+    bad = ~np.isfinite(x_adv)
+    if bad.any():
+        raise AttackOutputError(f"Attack output holds {int(bad.sum())} NaN or infinite values")
+    lo, hi = float(x_adv.min(initial=clip_min)), float(x_adv.max(initial=clip_max))
+    if lo < clip_min - tol or hi > clip_max + tol:
+        raise AttackOutputError(
+            f"Attack output spans [{lo}, {hi}], outside [{clip_min}, {clip_max}]"
+        )
+    delta = (x_adv - x).reshape(len(x), -1)
+    dist = (
+        np.abs(delta).max(axis=1, initial=0.0) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    )
+    if dist.size and dist.max() > eps + tol:
+        raise AttackOutputError(
+            f"Attack output leaves the {norm} ball: max perturbation {dist.max():.6g} > "
+            f"eps {eps:g} "
+            f"(+{tol:g}) on {int((dist > eps + tol).sum())} of {len(x)} examples"
+        )
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _strip_softmax(model, x_sample: np.ndarray):
+    """A model with the same weights whose output is the logits of `model`'s final softmax."""
+    refuse = (
+        "The model outputs probabilities (non-negative rows summing to 1), and its last "
+        "layer is not a softmax that can be removed; attacks and checks need logits. "
+        "Evaluate the model without its final softmax. Received: last layer={!r}"
+    )
+    layers = getattr(model, "layers", None)
+    if not isinstance(model, keras.Model) or not layers:
+        raise ValueError(refuse.format(type(model).__name__))
+    last = layers[-1]
+    act = getattr(last, "activation", None)
+    is_softmax_act = getattr(act, "__name__", "") == "softmax"
+    if not is_softmax_act and not isinstance(last, keras.layers.Softmax):
+        raise ValueError(refuse.format(last.name))
+
+    def linear_last(layer):
+        cfg = layer.get_config()
+        if layer is last:
+            cfg["activation"] = "linear"
+        return layer.__class__.from_config(cfg)
+
+    try:
+        if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
+            logits_model = keras.Model(model.inputs, last.input)  # the same layers, minus the last
+        else:  # e.g. Dense(10, activation="softmax"): a copy whose last layer is linear
+            logits_model = keras.models.clone_model(model, clone_function=linear_last)
+            logits_model.set_weights(model.get_weights())
+    except Exception as e:  # subclassed models, custom layers: keras raises assorted errors
+        raise ValueError(refuse.format(last.name) + f" (removing it failed: {e})") from None
+    z = sanity.predict_logits(logits_model, x_sample)
+    if not np.allclose(_softmax(z), sanity.predict_logits(model, x_sample), atol=1e-4):
+        raise ValueError(refuse.format(last.name))
+    return (
+        logits_model,
+        f"the final softmax (layer {last.name!r}) was removed; logits were attacked",
+    )
+
+
+def check_model(model, x_sample: np.ndarray, y_sample: np.ndarray):
+    """AutoAttack-style model checks, before any attack.
+
+    Returns:
+        (model, notes, gradients): the model to attack (logits), notes for the report, and the
+        per-example input gradients of the cross-entropy on the sample.
+
+    Raises:
+        ValueError: probabilities from a model whose softmax cannot be removed; a randomized
+            model (two forward passes differ); an output that is not (batch, classes >= 2) or
+            labels out of range; an output with no gradient with respect to the input.
+    """
+    notes = []
+    out = sanity.predict_logits(model, x_sample)
+    if out.ndim != 2 or out.shape[1] < 2:
+        raise ValueError(
+            "The model must output (batch, classes >= 2) logits. "
+            f"Received: output shape={out.shape}"
+        )
+    if int(y_sample.max()) >= out.shape[1]:
+        raise ValueError(
+            f"Labels exceed the model's {out.shape[1]} classes. "
+            f"Received: max label={int(y_sample.max())}"
+        )
+    if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
+        model, note = _strip_softmax(model, x_sample)
+        notes.append(note)
+        out = sanity.predict_logits(model, x_sample)
+    again = sanity.predict_logits(model, x_sample)
+    if not np.allclose(out, again, rtol=0, atol=1e-5 * max(1.0, float(np.abs(out).max()))):
+        raise ValueError(
+            "The model is randomized: two forward passes on the same inputs differ "
+            f"(max difference {float(np.abs(out - again).max()):.3g}). This evaluation assumes a "
+            "deterministic model; a randomized defense needs EOT attacks, which are not "
+            "implemented."
+        )
+    grads = sanity.input_gradients(model, x_sample, y_sample)
+    if grads is None:
+        raise ValueError(
+            "The model's output has no gradient with respect to its input (a non-differentiable "
+            "operation such as tf.round or argmax sits on the path), so gradient attacks cannot "
+            "run. This is gradient masking, not robustness: evaluate with BPDA or a gradient-free "
+            "attack."
+        )
+    return model, notes, grads

@@ -1,0 +1,323 @@
+"""`RobustnessReport`: the result of `advtrain.evaluation.evaluate_robustness`, and its JSON,
+Markdown and metrics forms.
+
+Every number leaves this module with its context: the threat model (norm, eps), the attack that
+produced it, the number of examples and the split. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advtrain.report import markdown_table, write_text_atomic
+
+__all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "per_eps", "summary_lines"]
+
+SCHEMA = "advtrain.robustness_report/1"
+WORST_CASE = "worst-case"
+
+
+@dataclasses.dataclass(frozen=True)
+class EpsResult:
+    """Results at one eps.
+
+    Args:
+        eps: the radius.
+        clean_acc: accuracy on clean inputs.
+        robust_acc: per-example worst case over the suite (the last entry of `per_attack`).
+        fgsm_acc: accuracy under FGSM alone (weak reference, not part of the worst case unless
+            the suite is `"fgsm"`).
+        per_attack: ordered `{"clean": acc, attack name: accuracy after that attack, ...}`;
+            cumulative, since each attack runs on the examples its predecessors did not break.
+        attack_seconds: seconds per attack (the reference as `"fgsm (reference)"`).
+        seconds: seconds for this eps, sanity checks included.
+        adversarial: worst-case inputs (the clean input where no attack succeeded), only with
+            `keep_adversarial=True`; never serialised.
+    """
+
+    eps: float
+    clean_acc: float
+    robust_acc: float
+    fgsm_acc: float
+    per_attack: dict[str, float]
+    attack_seconds: dict[str, float]
+    seconds: float
+    adversarial: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustnessReport:
+    """A robustness evaluation: threat model, sample, per-eps results, sanity flags and notes.
+
+    Args:
+        norm: `"linf"` or `"l2"`.
+        eps: the radii evaluated, in order.
+        suite: the suite's name (`"fgsm"`, `"quick"`, `"standard"`).
+        attacks: the suite's attacks as run (`SuiteAttack.describe()` dicts, in order).
+        reference_attack: the FGSM reference, described likewise.
+        steps_scale: factor applied to the suite's step counts (1.0 = the suite as defined).
+        n: examples evaluated. split: the split they came from. seed: the evaluation seed.
+        results: one `EpsResult` per eps, in the order of `eps`.
+        flags: `advtrain.sanity.Flag`s (empty when sanity checks were off).
+        notes: plain-language notes (softmax removed, sample choice, reduced suite, ...).
+        seconds: total wall time.
+    """
+
+    norm: str
+    eps: tuple[float, ...]
+    suite: str
+    attacks: tuple[dict, ...]
+    reference_attack: dict
+    steps_scale: float
+    n: int
+    split: str
+    seed: int
+    results: tuple[EpsResult, ...]
+    flags: tuple = ()
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    # -- access ---------------------------------------------------------------------------
+
+    def result(self, eps: float | None = None) -> EpsResult:
+        """The result at `eps` (the first eps evaluated when None)."""
+        if eps is None:
+            return self.results[0]
+        for r in self.results:
+            if math.isclose(r.eps, eps, abs_tol=1e-9):
+                return r
+        raise ValueError(
+            f"`eps` was not evaluated. Expected one of: {list(self.eps)}. Received: eps={eps!r}"
+        )
+
+    @property
+    def failed_flags(self) -> tuple:
+        return tuple(f for f in self.flags if f.passed is False)
+
+    @property
+    def sanity_passed(self) -> bool | None:
+        """False if any flag failed; None when no check ran; True otherwise."""
+        if self.failed_flags:
+            return False
+        return True if any(f.passed for f in self.flags) else None
+
+    def describe_suite(self) -> str:
+        parts = []
+        for a in self.attacks:
+            what = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD"}[a["attack"]]
+            s = f"{a['name']} ({what}, {a['steps']} step{'s' * (a['steps'] > 1)}"
+            if a["restarts"] > 1:
+                s += f", {a['restarts']} restarts"
+            s += f", loss {a['loss']}, step size {a['step_size']}"
+            if a["targeted"]:
+                s += f", targeted at each of the top-{a['target_classes']} other classes"
+            parts.append(s + ")")
+        scaled = "" if self.steps_scale == 1.0 else f" [REDUCED: steps x{self.steps_scale:g}]"
+        return f"`{self.suite}`{scaled}: " + "; ".join(parts)
+
+    # -- serialisation --------------------------------------------------------------------
+
+    def _context(self, eps: float) -> dict[str, Any]:
+        return {
+            "norm": self.norm,
+            "eps": eps,
+            "split": self.split,
+            "n": self.n,
+            "suite": self.suite,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; every accuracy row carries norm, eps, split, n, suite and attack."""
+        rows = []
+        for r in self.results:
+            ctx = self._context(r.eps)
+            for name, acc in r.per_attack.items():
+                kind = "clean" if name == "clean" else "cumulative"
+                rows.append(
+                    {
+                        **ctx,
+                        "attack": name,
+                        "kind": kind,
+                        "accuracy": acc,
+                        "seconds": r.attack_seconds.get(name),
+                    }
+                )
+            rows.append(
+                {
+                    **ctx,
+                    "attack": WORST_CASE,
+                    "kind": "robust",
+                    "accuracy": r.robust_acc,
+                    "seconds": r.seconds,
+                }
+            )
+            if self.suite != "fgsm":
+                rows.append(
+                    {
+                        **ctx,
+                        "attack": "fgsm",
+                        "kind": "reference",
+                        "accuracy": r.fgsm_acc,
+                        "seconds": r.attack_seconds.get("fgsm (reference)"),
+                    }
+                )
+        per_eps = [
+            {
+                **self._context(r.eps),
+                "clean_acc": r.clean_acc,
+                "robust_acc": r.robust_acc,
+                "fgsm_acc": r.fgsm_acc,
+                "per_attack": dict(r.per_attack),
+                "seconds": r.seconds,
+            }
+            for r in self.results
+        ]
+        flags = [
+            {**f.to_dict(), "norm": self.norm, "split": self.split, "suite": self.suite}
+            for f in self.flags
+        ]
+        return {
+            "schema": SCHEMA,
+            "threat_model": {
+                "norm": self.norm,
+                "eps": list(self.eps),
+                "suite": self.suite,
+                "attacks": [dict(a) for a in self.attacks],
+                "reference_attack": dict(self.reference_attack),
+                "steps_scale": self.steps_scale,
+                "clip": [0.0, 1.0],
+            },
+            "n": self.n,
+            "split": self.split,
+            "seed": self.seed,
+            "results": rows,
+            "per_eps": per_eps,
+            "flags": flags,
+            "sanity": {
+                "failed": [f.id for f in self.flags if f.passed is False],
+                "passed": [f.id for f in self.flags if f.passed is True],
+                "not_run": [f.id for f in self.flags if f.passed is None],
+            },
+            "notes": list(self.notes),
+            "seconds": self.seconds,
+        }
+
+    def metrics(self, eps: float | None = None) -> dict[str, Any]:
+        """Flat metrics for `ray.train.report` / Tune at one eps (the first by default), with the
+        threat model and the sanity outcome as fields."""
+        r = self.result(eps)
+        failed = sorted({f.id for f in self.failed_flags})
+        return {
+            "clean_acc": r.clean_acc,
+            "robust_acc": r.robust_acc,
+            "fgsm_acc": r.fgsm_acc,
+            "eval_norm": self.norm,
+            "eval_eps": r.eps,
+            "eval_suite": self.suite,
+            "eval_n": self.n,
+            "eval_split": self.split,
+            "eval_steps_scale": self.steps_scale,
+            "sanity_failed": len(failed),
+            "sanity_failed_ids": ",".join(failed),
+        }
+
+    def to_markdown(self) -> str:
+        """A Markdown summary: threat model, results table, sanity checks with WARNING lines."""
+        names = [k for k in self.results[0].per_attack if k != "clean"]
+        columns = ["eps", "clean", *names, "robust (worst case)"]
+        if self.suite != "fgsm":
+            columns.append("fgsm (reference)")
+        columns.append("seconds")
+        rows = []
+        for r in self.results:
+            row = {
+                "eps": f"{r.eps:g}",
+                "clean": r.clean_acc,
+                **{k: r.per_attack[k] for k in names},
+                "robust (worst case)": r.robust_acc,
+                "fgsm (reference)": r.fgsm_acc,
+                "seconds": f"{r.seconds:.1f}",
+            }
+            rows.append(row)
+        lines = [
+            "# Robustness report",
+            "",
+            f"- Threat model: {self.norm}, eps {', '.join(f'{e:g}' for e in self.eps)}, "
+            "inputs in [0, 1]",
+            f"- Suite {self.describe_suite()}",
+            "- Robust accuracy is the per-example worst case over the suite; each attack column is "
+            "the accuracy after that attack (attacks run in order on the examples still robust).",
+            "- FGSM is a weak reference, reported apart"
+            + (
+                " (here it is the suite)."
+                if self.suite == "fgsm"
+                else " (not part of the worst case)."
+            ),
+            f"- Examples: n = {self.n} from the `{self.split}` split; seed {self.seed}",
+            "",
+            markdown_table(rows, columns),
+            "",
+            "## Sanity checks",
+            "",
+        ]
+        if not self.flags:
+            lines.append("- not run: sanity checks were switched off")
+        for f in sorted(self.flags, key=lambda f: {False: 0, None: 1, True: 2}[f.passed]):
+            prefix = "**WARNING** " if f.passed is False else ""
+            lines.append(f"- {prefix}{f.summary} ([{f.id}](docs/flags.md#{f.id}))")
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def write(self, directory) -> tuple[Path, Path]:
+        """Writes `report.json` and `report.md` into `directory`, each atomically.
+
+        Returns:
+            The two paths.
+        """
+        directory = Path(directory)
+        json_path, md_path = directory / "report.json", directory / "report.md"
+        write_text_atomic(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_text_atomic(md_path, self.to_markdown())
+        return json_path, md_path
+
+
+def per_eps(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-eps entries of a report dict (`RobustnessReport.to_dict()` or report.json): each
+    with norm, eps, split, n, suite, clean_acc, robust_acc, fgsm_acc, per_attack and seconds."""
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        found = d.get("schema") if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"Not a robustness report dict (schema {SCHEMA!r}). Received: {found!r}")
+    return list(d["per_eps"])
+
+
+def summary_lines(d: dict[str, Any]) -> list[str]:
+    """Plain-text lines summarising a report dict, for the CLI: the threat model, one line per
+    eps, the sanity outcome with one WARNING line per failed flag, and the notes."""
+    rows = per_eps(d)
+    tm = d["threat_model"]
+    names = ", ".join(a["name"] for a in tm["attacks"])
+    scaled = "" if tm.get("steps_scale", 1.0) == 1.0 else f", REDUCED: steps x{tm['steps_scale']:g}"
+    lines = [f"Threat model: {tm['norm']} eps {', '.join(f'{e:g}' for e in tm['eps'])}; suite "
+             f"{tm['suite']} ({names}{scaled}); n={d['n']} {d['split']} examples"]
+    for r in rows:
+        attacks = "  ".join(f"{k} {v:.4f}" for k, v in r["per_attack"].items() if k != "clean")
+        ref = "" if tm["suite"] == "fgsm" else f"  | fgsm (reference) {r['fgsm_acc']:.4f}"
+        lines.append(f"eps {r['eps']:g}: clean {r['clean_acc']:.4f}  robust {r['robust_acc']:.4f}"
+                     f"  | after each attack: {attacks}{ref}  ({r['seconds']:.1f}s)")
+    s = d["sanity"]
+    if d["flags"]:
+        lines.append(f"Sanity checks: {len(s['passed'])} passed, {len(s['failed'])} failed, "
+                     f"{len(s['not_run'])} not run")
+    else:
+        lines.append("Sanity checks: not run (switched off)")
+    failed = [f for f in d["flags"] if f["passed"] is False]
+    lines += [f"WARNING: {f['summary']} (see {f['doc']})" for f in failed]
+    lines += [f"note: {note}" for note in d.get("notes", [])]
+    return lines

@@ -1,0 +1,176 @@
+"""The `advtrain` command: bad input is one line on stderr, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workflows.cli import build_parser, main
+
+TINY = """
+train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 1, batch_size: 128, train_size: 1024, probe_size: 64}
+eval: {norm: linf, eps: [0.1], suite: quick, n: 64, batch_size: 64}
+"""
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.fixture()
+def tiny_config(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY)
+    return p
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eps", "2"], r"`eps` must be in \[0.0, 1.0\]. Received: eps=2.0"),
+        (["--steps", "0"], r"`steps` must be in \[1, 1000\]. Received: steps=0"),
+        (["--mix", "1.5"], r"`mix` must be in \[0.0, 1.0\]. Received: mix=1.5"),
+        (["--learning-rate", "-1"], r"`learning_rate` must be in \(0.0, 10.0\]. Received: learning_rate=-1.0"),
+        (["--model", "resnet"], r"`model` must be one of 'mlp', 'cnn', 'madry'. Received: model='resnet'"),
+        (["--method", "free"], r"`method` must be one of .* Received: method='free'"),
+        (["--steps", "three"], r"argument --steps: invalid int value: 'three'"),
+    ],
+)
+def test_train_bad_override_exits_2_with_one_line_and_writes_nothing(extra, message, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = _run(["train", "--local", "--config", str(tiny_config), "--out", str(out), *extra], capsys)
+    assert code == 2
+    assert len(err) == 1, err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("train: {epsilon: 0.3}\n", r"Unknown key\(s\) in `train`: epsilon. Known keys: .*eps"),
+        ("trian: {eps: 0.3}\n", r"Unknown section\(s\) .*: trian. Known sections: train, eval, search, scaling"),
+        ("train: [1, 2]\n", r"Section `train` must be a mapping"),
+        ("eval: {suite: strong}\n", r"`suite` must be one of 'fgsm', 'quick', 'standard'. Received: suite='strong'"),
+        ("train: {eps: 0.3\n", r"is not valid YAML"),
+    ],
+)
+def test_train_bad_config_file_exits_2(yaml_text, message, tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    out = tmp_path / "run"
+    code, err = _run(["train", "--local", "--config", str(p), "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not out.exists()
+
+
+def test_train_missing_config_file_exits_2(tmp_path, capsys):
+    code, err = _run(["train", "--local", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and len(err) == 1 and "Cannot read config file" in err[0]
+
+
+def test_train_existing_nonempty_out_exits_2(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, err = _run(["train", "--local", "--config", str(tiny_config), "--out", str(out)], capsys)
+    assert code == 2 and "exists and is not empty" in err[0]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_evaluate_missing_model_exits_2(tmp_path, capsys):
+    code, err = _run(["evaluate", str(tmp_path / "m.keras")], capsys)
+    assert code == 2 and len(err) == 1 and "must be an existing .keras file" in err[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "m.keras", "--eps", "0.1,x"], r"expected comma-separated numbers"),
+        (["attack", "m.keras", "--eps", "-1", "--out", "a.npz"], r"`eps` must be in \[0.0, 1.0\]. Received: eps=-1.0"),
+        (["attack", "m.keras", "--eps", "0.1", "--norm", "l3", "--out", "a.npz"], r"`norm` must be one of 'linf', 'l2'"),
+        (["attack", "m.keras", "--eps", "0.1", "--method", "cw", "--out", "a.npz"], r"`name` must be one of 'fgsm', 'pgd', 'apgd'"),
+        (["attack", "m.keras", "--eps", "0.1", "--out", "a.txt"], r"--out must end in .npz"),
+        (["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(argv, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ("{eps: {uniform: [-0.1, 0.3]}}", r"search.space.eps: `eps` must be in \[0.0, 1.0\]. Received: eps=-0.1"),
+        ("{mix: {choice: [0.5, 1.2]}}", r"search.space.mix: `mix` must be in \[0.0, 1.0\]. Received: mix=1.2"),
+        ("{steps: {choice: [0, 3]}}", r"search.space.steps: `steps` must be in \[1, 1000\]. Received: steps=0"),
+        ("{epsilon: {choice: [0.1]}}", r"Unknown or unsearchable key 'epsilon' in `search.space`"),
+        ("{eps: {choice: []}}", r"`search.space.eps.choice` must be a non-empty list"),
+        ("{eps: {normal: [0.1, 0.2]}}", r"must be one of 'choice', 'grid', 'uniform', 'loguniform', 'randint'"),
+        ("{val_size: {choice: [100]}}", r"Unknown or unsearchable key 'val_size'"),
+    ],
+)
+def test_tune_invalid_search_space_fails_before_any_trial(space, message, tmp_path, capsys):
+    p = tmp_path / "s.yaml"
+    p.write_text(TINY + f"search: {{samples: 2, space: {space}}}\n")
+    out = tmp_path / "exp"
+    code, err = _run(["tune", "--config", str(p), "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not out.exists()
+
+
+def test_tune_optuna_multi_with_asha_is_refused(tmp_path, capsys):
+    p = tmp_path / "s.yaml"
+    p.write_text(TINY + "search: {searcher: optuna-multi, scheduler: asha}\n")
+    code, err = _run(["tune", "--config", str(p), "--out", str(tmp_path / "exp")], capsys)
+    assert code == 2 and "Use `scheduler: fifo`" in err[0]
+
+
+def test_build_parser_accepts_documented_tune_flags():
+    args = build_parser().parse_args(["tune", "--config", "c.yaml", "--address", "auto", "--gpu", "--samples", "4",
+                                      "--workers", "2", "--storage", "s3://b/p"])
+    assert (args.command, args.address, args.gpu, args.samples, args.workers) == ("tune", "auto", True, 4, 2)
+
+
+@pytest.mark.slow
+def test_train_local_writes_run_folder_and_report(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--local", "--config", str(tiny_config), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.json", "model.keras", "report.json", "report.md", "accuracy_vs_eps.png",
+            "examples.png"} <= names
+    assert not [n for n in names if "tmp" in n]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 1 and metrics["epochs_run"] == 1
+    assert json.loads((out / "config.json").read_text())["train"]["model"] == "mlp"
+    assert "epoch 1:" in err
+
+
+@pytest.mark.slow
+def test_attack_writes_npz_within_ball(tiny_config, tmp_path, capsys):
+    from advtrain.models import build_model, save_model
+
+    model_path = tmp_path / "m.keras"
+    save_model(build_model("mlp", seed=0), model_path)
+    out = tmp_path / "adv.npz"
+    code = main(["attack", str(model_path), "--method", "pgd", "--eps", "0.2", "--steps", "5", "--n", "32",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with np.load(out) as f:
+        assert f["x_adv"].shape == (32, 28, 28, 1)
+        assert np.abs(f["x_adv"] - f["x"]).max() <= 0.2 + 1e-6
+        assert f["x_adv"].min() >= 0.0 and f["x_adv"].max() <= 1.0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,159 @@
+"""Tests of advtrain.report: Pareto front, Markdown tables, atomic writes and PNG plots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from advtrain.report import (
+    markdown_table,
+    pareto_front,
+    plot_accuracy_vs_eps,
+    plot_adversarial_grid,
+    plot_pareto,
+    write_text_atomic,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _per_eps(robust):
+    return [
+        {
+            "norm": "linf",
+            "eps": e,
+            "split": "test",
+            "n": 100,
+            "suite": "standard",
+            "clean_acc": 0.99,
+            "robust_acc": r,
+            "fgsm_acc": min(r + 0.1, 0.99),
+            "per_attack": {
+                "clean": 0.99,
+                "pgd-100x5": r + 0.02,
+                "apgd-ce-100": r + 0.01,
+                "apgd-t-100-top9": r,
+            },
+        }
+        for e, r in zip((0.1, 0.2, 0.3), robust, strict=True)
+    ]
+
+
+def _only_file(folder, name):
+    assert sorted(p.name for p in folder.iterdir()) == [name]  # no temp file left behind
+    data = (folder / name).read_bytes()
+    assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_pareto_front_hand_made_points_exact():
+    points = [
+        (0.99, 0.10),
+        (0.98, 0.90),
+        (0.97, 0.80),
+        (0.95, 0.92),
+        (0.95, 0.91),
+        (0.90, 0.92),
+        (0.99, 0.05),
+    ]
+    assert pareto_front(points) == [(0.95, 0.92), (0.98, 0.90), (0.99, 0.10)]
+
+
+def test_pareto_front_mappings_duplicates_kept():
+    a = {"label": "a", "clean_acc": 0.9, "robust_acc": 0.5}
+    b = {"label": "b", "clean_acc": 0.9, "robust_acc": 0.5}
+    c = {"label": "c", "clean_acc": 0.8, "robust_acc": 0.4}
+    assert [p["label"] for p in pareto_front([c, a, b])] == ["a", "b"]
+    short = [{"clean": 0.9, "robust": 0.3}, {"clean": 0.8, "robust": 0.6},
+             {"clean": 0.7, "robust": 0.5}]
+    assert pareto_front(short) == short[1::-1]
+    assert pareto_front([]) == []
+
+
+def test_markdown_table_formats_floats_and_escapes_pipes():
+    table = markdown_table(
+        [{"eps": 0.3, "acc": 0.91234, "name": "a|b"}, {"eps": 0.1}],
+        ["eps", ("acc", "accuracy"), "name"],
+    )
+    assert table.splitlines() == [
+        "| eps | accuracy | name |",
+        "|---|---|---|",
+        "| 0.3000 | 0.9123 | a\\|b |",
+        "| 0.1000 |  |  |",
+    ]
+
+
+def test_write_text_atomic_replaces_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "sub" / "report.md"
+    write_text_atomic(path, "one\n")
+    write_text_atomic(path, "two\n")
+    assert path.read_text() == "two\n"
+    assert [p.name for p in path.parent.iterdir()] == ["report.md"]
+
+
+def test_write_text_atomic_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(TypeError):
+        write_text_atomic(tmp_path / "x.md", None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_accuracy_vs_eps_report_dict_writes_png(tmp_path):
+    out = tmp_path / "plots"
+    out.mkdir()
+    plot_accuracy_vs_eps({"per_eps": _per_eps([0.9, 0.7, 0.5])}, out / "acc.png")
+    _only_file(out, "acc.png")
+
+
+def test_plot_accuracy_vs_eps_several_models_writes_png(tmp_path):
+    plot_accuracy_vs_eps(
+        [("pgd", _per_eps([0.9, 0.7, 0.5])), ("fgsm", {"per_eps": _per_eps([0.8, 0.4, 0.1])})],
+        tmp_path / "acc.png",
+        title="two models",
+    )
+    _only_file(tmp_path, "acc.png")
+
+
+def test_plot_accuracy_vs_eps_missing_per_eps_raises(tmp_path):
+    with pytest.raises(ValueError, match="'per_eps'"):
+        plot_accuracy_vs_eps({"results": []}, tmp_path / "acc.png")
+
+
+def test_plot_adversarial_grid_writes_png(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(20, 28, 28, 1)).astype(np.float32)
+    x_adv = np.clip(x + rng.uniform(-0.3, 0.3, x.shape), 0, 1)
+    y = rng.integers(0, 10, 20)
+    plot_adversarial_grid(x, x_adv, y, y, (y + 1) % 10, tmp_path / "grid.png", n=12)
+    _only_file(tmp_path, "grid.png")
+
+
+def test_plot_adversarial_grid_mismatched_lengths_raises(tmp_path):
+    x = np.zeros((4, 28, 28, 1))
+    with pytest.raises(ValueError, match="Received: lengths 4, 4, 3, 4, 4"):
+        plot_adversarial_grid(x, x, np.zeros(3), np.zeros(4), np.zeros(4), tmp_path / "g.png")
+
+
+def test_plot_adversarial_grid_bad_n_raises(tmp_path):
+    x = np.zeros((4, 28, 28, 1))
+    with pytest.raises(ValueError, match="Received: n=0"):
+        plot_adversarial_grid(x, x, np.zeros(4), np.zeros(4), np.zeros(4), tmp_path / "g.png", n=0)
+
+
+def test_plot_pareto_writes_png(tmp_path):
+    points = [
+        {"label": f"t{i}", "clean_acc": c, "robust_acc": r}
+        for i, (c, r) in enumerate([(0.99, 0.1), (0.98, 0.9), (0.97, 0.8), (0.95, 0.92)])
+    ]
+    plot_pareto(points, pareto_front(points), tmp_path / "pareto.png")
+    _only_file(tmp_path, "pareto.png")
+
+
+def test_report_module_import_loads_no_tensorflow():
+    code = (
+        "import sys, advtrain.report; "
+        "sys.exit(int('tensorflow' in sys.modules or 'matplotlib' in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False)  # noqa: S603
+    assert result.returncode == 0
