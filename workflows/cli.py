@@ -50,6 +50,7 @@ def _add_train_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="per-worker batch")
     g.add_argument("--learning-rate", type=float)
+    g.add_argument("--optimizer", help="adam or sgd")
     g.add_argument("--schedule", help="constant, cosine or onecycle")
     g.add_argument("--eps-ramp-epochs", type=int)
     g.add_argument("--train-size", type=int, help="train on the first N examples only")
@@ -57,7 +58,7 @@ def _add_train_overrides(p: argparse.ArgumentParser) -> None:
 
 
 TRAIN_KEYS = ("model", "method", "eps", "steps", "step_size", "norm", "mix", "beta", "epochs", "batch_size",
-              "learning_rate", "schedule", "eps_ramp_epochs", "train_size", "seed")
+              "learning_rate", "optimizer", "schedule", "eps_ramp_epochs", "train_size", "seed")
 
 
 def _add_ray_options(p: argparse.ArgumentParser) -> None:
@@ -172,7 +173,7 @@ def _cmd_tune(args) -> int:
     from workflows.spec import load_spec
 
     spec = load_spec(args.config, scaling=_scaling_overrides(args))
-    search = tune.SearchSpec.from_dict(spec.search, samples=args.samples)
+    search = tune.SearchSpec.from_dict(spec.search, base=spec.train.to_dict(), samples=args.samples)
     run_dir = _new_run_dir(args.out, "tune")
     return tune.tune_cli(spec, search, run_dir, address=args.address, storage=args.storage)
 
@@ -215,6 +216,9 @@ COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `advtrain` console script; returns the exit status."""
+    # Before TensorFlow loads, here and in the Ray workers of an embedded cluster (they inherit
+    # this environment): TF's C++ start-up chatter hides the progress lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

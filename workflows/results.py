@@ -32,8 +32,34 @@ def _stopped(metrics: dict, error: Any) -> str:
     return "asha"
 
 
+def _evaluate_stopped(row: dict, spec: RunSpec, data) -> None:
+    """Evaluates a trial the scheduler stopped, from its last Train checkpoint, on the same
+    threat model and test examples as finished trials (its own last act never ran)."""
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    from advtrain import evaluation
+    from advtrain.models import load_model
+    from workflows.runs import _select
+
+    src = Path(Checkpoint(row["_train_checkpoint"]).to_directory())
+    x, y = _select(spec.eval, data)
+    rep = evaluation.evaluate_robustness(load_model(src / "model.keras"), x, y, spec.eval, split=spec.eval.split)
+    d = rep.to_dict()
+    at = {r["eps"]: r for r in evaluation.per_eps(d)}[max(spec.eval.eps)]
+    row.update(test_clean_acc=at["clean_acc"], test_robust_acc=at["robust_acc"],
+               test_flags_failed=[f["id"] for f in d.get("flags", []) if f.get("passed") is False])
+    out = Path(tempfile.mkdtemp(prefix="advtrain-eval-"))
+    rep.write(out)
+    shutil.copyfile(src / "model.keras", out / "model.keras")
+    row["_dir"] = out
+
+
 def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
-    """Reads every trial of the ResultGrid into rows; copies the best model and top reports."""
+    """Reads every trial of the ResultGrid into rows; evaluates trials the scheduler stopped
+    (from their last checkpoint); copies the best model and the top trials' reports."""
+    from advtrain.data import load_mnist
     from advtrain.training import write_json
 
     searched = list(json.loads((run_dir / "spec.json").read_text())["search"]["space"])
@@ -41,7 +67,7 @@ def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
     for result in grid:
         m = dict(result.metrics or {})
         cfg = result.config or {}
-        rows.append({
+        row = {
             "trial_id": m.get("trial_id") or Path(result.path).name,
             "config": {k: (round(cfg[k], 4) if isinstance(cfg.get(k), float) else cfg.get(k)) for k in searched},
             "val_clean_acc": m.get("val_clean_acc"),
@@ -54,15 +80,22 @@ def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
             "stopped": _stopped(m, result.error),
             "wall_s": m.get("time_total_s"),
             "error": None if result.error is None else str(result.error).splitlines()[0][:300],
-            "_checkpoint": result.checkpoint,
-        })
+            "_dir": Path(result.checkpoint.to_directory()) if result.checkpoint is not None else None,
+            "_train_checkpoint": m.get("checkpoint_path"),
+        }
+        rows.append(row)
+    data = None
+    for row in rows:
+        if row["stopped"] == "asha" and row["_train_checkpoint"]:
+            data = data or load_mnist(spec.train.data)
+            _evaluate_stopped(row, spec, data)
+            row["evaluated_by"] = "driver (last checkpoint)"
     ranked = rank(rows)
     trials_dir = run_dir / "trials"
     for row in ranked[:TOP_K]:
-        ckpt = row.get("_checkpoint")
-        if ckpt is None:
+        src = row.get("_dir")
+        if src is None:
             continue
-        src = Path(ckpt.to_directory())
         dst = trials_dir / row["trial_id"]
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("report.json", "report.md", "model.keras", "history.json"):
@@ -85,10 +118,11 @@ def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
 
 
 def rank(rows: list[dict]) -> list[dict]:
-    """Trials that finished their evaluation first, then by validation robust accuracy (the
-    search objective, never the test split), then validation clean accuracy."""
+    """By validation robust accuracy (the search objective, never the test split), trials that
+    trained every epoch before those stopped early, then validation clean accuracy."""
     def key(r):
-        return (r.get("test_robust_acc") is not None, r.get("val_robust_acc") or -1.0, r.get("val_clean_acc") or -1.0)
+        full = r.get("stopped") in ("no", "overfitting guard")
+        return (r.get("val_robust_acc") or -1.0, full, r.get("val_clean_acc") or -1.0)
 
     out = sorted(rows, key=key, reverse=True)
     for i, r in enumerate(out, 1):
@@ -138,7 +172,8 @@ def write_all(run_dir: Path) -> list[str]:
     threat = f"{tm['norm']} eps={tm['eps']}, {tm['suite']} suite, {tm['split']} split, n={tm['n'] or 'all'}"
     md = [f"# advtrain search report", "", f"Threat model (fixed for every trial): **{threat}**.",
           "Trials are ranked by `val_robust_acc` (PGD on the validation split under this threat model); "
-          "test columns come from each finished trial's final evaluation and never steered the search.", "",
+          "test columns come from each trial's final evaluation (for trials ASHA stopped: of their last "
+          "checkpoint, run by the driver) and never steered the search.", "",
           "## Ranked trials", "", table, "", "## Clean vs robust (test) Pareto front", ""]
     md += [f"- {p['label']}: clean {p['clean']:.4f}, robust {p['robust']:.4f}" for p in front] or ["- no evaluated trial"]
     if points:

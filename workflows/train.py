@@ -57,6 +57,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """
     cfg = TrainConfig.from_dict(config["train"])
     tf = _configure_tensorflow(config["cpus_per_worker"])
+    # Ray Train logs every checkpoint and report at INFO; the epoch lines are what users read.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    tf.get_logger().setLevel("ERROR")
     from advtrain.data import load_mnist, make_dataset, shard
     from advtrain.models import save_model
     from advtrain.training import AdversarialTraining, run_epochs, write_json
@@ -100,8 +103,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             run.checkpoint().write(os.path.join(d, "state"))
             if rank == 0:
                 write_json(Path(d, HISTORY_FILE), state["history"])
+                # Every checkpoint carries a loadable model: a trial stopped early by the
+                # scheduler can still be evaluated from its last one.
+                save_model(run.model, Path(d, MODEL_FILE))
                 if final:
-                    save_model(run.model, Path(d, MODEL_FILE))
                     write_json(Path(d, "summary.json"), summary)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:

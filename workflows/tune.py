@@ -225,8 +225,11 @@ def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None
         return tune.Tuner.restore(f"{tune_storage}/tune", trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     multi = search.searcher == "optuna-multi"
-    searcher = None
-    if search.searcher != "random":
+    if search.searcher == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        searcher = BasicVariantGenerator(random_state=search.seed)
+    else:
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(metric=["val_clean_acc", METRIC] if multi else METRIC,
@@ -276,6 +279,12 @@ def _read_spec(run_dir: Path) -> tuple[RunSpec, SearchSpec, str | None]:
 def _finish(spec: RunSpec, grid, run_dir: Path) -> int:
     from workflows import results
 
+    if grid.num_terminated + grid.num_errors < len(grid):
+        # Tune stops gracefully on Ctrl-C and returns the partial grid: no results yet.
+        print(f"advtrain: search interrupted ({grid.num_terminated} of {len(grid)} trials done); "
+              f"continue with: advtrain tune --resume {run_dir}", file=sys.stderr)
+        return 130
+
     results.collect(grid, run_dir, spec)
     for line in results.write_all(run_dir):
         print(line, file=sys.stderr)
@@ -286,7 +295,6 @@ def tune_cli(spec: RunSpec, search: SearchSpec, run_dir: Path, *, address: str |
     """`advtrain tune --config FILE`."""
     from workflows import cluster
 
-    search = SearchSpec.from_dict(search.to_dict(), base=spec.train.to_dict())
     cluster.connect(address)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_spec(run_dir, spec, search, storage)

@@ -1,0 +1,144 @@
+"""Ray Tune on the real local cluster: a search completes, is interrupted (SIGINT, then SIGKILL),
+resumes without rerunning finished trials, and its table, Pareto front and report match the
+trials' own results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workflows import results, tune
+from workflows.spec import load_spec
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SEARCH = """
+train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 3, batch_size: 128, train_size: 4096, probe_size: 64,
+        learning_rate: 0.003}
+eval: {norm: linf, eps: [0.05, 0.1], suite: quick, n: 100, batch_size: 100}
+search:
+  samples: 1
+  scheduler: fifo
+  space: {eps: {grid: [0.0, 0.05, 0.1]}, mix: {choice: [1.0]}}
+"""
+
+
+def _advtrain(args, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finished_trials(exp: Path) -> dict[str, float]:
+    """trial id -> time of its evaluated report, from Tune's own result files."""
+    out = {}
+    for rj in (exp / "tune").glob("*/result.json"):
+        for line in rj.read_text().splitlines():
+            m = json.loads(line)
+            if m.get("evaluated"):
+                out[m["trial_id"]] = m["timestamp"]
+    return out
+
+
+def _wait(predicate, timeout, what, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"advtrain exited ({proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cluster, tmp_path):
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(SEARCH)
+    exp = tmp_path / "exp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = ["tune", "--config", str(cfg), "--out", str(exp), "--address", ray_cluster.address]
+
+    # 1. Start, let one trial finish, then Ctrl-C the driver.
+    proc = _advtrain(args, env, start_new_session=True)
+    _wait(lambda: len(_finished_trials(exp)) >= 1, 400, "a first finished trial", proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    done_before = _finished_trials(exp)
+    assert done_before
+
+    # 2. Resume, then SIGKILL the driver once another trial has finished.
+    proc = _advtrain(["tune", "--resume", str(exp), "--address", ray_cluster.address], env, start_new_session=True)
+    _wait(lambda: len(_finished_trials(exp)) > len(done_before), 400, "another finished trial", proc)
+    time.sleep(2)  # the experiment state is saved after results arrive
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    done_mid = _finished_trials(exp)
+
+    # 3. Resume to the end.
+    proc = _advtrain(["tune", "--resume", str(exp), "--address", ray_cluster.address], env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    done_after = _finished_trials(exp)
+    assert len(done_after) == 3
+    for trial_id, stamp in done_mid.items():
+        assert done_after[trial_id] == stamp, f"finished trial {trial_id} was run again"
+
+    # The table, Pareto front and report match the trials' own results.
+    data = json.loads((exp / "trials.json").read_text())
+    rows = {r["trial_id"]: r for r in data["trials"]}
+    assert len(rows) == 3
+    for rj in (exp / "tune").glob("*/result.json"):
+        last = [json.loads(line) for line in rj.read_text().splitlines()][-1]
+        row = rows[last["trial_id"]]
+        assert row["test_robust_acc"] == pytest.approx(last["test_robust_acc"])
+        assert row["val_robust_acc"] == pytest.approx(last["val_robust_acc"])
+        assert row["stopped"] == "no"
+    with open(exp / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in table] == [r["trial_id"] for r in data["trials"]]
+    assert [int(r["rank"]) for r in table] == [1, 2, 3]
+    vals = [r["val_robust_acc"] for r in data["trials"]]
+    assert vals == sorted(vals, reverse=True)
+    from advtrain.report import pareto_front
+
+    points = [{"label": r["trial_id"], "clean": r["test_clean_acc"], "robust": r["test_robust_acc"]}
+              for r in data["trials"]]
+    front = {p["label"] for p in pareto_front(points)}
+    report_md = (exp / "report.md").read_text()
+    for label in front:
+        assert f"- {label}: clean" in report_md
+    for name in ("pareto.png", "accuracy_vs_eps.png", "report.html", "results.md", "best_model.keras"):
+        assert (exp / name).stat().st_size > 0, name
+    # eps 0 is clean training: it must not be the most robust at eps 0.1.
+    zero = next(r for r in data["trials"] if r["config"]["eps"] == 0.0)
+    assert zero["rank"] == 3
+
+    # `advtrain report` rebuilds the same table from the folder alone.
+    before = (exp / "results.md").read_text()
+    (exp / "results.md").unlink()
+    proc = _advtrain(["report", str(exp)], env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert (exp / "results.md").read_text() == before
+
+
+def test_search_spec_defaults_validate_and_build_param_space():
+    spec = load_spec(None)
+    search = tune.SearchSpec.from_dict({}, base=spec.train.to_dict())
+    space = tune.build_param_space(search)
+    assert set(space) == {"eps", "steps", "mix"}
+    assert search.scheduler == "asha" and search.samples == 4
+
+
+def test_rank_orders_by_validation_robust_accuracy_then_full_training():
+    rows = [{"trial_id": "a", "val_robust_acc": 0.5, "val_clean_acc": 0.9, "stopped": "asha"},
+            {"trial_id": "b", "val_robust_acc": 0.7, "val_clean_acc": 0.8, "stopped": "no"},
+            {"trial_id": "c", "val_robust_acc": 0.5, "val_clean_acc": 0.8, "stopped": "no"}]
+    assert [r["trial_id"] for r in results.rank(rows)] == ["b", "c", "a"]
