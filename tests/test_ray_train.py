@@ -49,24 +49,28 @@ def ray_client(ray_cluster):
     ray.shutdown()
 
 
-def _trainer(cfg, tmp_path, name, workers=2, callbacks=None, max_failures=0):
+def _trainer(cfg, tmp_path, name, workers=2, callbacks=None, max_failures=0, placement_strategy="PACK"):
     from workflows.train import build_trainer
 
     return build_trainer(cfg, workers=workers, storage_path=str(tmp_path), name=name, callbacks=callbacks,
-                         max_failures=max_failures)
+                         max_failures=max_failures, placement_strategy=placement_strategy)
 
 
-def test_two_workers_shards_are_disjoint_covering_and_reported(ray_client, tmp_path):
+def test_two_nodes_spread_workers_shards_are_disjoint_covering_and_reported(ray_client, tmp_path):
     from workflows.train import read_final
 
-    cfg = TrainConfig(model="cnn", method="pgd", eps=0.1, steps=2, epochs=1, batch_size=64, train_size=2048,
+    assert len([n for n in ray.nodes() if n["Alive"]]) >= 2, "the test cluster has a head and a second node"
+    cfg = TrainConfig(model="mlp", method="pgd", eps=0.1, steps=2, epochs=1, batch_size=64, train_size=2048,
                       probe_size=64, seed=3)
     log = tmp_path / "reports.jsonl"
-    result = _trainer(cfg, tmp_path, "shards", callbacks=[_RecordReports(log)]).fit()
+    # One worker per node (STRICT_SPREAD), storage on a path both nodes share (the same disk here).
+    result = _trainer(cfg, tmp_path / "shared", "shards", callbacks=[_RecordReports(log)],
+                      placement_strategy="STRICT_SPREAD").fit()
     assert result.error is None
     reports = [json.loads(line) for line in log.read_text().splitlines()]
     first = reports[0]
     assert [m["rank"] for m in first] == [0, 1]
+    assert len({m["node_id"] for m in first}) == 2, "both workers ran on the same node"
     expected = [shard(2048, r, 2, seed=3) for r in (0, 1)]
     assert not set(expected[0]) & set(expected[1])
     assert sorted(np.concatenate(expected)) == list(range(2048))
@@ -104,7 +108,7 @@ def test_worker_killed_mid_training_is_replaced_and_resumes_from_checkpoint(ray_
 
     from workflows.train import read_final
 
-    cfg = TrainConfig(model="cnn", method="pgd", eps=0.1, steps=2, epochs=4, batch_size=64, train_size=4096,
+    cfg = TrainConfig(model="mlp", method="pgd", eps=0.1, steps=2, epochs=4, batch_size=64, train_size=4096,
                       probe_size=64, seed=7)
     log = tmp_path / "reports.jsonl"
     holder = {}
@@ -130,3 +134,4 @@ def test_worker_killed_mid_training_is_replaced_and_resumes_from_checkpoint(ray_
     reports = [json.loads(line)[0] for line in log.read_text().splitlines()]
     resumed = [m["resumed_from_epoch"] for m in reports]
     assert max(resumed) >= 1, f"the restarted group started from scratch: {resumed}"
+

@@ -92,7 +92,8 @@ def train_and_report(spec: RunSpec, run_dir: Path, *, local: bool, address: str 
         _say(f"Ray Train: {spec.scaling.workers} worker(s), gpu={spec.scaling.gpu}, storage {storage_path}")
         result = fit_distributed(spec.train, workers=spec.scaling.workers, gpu=spec.scaling.gpu,
                                  cpus_per_worker=spec.scaling.cpus_per_worker, max_failures=spec.scaling.max_failures,
-                                 storage_path=storage_path, name=run_dir.name, judge=spec.judge)
+                                 storage_path=storage_path, name=run_dir.name, judge=spec.judge,
+                                 placement_strategy=spec.scaling.placement_strategy)
         if result.error is not None:
             raise RuntimeError(f"Ray Train run failed: {result.error}")
         model_path, history, summary = read_final(result)

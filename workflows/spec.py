@@ -24,12 +24,14 @@ SECTIONS = ("train", "eval", "search", "scaling")
 
 @dataclasses.dataclass(frozen=True)
 class Scaling:
-    """Ray Train scaling: workers per run, GPUs, CPUs per worker, tolerated worker failures."""
+    """Ray Train scaling: workers per run, GPUs, CPUs per worker, tolerated worker failures and
+    how workers are placed on nodes (Ray placement group strategy)."""
 
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 1
+    placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", _check_number("workers", self.workers, low=1, high=1024, integer=True))
@@ -38,6 +40,10 @@ class Scaling:
             self, "cpus_per_worker", _check_number("cpus_per_worker", self.cpus_per_worker, low=1, high=256, integer=True)
         )
         object.__setattr__(self, "max_failures", _check_number("max_failures", self.max_failures, low=0, high=100, integer=True))
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        if self.placement_strategy not in strategies:
+            raise ValueError(f"`placement_strategy` must be one of {', '.join(strategies)}. "
+                             f"Received: placement_strategy={self.placement_strategy!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed after epoch %d", rank, len(history))
 
     shard_info = {"shard_digest": _digest(idx), "shard_size": int(len(idx)), "world_size": world, "rank": rank,
-                  "global_batch": cfg.batch_size * world}
+                  "global_batch": cfg.batch_size * world, "node_id": ray.get_runtime_context().get_node_id()}
 
     def report(metrics: dict, *, final: bool = False, summary: dict | None = None):
         metrics = {**metrics, **shard_info, "resumed_from_epoch": resumed_from, "final": final}
@@ -148,7 +148,7 @@ def check_resources(workers: int, cpus_per_worker: float, gpu: bool) -> None:
 
 def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per_worker: float = 1,
                   storage_path: str, name: str, max_failures: int = 1, callbacks=None,
-                  judge: tuple[str, float] | None = None):
+                  judge: tuple[str, float] | None = None, placement_strategy: str = "PACK"):
     """A Train V2 TensorflowTrainer for one adversarial training run."""
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -157,7 +157,8 @@ def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per
         train_loop_config={"train": cfg.to_dict(), "cpus_per_worker": cpus_per_worker,
                            "judge": list(judge) if judge else None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})},
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -169,7 +170,7 @@ def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per
 
 
 def fit_distributed(cfg: TrainConfig, *, workers: int, gpu: bool, storage_path: str, name: str,
-                    cpus_per_worker: float = 1, max_failures: int = 1, judge=None):
+                    cpus_per_worker: float = 1, max_failures: int = 1, judge=None, placement_strategy: str = "PACK"):
     """Runs one distributed training to completion; returns the Ray `Result`.
 
     The result's checkpoint holds `model.keras` (best epoch restored if the guard fired),
@@ -177,7 +178,8 @@ def fit_distributed(cfg: TrainConfig, *, workers: int, gpu: bool, storage_path: 
     """
     check_resources(workers, cpus_per_worker, gpu)
     trainer = build_trainer(cfg, workers=workers, gpu=gpu, cpus_per_worker=cpus_per_worker,
-                            storage_path=storage_path, name=name, max_failures=max_failures, judge=judge)
+                            storage_path=storage_path, name=name, max_failures=max_failures, judge=judge,
+                            placement_strategy=placement_strategy)
     return trainer.fit()
 
 

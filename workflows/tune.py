@@ -178,6 +178,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         cfg, workers=scaling["workers"], gpu=scaling["gpu"], cpus_per_worker=scaling["cpus_per_worker"],
         storage_path=base["train_storage"], name=f"train_{trial_id}", max_failures=scaling["max_failures"],
         callbacks=[TuneReportCallback()], judge=tuple(base["judge"]),
+        placement_strategy=scaling["placement_strategy"],
     )
     result = trainer.fit()
     model_path, history, summary = read_final(result)
