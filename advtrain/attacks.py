@@ -108,6 +108,19 @@ def _per_example(v: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
     return tf.reshape(v, [-1] + [1] * (len(like.shape) - 1))
 
 
+def _select_rows(mask: tf.Tensor, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Per example, `a` where the (batch,) `mask` holds, else `b`.
+
+    One select over (batch, features) views: on CPU a (batch, 1) condition against 2-D operands
+    costs about two thirds of the 4-D broadcast select, and this runs at every attack step.
+    """
+    shape = tf.shape(a)
+    flat = tf.where(mask[:, None], tf.reshape(a, [shape[0], -1]), tf.reshape(b, [shape[0], -1]))
+    out = tf.reshape(flat, shape)
+    out.set_shape(a.shape)
+    return out
+
+
 def _l2_norm(v: tf.Tensor) -> tf.Tensor:
     return tf.sqrt(tf.reduce_sum(tf.square(v), axis=list(range(1, len(v.shape)))) + 1e-12)
 
@@ -154,12 +167,26 @@ def _value_and_grad(model, x, y, y_target, loss):
 
 def _keep_stronger(best_x, best_loss, best_hit, x, value, hit):
     """Per example: the first successful point found, else the highest loss."""
-    take = (hit & ~best_hit) | (~hit & ~best_hit & (value > best_loss))
+    take = ~best_hit & (hit | (value > best_loss))
     return (
-        tf.where(_per_example(take, x), x, best_x),
+        _select_rows(take, x, best_x),
         tf.where(take, value, best_loss),
         best_hit | hit,
     )
+
+
+def _projector(x, eps, norm: str) -> Callable:
+    """`_project` onto the ball around a fixed x, for use at every step of an attack.
+
+    For linf the ball and [CLIP_MIN, CLIP_MAX] are both boxes, so their intersection is the box
+    [max(x - eps, min), min(x + eps, max)]: one clip against bounds computed once per attack
+    instead of subtract, clip, add, clip at every step.
+    """
+    if norm == "linf":
+        lo = tf.maximum(x - eps, CLIP_MIN)
+        hi = tf.minimum(x + eps, CLIP_MAX)
+        return lambda z: tf.clip_by_value(z, lo, hi)
+    return lambda z: _project(z, x, eps, norm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,32 +211,58 @@ def pgd_graph(model, x, y, eps, step_size, steps, *, norm="linf", loss="ce", ran
 
     With `track_best` each example keeps the first iterate that succeeds (else the highest-loss
     iterate): the loss and logits come free with each gradient, so the evaluation attack is
-    strictly stronger than the last iterate at one extra forward pass. Training uses the last
-    iterate, as Madry et al. do.
+    strictly stronger than the last iterate at one extra forward pass, and the loop stops as
+    soon as every example of the batch has succeeded (the result cannot change after that).
+    Training uses the last iterate, as Madry et al. do.
+    """
+    return _pgd_run(model, x, y, eps, step_size, steps, norm=norm, loss=loss,
+                    random_start=random_start, y_target=y_target, seed=seed, track_best=track_best)[0]
+
+
+def _pgd_run(model, x, y, eps, step_size, steps, *, norm, loss, random_start, y_target, seed,
+             track_best):
+    """`pgd_graph` returning (x_adv, loss, success) per example, so restarts merge without
+    another forward pass. Without `track_best` the loss and success are not computed (None).
+
+    With `track_best` the loop stops once every example of the batch has succeeded: later steps
+    could not change any example's first successful iterate, so the result is the same.
     """
     eps = tf.cast(eps, x.dtype)
     step_size = tf.cast(step_size, x.dtype)
     seed = tf.cast(seed, tf.int32)
+    project = _projector(x, eps, norm)
     x_adv = _random_start(x, eps, norm, seed) if random_start else tf.identity(x)
+
+    if not track_best:
+        def step(i, x_adv):
+            _, _, grad = _value_and_grad(model, x_adv, y, y_target, loss)
+            return i + 1, project(x_adv + step_size * _direction(grad, norm))
+
+        _, x_adv = tf.while_loop(lambda i, _: i < steps, step, (tf.constant(0), x_adv),
+                                 parallel_iterations=1)
+        return x_adv, None, None
+
     batch = tf.shape(x)[0]
-    best = (x_adv, tf.fill([batch], -np.inf), tf.zeros([batch], tf.bool))
+    best = (x_adv, tf.fill([batch], tf.constant(-np.inf, x.dtype)), tf.zeros([batch], tf.bool))
 
     def body(i, x_adv, best):
         logits, value, grad = _value_and_grad(model, x_adv, y, y_target, loss)
-        if track_best:
-            best = _keep_stronger(*best, x_adv, value, _success(logits, y, y_target))
-        x_adv = _project(x_adv + step_size * _direction(grad, norm), x, eps, norm)
-        return i + 1, x_adv, best
+        best = _keep_stronger(*best, x_adv, value, _success(logits, y, y_target))
+        return i + 1, project(x_adv + step_size * _direction(grad, norm)), best
 
-    _, x_adv, best = tf.while_loop(
-        lambda i, *_: i < steps, body, (tf.constant(0), x_adv, best), parallel_iterations=1
-    )
-    if not track_best:
-        return x_adv
-    logits = model(x_adv, training=False)
-    value = objective(logits, y, y_target, loss=loss)
-    best_x, _, _ = _keep_stronger(*best, x_adv, value, _success(logits, y, y_target))
-    return best_x
+    def not_done(i, x_adv, best):
+        return (i < steps) & ~tf.reduce_all(best[2])
+
+    _, x_adv, best = tf.while_loop(not_done, body, (tf.constant(0), x_adv, best),
+                                   parallel_iterations=1)
+
+    def with_last_iterate():
+        logits = model(x_adv, training=False)
+        value = objective(logits, y, y_target, loss=loss)
+        return _keep_stronger(*best, x_adv, value, _success(logits, y, y_target))
+
+    # The last iterate needs one forward pass, unless every example already succeeded.
+    return tf.cond(tf.reduce_all(best[2]), lambda: best, with_last_iterate)
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -218,12 +271,17 @@ def apgd_checkpoints(steps: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * steps) for q in p[1:] if math.ceil(q * steps) < steps})
+    # Rounded before ceil: 0.57 * 100 is 57.00000000000001 in floating point, which is 57, not 58.
+    marks = (math.ceil(round(q * steps, 6)) for q in p[1:])
+    return sorted({m for m in marks if m < steps})
 
 
 def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
     """One run of APGD (Croce and Hein 2020, arXiv:2003.01690, Algorithm 1): momentum 0.75,
-    step 2 * eps halved at checkpoints when the loss stalls, restarting from the best point."""
+    step 2 * eps halved at checkpoints when the loss stalls, restarting from the best point.
+
+    Returns (x_adv, loss, success) per example: the first successful iterate, else the
+    highest-loss one. The loop stops early once every example of the batch has succeeded."""
     eps = tf.cast(eps, x.dtype)
     checkpoints = apgd_checkpoints(steps)
     is_ckpt = np.zeros(steps, dtype=bool)
@@ -233,6 +291,7 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
         is_ckpt[c], interval[c], last = True, c - last, c
     is_ckpt, interval = tf.constant(is_ckpt), tf.constant(interval)
     batch = tf.shape(x)[0]
+    project = _projector(x, eps, norm)
 
     x_k = _random_start(x, eps, norm, tf.cast(seed, tf.int32))
     logits, value, grad = _value_and_grad(model, x_k, y, y_target, loss)
@@ -241,7 +300,7 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
         x_k=x_k, x_prev=x_k, value=value, grad=grad,
         step=tf.fill([batch], 2.0) * eps,
         x_best=x_k, loss_best=value, grad_best=grad,
-        adv=tf.where(_per_example(hit, x), x_k, x), found=hit,
+        adv=_select_rows(hit, x_k, x), found=hit,
         increases=tf.zeros([batch]), loss_at_ckpt=value, reduced_at_ckpt=tf.ones([batch], tf.bool),
     )
 
@@ -250,19 +309,17 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
         # Step from x_k with heavy-ball momentum (none on the first step).
         alpha = tf.where(k > 0, 0.75, 1.0)
         step = _per_example(s["step"], x)
-        z = _project(s["x_k"] + step * _direction(s["grad"], norm), x, eps, norm)
-        x_next = _project(
-            s["x_k"] + alpha * (z - s["x_k"]) + (1.0 - alpha) * (s["x_k"] - s["x_prev"]), x, eps, norm
-        )
+        z = project(s["x_k"] + step * _direction(s["grad"], norm))
+        x_next = project(s["x_k"] + alpha * (z - s["x_k"]) + (1.0 - alpha) * (s["x_k"] - s["x_prev"]))
         logits, value, grad = _value_and_grad(model, x_next, y, y_target, loss)
         hit = _success(logits, y, y_target)
         new_hit = hit & ~s["found"]
-        s["adv"] = tf.where(_per_example(new_hit, x), x_next, s["adv"])
+        s["adv"] = _select_rows(new_hit, x_next, s["adv"])
         s["found"] = s["found"] | hit
         s["increases"] += tf.cast(value > s["value"], tf.float32)
         better = value > s["loss_best"]
-        s["x_best"] = tf.where(_per_example(better, x), x_next, s["x_best"])
-        s["grad_best"] = tf.where(_per_example(better, x), grad, s["grad_best"])
+        s["x_best"] = _select_rows(better, x_next, s["x_best"])
+        s["grad_best"] = _select_rows(better, grad, s["grad_best"])
         s["loss_best"] = tf.where(better, value, s["loss_best"])
         s["x_prev"], s["x_k"], s["value"], s["grad"] = s["x_k"], x_next, value, grad
 
@@ -273,9 +330,8 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
             reduce = oscillating | stalled
             s["reduced_at_ckpt"], s["loss_at_ckpt"] = reduce, s["loss_best"]
             s["step"] = tf.where(reduce, s["step"] / 2.0, s["step"])
-            r = _per_example(reduce, x)
-            s["x_k"] = tf.where(r, s["x_best"], s["x_k"])
-            s["grad"] = tf.where(r, s["grad_best"], s["grad"])
+            s["x_k"] = _select_rows(reduce, s["x_best"], s["x_k"])
+            s["grad"] = _select_rows(reduce, s["grad_best"], s["grad"])
             s["increases"] = tf.zeros_like(s["increases"])
             return s
 
@@ -283,10 +339,11 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
         return k + 1, s
 
     _, s = tf.while_loop(
-        lambda k, s: k < steps, body, (tf.constant(0), state), parallel_iterations=1
+        lambda k, s: (k < steps) & ~tf.reduce_all(s["found"]), body, (tf.constant(0), state),
+        parallel_iterations=1,
     )
-    # Successful points first; elsewhere the highest-loss point (useful for restarts/merging).
-    return tf.where(_per_example(s["found"], x), s["adv"], s["x_best"])
+    # Successful points first; elsewhere the highest-loss point (for merging restarts).
+    return _select_rows(s["found"], s["adv"], s["x_best"]), s["loss_best"], s["found"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,18 +364,19 @@ def _compiled(model, key: tuple, build: Callable[[], Callable]) -> Callable:
     return per_model[key]
 
 
-def _with_restarts(run_once, model, x, y, y_target, restarts, seed, loss):
-    """Runs `run_once(seed)` `restarts` times inside the graph, keeping each example's strongest."""
+def _with_restarts(run_once, x, restarts, seed):
+    """Runs `run_once(seed) -> (x_adv, loss, success)` up to `restarts` times inside the graph,
+    keeping each example's strongest; stops once every example has succeeded."""
     batch = tf.shape(x)[0]
-    best = (tf.identity(x), tf.fill([batch], -np.inf), tf.zeros([batch], tf.bool))
+    best = (tf.identity(x), tf.fill([batch], tf.constant(-np.inf, x.dtype)), tf.zeros([batch], tf.bool))
 
     def body(r, best):
-        x_adv = run_once(tf.stack([seed[0], seed[1] * 1009 + r * 7919]))
-        logits = model(x_adv, training=False)
-        value = objective(logits, y, y_target, loss=loss)
-        return r + 1, _keep_stronger(*best, x_adv, value, _success(logits, y, y_target))
+        return r + 1, _keep_stronger(*best, *run_once(tf.stack([seed[0], seed[1] * 1009 + r * 7919])))
 
-    _, best = tf.while_loop(lambda r, _: r < restarts, body, (tf.constant(0), best))
+    def not_done(r, best):
+        return (r < restarts) & ~tf.reduce_all(best[2])
+
+    _, best = tf.while_loop(not_done, body, (tf.constant(0), best))
     return best[0]
 
 
@@ -366,12 +424,14 @@ def fgsm(model, x, y, *, eps, norm="linf", loss="ce", random_start=False, step_s
     Example:
         >>> x_adv = fgsm(model, x, y, eps=0.1)
     """
-    if step_size is None and random_start:
-        step_size = 1.25 * eps
     cfg = AttackConfig(name="fgsm", eps=eps, steps=1, step_size=step_size, norm=norm,
                        random_start=random_start, loss=loss, seed=seed)
     x, y, y_target = _check_inputs(x, y, y_target)
-    step = cfg.step_size if cfg.step_size is not None else cfg.eps
+    # The default is resolved after validation: eps=0 with random_start gives step 0, not an error.
+    if cfg.step_size is not None:
+        step = cfg.step_size
+    else:
+        step = 1.25 * cfg.eps if cfg.random_start else cfg.eps
     key = ("fgsm", cfg.norm, cfg.loss, cfg.random_start, y_target is not None)
 
     def build():
@@ -391,7 +451,8 @@ def pgd(model, x, y, *, eps, steps=40, step_size=None, norm="linf", loss="ce", r
     From a uniform random start in the eps-ball, `steps` steps of gradient **ascent** on the
     loss (sign of the gradient for linf, the normalised gradient for l2), each followed by
     projection onto the eps-ball and [0, 1]. Each example keeps the first iterate that fools the
-    model (else its highest-loss iterate), over all `restarts`.
+    model (else its highest-loss iterate), over all `restarts`. Steps and restarts stop early
+    once every example of the batch is fooled, which never changes the result.
 
     Args:
         model: callable returning logits.
@@ -424,10 +485,10 @@ def pgd(model, x, y, *, eps, steps=40, step_size=None, norm="linf", loss="ce", r
     def build():
         def run(x, y, y_target, eps, step_size, steps, restarts, seed):
             def once(s):
-                return pgd_graph(model, x, y, eps, step_size, steps, norm=cfg.norm, loss=cfg.loss,
-                                 random_start=cfg.random_start, y_target=y_target, seed=s,
-                                 track_best=True)
-            return _with_restarts(once, model, x, y, y_target, restarts, seed, cfg.loss)
+                return _pgd_run(model, x, y, eps, step_size, steps, norm=cfg.norm, loss=cfg.loss,
+                                random_start=cfg.random_start, y_target=y_target, seed=s,
+                                track_best=True)
+            return _with_restarts(once, x, restarts, seed)
         return run
 
     return _compiled(model, key, build)(
@@ -473,7 +534,7 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, y_t
             def once(s):
                 return _apgd_graph(model, x, y, eps, cfg.steps, norm=cfg.norm, loss=cfg.loss,
                                    y_target=y_target, seed=s)
-            return _with_restarts(once, model, x, y, y_target, restarts, seed, cfg.loss)
+            return _with_restarts(once, x, restarts, seed)
         return run
 
     return _compiled(model, key, build)(x, y, y_target, tf.constant(cfg.eps),
@@ -513,8 +574,17 @@ def run_attack(name, model, x, y, *, batch_size=256, y_target=None, **kwargs) ->
             f"`x` must be finite and in [{CLIP_MIN}, {CLIP_MAX}]. Received: x in "
             f"[{np.nanmin(x)}, {np.nanmax(x)}]"
         )
-    attack = ATTACKS[name]
+    if y_target is not None:
+        y_target = np.asarray(y_target, dtype=np.int32)
+        if y_target.shape != y.shape:
+            raise ValueError(
+                f"`y_target` must have the shape of `y`. Received: y.shape={y.shape}, "
+                f"y_target.shape={y_target.shape}"
+            )
     seed = kwargs.pop("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
+    attack = ATTACKS[name]
     n = len(x)
     bs = min(batch_size, max(n, 1))
     out = np.empty_like(x)
@@ -522,7 +592,7 @@ def run_attack(name, model, x, y, *, batch_size=256, y_target=None, **kwargs) ->
     for i, lo in enumerate(range(0, n, bs)):
         hi = min(lo + bs, n)
         xb, yb = x[lo:hi], y[lo:hi]
-        tb = None if y_target is None else np.asarray(y_target, np.int32)[lo:hi]
+        tb = None if y_target is None else y_target[lo:hi]
         pad = bs - (hi - lo)
         if pad:
             xb = np.concatenate([xb, np.repeat(xb[-1:], pad, axis=0)])
@@ -530,7 +600,9 @@ def run_attack(name, model, x, y, *, batch_size=256, y_target=None, **kwargs) ->
             if tb is not None:
                 tb = np.concatenate([tb, np.repeat(tb[-1:], pad)])
         # A distinct, reproducible seed per batch: identical batches would otherwise share starts.
-        adv = attack(model, xb, yb, y_target=tb, seed=seed * 100003 + i, **kwargs)
+        # Kept in int32, so a large seed neither overflows nor changes the traced signature.
+        batch_seed = (int(seed) * 100003 + i) % 2147483647
+        adv = attack(model, xb, yb, y_target=tb, seed=batch_seed, **kwargs)
         out[lo:hi] = adv.numpy()[: hi - lo]
     log.debug("%s on %d examples: %.2fs", name, n, time.perf_counter() - start)
     return out

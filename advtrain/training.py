@@ -63,7 +63,7 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam with the configured learning-rate schedule over the whole run."""
+    """Adam or SGD with momentum, with the configured learning-rate schedule over the whole run."""
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         lr = OneCycle(cfg.learning_rate, total)
@@ -71,6 +71,8 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.O
         lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=max(total, 1))
     else:
         lr = cfg.learning_rate
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
     return keras.optimizers.Adam(learning_rate=lr)
 
 

@@ -108,7 +108,8 @@ def test_worker_killed_mid_training_is_replaced_and_resumes_from_checkpoint(ray_
 
     from workflows.train import read_final
 
-    cfg = TrainConfig(model="mlp", method="pgd", eps=0.1, steps=2, epochs=4, batch_size=64, train_size=4096,
+    # The cnn keeps each epoch several seconds long, so the kill lands mid-training.
+    cfg = TrainConfig(model="cnn", method="pgd", eps=0.1, steps=2, epochs=4, batch_size=64, train_size=4096,
                       probe_size=64, seed=7)
     log = tmp_path / "reports.jsonl"
     holder = {}
