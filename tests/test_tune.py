@@ -31,9 +31,11 @@ search:
 """
 
 
-def _advtrain(args, env, **kw):
-    return subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+def _advtrain(args, env, log: Path, **kw):
+    # Output to a file, not a pipe: an unread pipe fills up and blocks the driver.
+    with open(log, "a") as f:
+        return subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], env=env, stdout=f,
+                                stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _finished_trials(exp: Path) -> dict[str, float]:
@@ -53,7 +55,7 @@ def _wait(predicate, timeout, what, proc=None):
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"advtrain exited ({proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"advtrain exited ({proc.returncode}) before {what}")
         time.sleep(1)
     pytest.fail(f"timed out waiting for {what}")
 
@@ -66,15 +68,18 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
     args = ["tune", "--config", str(cfg), "--out", str(exp), "--address", ray_cluster.address]
 
     # 1. Start, let one trial finish, then Ctrl-C the driver.
-    proc = _advtrain(args, env, start_new_session=True)
+    log = tmp_path / "advtrain.log"
+    proc = _advtrain(args, env, log, start_new_session=True)
     _wait(lambda: len(_finished_trials(exp)) >= 1, 400, "a first finished trial", proc)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    assert "continue with: advtrain tune --resume" in log.read_text()
     done_before = _finished_trials(exp)
     assert done_before
 
     # 2. Resume, then SIGKILL the driver once another trial has finished.
-    proc = _advtrain(["tune", "--resume", str(exp), "--address", ray_cluster.address], env, start_new_session=True)
+    proc = _advtrain(["tune", "--resume", str(exp), "--address", ray_cluster.address], env, log,
+                     start_new_session=True)
     _wait(lambda: len(_finished_trials(exp)) > len(done_before), 400, "another finished trial", proc)
     time.sleep(2)  # the experiment state is saved after results arrive
     os.killpg(proc.pid, signal.SIGKILL)
@@ -82,9 +87,9 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
     done_mid = _finished_trials(exp)
 
     # 3. Resume to the end.
-    proc = _advtrain(["tune", "--resume", str(exp), "--address", ray_cluster.address], env)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+    proc = _advtrain(["tune", "--resume", str(exp), "--address", ray_cluster.address], env, log)
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, log.read_text()[-3000:]
     done_after = _finished_trials(exp)
     assert len(done_after) == 3
     for trial_id, stamp in done_mid.items():
@@ -123,9 +128,9 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
     # `advtrain report` rebuilds the same table from the folder alone.
     before = (exp / "results.md").read_text()
     (exp / "results.md").unlink()
-    proc = _advtrain(["report", str(exp)], env)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    proc = _advtrain(["report", str(exp)], env, log)
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, log.read_text()[-3000:]
     assert (exp / "results.md").read_text() == before
 
 

@@ -15,6 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ray.train import Checkpoint
+
+from advtrain import evaluation, report
+from advtrain.data import load_mnist
+from advtrain.models import load_model
+from advtrain.training import write_json
+from workflows.runs import _select
 from workflows.spec import RunSpec
 
 __all__ = ["collect", "write_all", "rank", "COLUMNS"]
@@ -37,12 +44,6 @@ def _evaluate_stopped(row: dict, spec: RunSpec, data) -> None:
     threat model and test examples as finished trials (its own last act never ran)."""
     import tempfile
 
-    from ray.train import Checkpoint
-
-    from advtrain import evaluation
-    from advtrain.models import load_model
-    from workflows.runs import _select
-
     src = Path(Checkpoint(row["_train_checkpoint"]).to_directory())
     x, y = _select(spec.eval, data)
     rep = evaluation.evaluate_robustness(load_model(src / "model.keras"), x, y, spec.eval, split=spec.eval.split)
@@ -59,9 +60,6 @@ def _evaluate_stopped(row: dict, spec: RunSpec, data) -> None:
 def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
     """Reads every trial of the ResultGrid into rows; evaluates trials the scheduler stopped
     (from their last checkpoint); copies the best model and the top trials' reports."""
-    from advtrain.data import load_mnist
-    from advtrain.training import write_json
-
     searched = list(json.loads((run_dir / "spec.json").read_text())["search"]["space"])
     rows = []
     for result in grid:
@@ -142,8 +140,6 @@ def _fmt(v: Any) -> str:
 
 def write_all(run_dir: Path) -> list[str]:
     """Builds results.csv/.md, pareto.png, accuracy_vs_eps.png and report.md/.html from the folder."""
-    from advtrain import report
-
     data = json.loads((run_dir / "trials.json").read_text())
     rows, tm = data["trials"], data["threat_model"]
 

@@ -96,7 +96,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   "global_batch": cfg.batch_size * world, "node_id": ray.get_runtime_context().get_node_id()}
 
     def report(metrics: dict, *, final: bool = False, summary: dict | None = None):
-        metrics = {**metrics, **shard_info, "resumed_from_epoch": resumed_from, "final": final}
+        # Tune's live table shows the first four metrics: put the ones a search is judged by first.
+        first = {k: metrics[k] for k in ("val_robust_acc", "val_clean_acc", "epoch", "train_loss") if k in metrics}
+        metrics = {**first, **metrics, **shard_info, "resumed_from_epoch": resumed_from, "final": final}
         state = {"history": history, "summary": summary}
         # Every rank writes (a collective-safe save); only rank 0's folder becomes the checkpoint.
         with tempfile.TemporaryDirectory() as d:

@@ -251,11 +251,34 @@ def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None
 
 def run_search(spec: RunSpec, search: SearchSpec, run_dir: Path, *, storage: str | None = None,
                restore: bool = False):
-    """Runs (or resumes) the search on the connected Ray cluster; returns the ResultGrid."""
+    """Runs (or resumes) the search on the connected Ray cluster.
+
+    Returns:
+        (ResultGrid, interrupted): Tune ends gracefully on Ctrl-C, saving its state, and returns
+        a partial grid; `interrupted` says so.
+    """
+    import signal
+    import threading
+
     from workflows.train import check_resources
 
     check_resources(spec.scaling.workers, spec.scaling.cpus_per_worker, spec.scaling.gpu)
-    return _tuner(spec, search, run_dir, storage, restore=restore).fit()
+    tuner = _tuner(spec, search, run_dir, storage, restore=restore)
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False
+
+    def sentinel(signum, frame):
+        raise KeyboardInterrupt
+
+    # Tune swaps in its own SIGINT handler and puts the previous one back only when a SIGINT
+    # arrives: finding our sentinel installed afterwards means the search was interrupted.
+    previous = signal.signal(signal.SIGINT, sentinel)
+    try:
+        grid = tuner.fit()
+    finally:
+        interrupted = signal.getsignal(signal.SIGINT) is sentinel
+        signal.signal(signal.SIGINT, previous)
+    return grid, interrupted
 
 
 def _write_spec(run_dir: Path, spec: RunSpec, search: SearchSpec, storage: str | None) -> None:
@@ -277,14 +300,35 @@ def _read_spec(run_dir: Path) -> tuple[RunSpec, SearchSpec, str | None]:
     return spec, SearchSpec.from_dict(d["search"], base=s["train"]), d.get("storage")
 
 
+def _interrupted(run_dir: Path, done: str) -> int:
+    print(f"advtrain: search interrupted ({done}); continue with: advtrain tune --resume {run_dir}", file=sys.stderr)
+    return 130
+
+
+def _search_and_finish(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None, restore: bool) -> int:
+    import os
+
+    from advtrain.data import load_mnist
+    from workflows import results  # noqa: F401 - see below
+
+    # Inside `ray job submit --working-dir`, the driver's working directory is Ray's unpacked
+    # package, which Ray may garbage-collect while a long search runs (seen with Ray 2.60: Tune
+    # then fails in os.getcwd()). Everything after this point uses absolute paths, the modules
+    # the results stage needs are imported above, and the driver works from the run folder.
+    run_dir = run_dir.resolve()
+    os.chdir(run_dir)
+    load_mnist(spec.train.data)  # parsed once per process: the results stage reuses it
+    try:
+        grid, interrupted = run_search(spec, search, run_dir, storage=storage, restore=restore)
+    except KeyboardInterrupt:
+        return _interrupted(run_dir, "state saved")
+    if interrupted:
+        return _interrupted(run_dir, "state saved")
+    return _finish(spec, grid, run_dir)
+
+
 def _finish(spec: RunSpec, grid, run_dir: Path) -> int:
     from workflows import results
-
-    if grid.num_terminated + grid.num_errors < len(grid):
-        # Tune stops gracefully on Ctrl-C and returns the partial grid: no results yet.
-        print(f"advtrain: search interrupted ({grid.num_terminated} of {len(grid)} trials done); "
-              f"continue with: advtrain tune --resume {run_dir}", file=sys.stderr)
-        return 130
 
     results.collect(grid, run_dir, spec)
     for line in results.write_all(run_dir):
@@ -302,8 +346,7 @@ def tune_cli(spec: RunSpec, search: SearchSpec, run_dir: Path, *, address: str |
     print(f"Tune: {search.samples} trial(s), {search.scheduler}/{search.searcher}, threat model "
           f"{spec.eval.norm} eps={max(spec.eval.eps)} ({spec.eval.suite} suite on {spec.eval.split}); folder {run_dir}",
           file=sys.stderr)
-    grid = run_search(spec, search, run_dir, storage=storage)
-    return _finish(spec, grid, run_dir)
+    return _search_and_finish(spec, search, run_dir, storage, restore=False)
 
 
 def resume_cli(run_dir: Path, *, address: str | None, storage: str | None) -> int:
@@ -312,8 +355,7 @@ def resume_cli(run_dir: Path, *, address: str | None, storage: str | None) -> in
 
     spec, search, saved_storage = _read_spec(run_dir)
     cluster.connect(address)
-    grid = run_search(spec, search, run_dir, storage=storage or saved_storage, restore=True)
-    return _finish(spec, grid, run_dir)
+    return _search_and_finish(spec, search, run_dir, storage or saved_storage, restore=True)
 
 
 def report_cli(run_dir: Path) -> int:
