@@ -174,3 +174,28 @@ def test_attack_writes_npz_within_ball(tiny_config, tmp_path, capsys):
         assert np.abs(f["x_adv"] - f["x"]).max() <= 0.2 + 1e-6
         assert f["x_adv"].min() >= 0.0 and f["x_adv"].max() <= 1.0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.timeout(120)  # a hang guard: the point is that it never waits silently
+def test_train_address_without_cluster_fails_with_one_line(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = _run(["train", "--workers", "2", "--address", "127.0.0.1:9", "--config", str(tiny_config),
+                      "--out", str(out)], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert "127.0.0.1:9" in err[0]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_train_more_workers_than_cluster_cpus_fails_with_one_line(ray_cluster, tiny_config, tmp_path, capsys):
+    import ray
+
+    out = tmp_path / "run"
+    try:
+        code, err = _run(["train", "--workers", "64", "--address", ray_cluster.address, "--config",
+                          str(tiny_config), "--out", str(out)], capsys)
+    finally:
+        ray.shutdown()  # the CLI connected this test process; later tests connect their own way
+    assert code == 2 and len(err) == 1, err
+    assert "needs 64 CPUs but the cluster has 2" in err[0]
+    assert not out.exists()

@@ -21,7 +21,7 @@ from workflows.spec import load_spec
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SEARCH = """
-train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 3, batch_size: 128, train_size: 4096, probe_size: 64,
+train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 2, batch_size: 128, train_size: 4096, probe_size: 64,
         learning_rate: 0.003}
 eval: {norm: linf, eps: [0.05, 0.1], suite: quick, n: 100, batch_size: 100}
 search:

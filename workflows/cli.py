@@ -242,6 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("advtrain: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from workflows.cluster import ClusterError
+
+        if not isinstance(e, ClusterError):
+            raise
+        # No cluster at the address, or it refused our token: say so in one line.
+        print(f"advtrain: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -85,9 +85,10 @@ def train_and_report(spec: RunSpec, run_dir: Path, *, local: bool, address: str 
         model, history, summary = fit(spec.train, on_epoch=on_epoch, progress=progress, judge=spec.judge)
     else:
         from workflows import cluster
-        from workflows.train import fit_distributed, read_final
+        from workflows.train import check_resources, fit_distributed, read_final
 
         cluster.connect(address)
+        check_resources(spec.scaling.workers, spec.scaling.cpus_per_worker, spec.scaling.gpu)
         storage_path = storage or str((run_dir / "ray").resolve())
         _say(f"Ray Train: {spec.scaling.workers} worker(s), gpu={spec.scaling.gpu}, storage {storage_path}")
         result = fit_distributed(spec.train, workers=spec.scaling.workers, gpu=spec.scaling.gpu,

@@ -1,0 +1,227 @@
+"""Tests for advtrain.config: validation of every dataclass, the dict round trip and load_yaml."""
+
+from __future__ import annotations
+
+import pytest
+
+from advtrain.config import AttackConfig, EvalConfig, TrainConfig, load_yaml
+
+# --------------------------------------------------------------------------------------------
+# AttackConfig
+# --------------------------------------------------------------------------------------------
+
+
+def test_attack_config_defaults_valid_and_normalized():
+    cfg = AttackConfig(norm="LINF", loss="CE", name="PGD")
+    assert (cfg.name, cfg.norm, cfg.loss) == ("pgd", "linf", "ce")
+    assert cfg.eps == 0.3 and cfg.steps == 40 and cfg.restarts == 1
+    assert cfg.resolved_step_size() == pytest.approx(2.5 * 0.3 / 40)
+    assert AttackConfig(step_size=0.01).resolved_step_size() == 0.01
+
+
+def test_attack_config_l2_eps_range_wider_than_linf():
+    assert AttackConfig(norm="l2", eps=2.0).eps == 2.0
+    with pytest.raises(ValueError, match=r"`eps` must be in \[0.0, 28.0\]. Received: eps=29.0"):
+        AttackConfig(norm="l2", eps=29.0)
+    with pytest.raises(ValueError, match=r"`eps` must be in \[0.0, 1.0\]. Received: eps=2.0"):
+        AttackConfig(norm="linf", eps=2.0)
+
+
+def test_attack_config_int_eps_stored_as_float():
+    cfg = AttackConfig(eps=1)
+    assert cfg.eps == 1.0 and isinstance(cfg.eps, float)
+
+
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("eps", -0.1, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=-0.1"),
+        ("eps", 1.5, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.5"),
+        ("eps", float("nan"), ValueError, r"`eps` must be finite. Received: eps=nan"),
+        ("eps", "0.3", TypeError, r"`eps` must be a number. Received: eps='0.3'"),
+        ("eps", True, TypeError, r"`eps` must be a number. Received: eps=True"),
+        ("steps", 0, ValueError, r"`steps` must be in \[1, inf\]. Received: steps=0"),
+        ("steps", 2.0, TypeError, r"`steps` must be an integer. Received: steps=2.0"),
+        ("steps", True, TypeError, r"`steps` must be an integer. Received: steps=True"),
+        ("step_size", 0.0, ValueError, r"`step_size` must be in \(0.0, inf\]. Received: step_size=0.0"),
+        ("norm", "l3", ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l3'"),
+        ("norm", 2, ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm=2"),
+        ("loss", "foo", ValueError, r"`loss` must be one of 'ce', 'margin', 'dlr'. Received: loss='foo'"),
+        ("name", "cw", ValueError, r"`name` must be one of 'fgsm', 'pgd', 'apgd'. Received: name='cw'"),
+        ("restarts", 0, ValueError, r"`restarts` must be in \[1, inf\]. Received: restarts=0"),
+        ("random_start", 1, TypeError, r"`random_start` must be true or false. Received: random_start=1"),
+        ("seed", -1, ValueError, r"`seed` must be in \[0, inf\]. Received: seed=-1"),
+    ],
+)
+def test_attack_config_bad_field_raises(field, value, error, match):
+    with pytest.raises(error, match=match):
+        AttackConfig(**{field: value})
+
+
+# --------------------------------------------------------------------------------------------
+# TrainConfig
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_config_defaults_valid():
+    cfg = TrainConfig()
+    assert cfg.method == "pgd" and cfg.model == "cnn" and cfg.mix == 1.0
+    assert cfg.resolved_step_size() == pytest.approx(2.5 * 0.3 / 10)
+    assert TrainConfig(method="fgsm").resolved_step_size() == pytest.approx(1.25 * 0.3)
+
+
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("eps", -0.01, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=-0.01"),
+        ("eps", 1.01, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.01"),
+        ("steps", 0, ValueError, r"`steps` must be in \[1, 1000\]. Received: steps=0"),
+        ("mix", 1.5, ValueError, r"`mix` must be in \[0.0, 1.0\]. Received: mix=1.5"),
+        ("mix", -0.5, ValueError, r"`mix` must be in \[0.0, 1.0\]. Received: mix=-0.5"),
+        ("learning_rate", 0.0, ValueError,
+         r"`learning_rate` must be in \(0.0, 10.0\]. Received: learning_rate=0.0"),
+        ("learning_rate", -1e-3, ValueError,
+         r"`learning_rate` must be in \(0.0, 10.0\]. Received: learning_rate=-0.001"),
+        ("method", "mart", ValueError,
+         r"`method` must be one of 'clean', 'fgsm', 'pgd', 'trades'. Received: method='mart'"),
+        ("model", "resnet", ValueError,
+         r"`model` must be one of 'mlp', 'cnn', 'madry'. Received: model='resnet'"),
+        ("norm", "l1", ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l1'"),
+        ("schedule", "step", ValueError, r"`schedule` must be one of .*Received: schedule='step'"),
+        ("optimizer", "rmsprop", ValueError, r"`optimizer` must be one of 'adam', 'sgd'. Received: optimizer='rmsprop'"),
+        ("epochs", True, TypeError, r"`epochs` must be an integer. Received: epochs=True"),
+        ("batch_size", 0, ValueError, r"`batch_size` must be in \[1, 65536\]. Received: batch_size=0"),
+        ("beta", -1.0, ValueError, r"`beta` must be in \[0.0, inf\]. Received: beta=-1.0"),
+        ("val_size", 60000, ValueError, r"`val_size` must be in \[1, 59999\]. Received: val_size=60000"),
+        ("train_size", 0, ValueError, r"`train_size` must be in \[1, inf\]. Received: train_size=0"),
+        ("guard", 0, TypeError, r"`guard` must be true or false. Received: guard=0"),
+        ("data", "", TypeError, r"`data` must be a non-empty string. Received: data=''"),
+    ],
+)
+def test_train_config_bad_field_raises(field, value, error, match):
+    with pytest.raises(error, match=match):
+        TrainConfig(**{field: value})
+
+
+# --------------------------------------------------------------------------------------------
+# EvalConfig
+# --------------------------------------------------------------------------------------------
+
+
+def test_eval_config_scalar_eps_becomes_tuple():
+    assert EvalConfig(eps=0.1).eps == (0.1,)
+    assert EvalConfig(eps=[0.1, 0.2]).eps == (0.1, 0.2)
+    assert EvalConfig(norm="l2", eps=[0.5, 2.0]).eps == (0.5, 2.0)
+
+
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("eps", [0.1, 1.2], ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.2"),
+        ("eps", -0.3, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=-0.3"),
+        ("eps", [], ValueError, r"`eps` must be a number or a non-empty list of numbers. Received: eps=\[\]"),
+        ("eps", True, ValueError, r"non-empty list of numbers. Received: eps=True"),
+        ("suite", "full", ValueError, r"`suite` must be one of 'fgsm', 'quick', 'standard'. Received: suite='full'"),
+        ("split", "train", ValueError, r"`split` must be one of 'val', 'test'. Received: split='train'"),
+        ("norm", "l3", ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l3'"),
+        ("eps", 1.5, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.5"),
+        ("n", 0, ValueError, r"`n` must be in \[1, inf\]. Received: n=0"),
+        ("sanity", 1, TypeError, r"`sanity` must be true or false. Received: sanity=1"),
+    ],
+)
+def test_eval_config_bad_field_raises(field, value, error, match):
+    with pytest.raises(error, match=match):
+        EvalConfig(**{field: value})
+
+
+# --------------------------------------------------------------------------------------------
+# Round trip and from_dict
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AttackConfig(name="apgd", eps=0.1, steps=10, norm="l2", loss="dlr", restarts=2, seed=3),
+        AttackConfig(step_size=0.01, random_start=False),
+        TrainConfig(model="madry", method="trades", beta=3.0, train_size=1000, step_size=0.02),
+        EvalConfig(eps=(0.1, 0.3), suite="quick", n=100, split="val"),
+    ],
+)
+def test_config_to_dict_from_dict_round_trip_equal(cfg):
+    d = cfg.to_dict()
+    assert isinstance(d, dict)
+    again = type(cfg).from_dict(d)
+    assert again == cfg
+    assert again.to_dict() == d
+
+
+def test_eval_config_to_dict_eps_is_list():
+    assert EvalConfig(eps=(0.1, 0.2)).to_dict()["eps"] == [0.1, 0.2]
+
+
+@pytest.mark.parametrize("cls", [AttackConfig, TrainConfig, EvalConfig])
+def test_config_from_dict_unknown_key_raises_listing_known(cls):
+    with pytest.raises(ValueError, match=rf"Unknown {cls.__name__} key\(s\): alpha, nb_iter\. Known keys: .*eps"):
+        cls.from_dict({"eps": 0.1, "alpha": 0.01, "nb_iter": 3})
+
+
+def test_config_from_dict_non_mapping_raises():
+    with pytest.raises(TypeError, match=r"AttackConfig expects a mapping. Received: \[1, 2\]"):
+        AttackConfig.from_dict([1, 2])
+
+
+def test_config_from_dict_bad_value_raises():
+    with pytest.raises(ValueError, match=r"Received: steps=0"):
+        AttackConfig.from_dict({"steps": 0})
+
+
+def test_config_frozen_assignment_raises():
+    cfg = AttackConfig()
+    with pytest.raises(AttributeError, match="eps"):
+        cfg.eps = 0.5  # type: ignore[misc]
+
+
+def test_config_replace_validates():
+    assert AttackConfig().replace(eps=0.1).eps == 0.1
+    with pytest.raises(ValueError, match=r"Received: eps=2.0"):
+        AttackConfig().replace(eps=2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# load_yaml
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_yaml_mapping_returns_dict(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: madry\neps: 0.1\n")
+    data = load_yaml(path)
+    assert data == {"model": "madry", "eps": 0.1}
+    assert TrainConfig.from_dict(data).model == "madry"
+
+
+def test_load_yaml_empty_file_returns_empty_dict(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_yaml(path) == {}
+
+
+def test_load_yaml_missing_file_raises(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ValueError, match=r"Cannot read config file '.*nope\.yaml'"):
+        load_yaml(path)
+
+
+def test_load_yaml_bad_yaml_raises(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [cnn\neps: 0.1\n")
+    with pytest.raises(ValueError, match=r"Config file '.*bad\.yaml' is not valid YAML: .*\(line \d+, column \d+\)"):
+        load_yaml(path)
+
+
+def test_load_yaml_non_mapping_raises(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"'.*list\.yaml' must hold a mapping at the top level. Received: list"):
+        load_yaml(path)
