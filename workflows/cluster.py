@@ -770,7 +770,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     """Connects this process to Ray: an embedded loopback instance, or a running cluster.
 
     With `address=None`, starts Ray inside this process with `ray.init(address="local")` on
-    127.0.0.1, without the dashboard. Unless `RAY_AUTH_MODE` says otherwise, Ray 2.60 turns on
+    127.0.0.1, its dashboard (and state API) bound to 127.0.0.1 too. Unless `RAY_AUTH_MODE` says otherwise, Ray 2.60 turns on
     token auth by itself, with `~/.ray/auth_token` as the token: created here first, with mode
     0600, when missing (Ray would leave it readable by all).
 
@@ -806,7 +806,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         _secure_default_token()
         _refresh_ray_auth()
         logger.info("Starting embedded Ray on 127.0.0.1.")
-        init_kwargs.setdefault("include_dashboard", False)
+        # The dashboard serves Ray's state API, which Train V2's placement-group cleaner polls;
+        # without it every run logs "State API may be temporarily unavailable" every second.
+        init_kwargs.setdefault("include_dashboard", True)
+        init_kwargs.setdefault("dashboard_host", _LOOPBACK)
         return ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                         _node_ip_address=_LOOPBACK, **init_kwargs)
 
