@@ -226,10 +226,13 @@ def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None
         return tune.Tuner.restore(f"{tune_storage}/tune", trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     multi = search.searcher == "optuna-multi"
+    concurrent = _max_concurrent(spec, search)
     if search.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        searcher = BasicVariantGenerator(random_state=search.seed)
+        # Tune ignores max_concurrent_trials for a search algorithm passed in: set it here, or
+        # every trial starts at once and their Train workers time out waiting for CPUs.
+        searcher = BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent)
     else:
         from ray.tune.search.optuna import OptunaSearch
 
@@ -243,7 +246,8 @@ def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None
         param_space=build_param_space(search),
         tune_config=tune.TuneConfig(
             metric=None if multi else METRIC, mode=None if multi else MODE, num_samples=search.samples,
-            scheduler=scheduler, search_alg=searcher, max_concurrent_trials=_max_concurrent(spec, search),
+            scheduler=scheduler, search_alg=searcher,
+            max_concurrent_trials=None if search.searcher == "random" else concurrent,
         ),
         run_config=tune.RunConfig(name="tune", storage_path=tune_storage),
     )
