@@ -516,6 +516,12 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
                RAY_USAGE_STATS_ENABLED="0", **{_LOOPBACK_ENV: "0"})
+    # Job entrypoints (`ray job submit -- python -m workflows.cli ...`) and workers resolve
+    # `python` and `advtrain` on the nodes' PATH: put this interpreter's folder first so a
+    # cluster started from an unactivated venv runs jobs with the Python that has advtrain.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep)
+                                              if p and p != bin_dir)])
     taken: set[int] = {port} if port else set()
     head = _node_ports(("gcs", "dashboard", "ray_client_server", *_ENV_PORTS, *_NODE_LISTENERS),
                        taken)
