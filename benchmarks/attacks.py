@@ -339,6 +339,14 @@ def main(argv=None) -> int:
                      "threads": args.threads},
            "machine": {"cpus": os.cpu_count(), "cpu": cpu, "load_start": _load()},
            "versions": versions, "models": {}}
+    # A run of a subset of models (--models cnn) replaces only those entries of an earlier file.
+    previous = Path(args.out)
+    if previous.is_file():
+        try:
+            kept = json.loads(previous.read_text()).get("models", {})
+            out["models"].update({k: v for k, v in kept.items() if k not in args.models.split(",")})
+        except (OSError, ValueError):
+            pass
     for name in args.models.split(","):
         model, meta = get_model(name, args.quick, log)
         reps = args.reps or REPS.get(name, 3)
@@ -346,6 +354,7 @@ def main(argv=None) -> int:
         res = bench_model(name, model, x, y, reps, tf, np, log)
         res["reps"] = reps
         res["training"] = meta
+        res["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         out["models"][name] = res
         print(table(res) + "\n", flush=True)
     out["machine"]["load_end"] = _load()
