@@ -39,13 +39,14 @@ log = logging.getLogger(__name__)
 # model has FGSM - PGD-10 accuracy gaps of a few points; an overfitted FGSM model shows 0.5+.
 CO_GAP = 0.4
 CO_DROP = 0.5
+ONECYCLE_WARMUP = 0.4  # fraction of the run over which one-cycle raises the learning rate
 
 
 @keras.saving.register_keras_serializable(package="advtrain")
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
     """Piecewise-linear one-cycle schedule: 0 -> peak at 40% of the steps -> 0 (Wong et al. 2020)."""
 
-    def __init__(self, peak: float, total_steps: int, warmup_fraction: float = 0.4):
+    def __init__(self, peak: float, total_steps: int, warmup_fraction: float = ONECYCLE_WARMUP):
         self.peak = float(peak)
         self.total_steps = int(total_steps)
         self.warmup_fraction = float(warmup_fraction)
@@ -310,7 +311,7 @@ def run_epochs(run: AdversarialTraining, dataset_for: Callable[[int], Any], x_va
     `dataset_for(epoch)` returns that epoch's (distributed) dataset; seeding the shuffle by epoch
     makes a resumed run see the same batches as an uninterrupted one.
     The guard keeps the weights of the best probe-PGD epoch in memory; when catastrophic
-    overfitting is detected it restores them and stops.
+    overfitting is detected (judged only on epochs after the eps ramp) it restores them and stops.
     """
     import time
 
@@ -335,7 +336,10 @@ def run_epochs(run: AdversarialTraining, dataset_for: Callable[[int], Any], x_va
             best, best_weights = metrics, run.model.get_weights()
         if on_epoch is not None:
             on_epoch(metrics)
-        if guard and is_catastrophic_overfitting(metrics["val_fgsm_acc"], metrics["val_pgd_acc"], best["val_pgd_acc"]):
+        # While eps ramps up the model has not yet trained at the eps the probe attacks with, so
+        # a large FGSM-PGD gap then means "not there yet", not catastrophic overfitting.
+        ramped = epoch + 1 > cfg.eps_ramp_epochs
+        if guard and ramped and is_catastrophic_overfitting(metrics["val_fgsm_acc"], metrics["val_pgd_acc"], best["val_pgd_acc"]):
             log.warning(
                 "Catastrophic overfitting at epoch %d (probe FGSM %.3f, PGD %.3f); restoring epoch %d",
                 epoch + 1, metrics["val_fgsm_acc"], metrics["val_pgd_acc"], best["epoch"],

@@ -25,13 +25,17 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 
 PRESETS = {
-    # FGSM-RS (Wong et al. 2020): one attack step, so ~2 passes per example; eps a bit above the
-    # threat model, as Wong et al. train.
-    "a": dict(train=dict(model="cnn", method="fgsm", eps=0.125, epochs=8, batch_size=128, learning_rate=0.005,
+    # PGD-2 at eps 0.14: three passes per example and a margin above the threat model. Chosen on
+    # the validation split (PGD-50 at eps 0.1 on 2,000 validation images, never test) against
+    # FGSM-RS (Wong et al. 2020) at eps 0.125 / 0.15 for 8 and 15 epochs: FGSM-RS reached
+    # 95.6-96.8% in 95-227 s, PGD-2 97.4% in 135 s.
+    "a": dict(train=dict(model="cnn", method="pgd", eps=0.14, steps=2, epochs=7, batch_size=256, learning_rate=0.01,
                          schedule="onecycle", probe_size=500, seed=0),
               eval_eps=0.1, target=dict(robust=0.96, clean=0.99, minutes=3)),
-    "b": dict(train=dict(model="cnn", method="pgd", eps=0.3, steps=10, step_size=0.04, epochs=8,
-                         eps_ramp_epochs=2, batch_size=128, learning_rate=0.004, schedule="onecycle", probe_size=500,
+    # PGD-10 (Madry et al. 2018), eps ramped linearly over the first 3 epochs. 11 passes per
+    # example: at ~700 examples/s, 10 epochs of 55,000 fit the 15 minutes.
+    "b": dict(train=dict(model="cnn", method="pgd", eps=0.3, steps=10, step_size=0.04, epochs=10,
+                         eps_ramp_epochs=3, batch_size=256, learning_rate=0.005, schedule="onecycle", probe_size=500,
                          seed=0),
               eval_eps=0.3, target=dict(robust=0.93, clean=0.99, minutes=15)),
 }

@@ -67,6 +67,47 @@ def test_guard_forced_catastrophic_overfitting_stops_and_restores_best_epoch():
     assert summary["restored_epoch"] == best["epoch"]
 
 
+class _ScriptedRun:
+    """Stands in for AdversarialTraining in `run_epochs`: each epoch's probe returns the next
+    scripted (FGSM, PGD) accuracy pair, so the guard's decision is tested without training."""
+
+    def __init__(self, cfg, probes):
+        self.cfg, self.probes, self.epoch = cfg, list(probes), 0
+        self.model = self
+        iterations = type("Step", (), {"numpy": lambda _: 0})()
+        self.optimizer = type("Opt", (), {"iterations": iterations})()
+
+    def get_weights(self):
+        return [np.array(self.epoch)]
+
+    def set_weights(self, weights):
+        self.restored = int(weights[0])
+
+    def current_eps(self, step):
+        return self.cfg.eps
+
+    def train_epoch(self, dataset, progress):
+        self.epoch += 1
+        return {"train_loss": 0.0}
+
+    def probe(self, x, y):
+        fgsm, pgd = self.probes[self.epoch - 1]
+        return {"val_clean_acc": 0.99, "val_fgsm_acc": fgsm, "val_pgd_acc": pgd, "val_robust_acc": pgd}
+
+
+@pytest.mark.parametrize("ramp, stopped_at", [(0, 2), (2, 4), (3, 4), (4, None)])
+def test_guard_ignores_the_fgsm_pgd_gap_while_eps_ramps_up(ramp, stopped_at):
+    # Epoch 2 looks like catastrophic overfitting (gap 0.64) but, within a ramp, it is a model
+    # not yet trained at the probe's eps; the collapse at epoch 4 after the ramp is real.
+    cfg = TrainConfig(method="pgd", eps=0.3, epochs=5, eps_ramp_epochs=ramp)
+    run = _ScriptedRun(cfg, [(0.3, 0.0), (0.7, 0.06), (0.8, 0.6), (0.95, 0.05), (0.9, 0.7)])
+    _, history, summary = training.run_epochs(run, lambda epoch: None, None, None)
+    if stopped_at is None:
+        assert summary["stopped_early"] is False and summary["epochs_run"] == 5
+    else:
+        assert summary["stop_reason"] == "catastrophic_overfitting" and summary["epochs_run"] == stopped_at
+
+
 def test_guard_healthy_pgd_run_does_not_fire(clean_run):
     model, history, summary = training.fit(TrainConfig(method="pgd", **{**BASE, "epochs": 1, "train_size": 6400}))
     assert summary["stopped_early"] is False

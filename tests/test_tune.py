@@ -142,6 +142,21 @@ def test_search_spec_defaults_validate_and_build_param_space():
     assert search.scheduler == "asha" and search.samples == 4
 
 
+@pytest.mark.parametrize("train, search, warns", [
+    ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "asha", "grace_period": 1}, True),
+    ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "asha", "grace_period": 4}, False),
+    ({"schedule": "onecycle", "epochs": 2}, {"scheduler": "asha", "grace_period": 1}, False),
+    ({"schedule": "cosine", "epochs": 9}, {"scheduler": "asha", "grace_period": 1}, False),
+    ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "fifo"}, False),
+])
+def test_schedule_warning_flags_asha_rungs_inside_the_onecycle_warmup(train, search, warns):
+    spec = load_spec(None, train=train)
+    warning = tune.schedule_warning(spec, tune.SearchSpec.from_dict(search, base=spec.train.to_dict()))
+    assert (warning is not None) == warns
+    if warns:
+        assert "grace_period=1" in warning and "3.6 of 9 epochs" in warning and "grace_period >= 4" in warning
+
+
 def test_rank_orders_by_validation_robust_accuracy_then_full_training():
     rows = [{"trial_id": "a", "val_robust_acc": 0.5, "val_clean_acc": 0.9, "stopped": "asha"},
             {"trial_id": "b", "val_robust_acc": 0.7, "val_clean_acc": 0.8, "stopped": "no"},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -214,6 +215,26 @@ def _max_concurrent(spec: RunSpec, search: SearchSpec) -> int:
     return max(1, int(have // per_trial))
 
 
+def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
+    """Says why ASHA would rank barely-trained models, or `None` when it will not.
+
+    ASHA first compares trials after `grace_period` epochs; one-cycle spends the first
+    `ONECYCLE_WARMUP` of the run raising the learning rate from zero, so a rung inside the warm-up
+    compares models that have hardly trained and stops good configs on noise (measured in
+    BENCHMARKS.md, "ASHA against the full grid").
+    """
+    from advtrain.training import ONECYCLE_WARMUP
+
+    if search.scheduler != "asha" or spec.train.schedule != "onecycle":
+        return None
+    warmup = ONECYCLE_WARMUP * spec.train.epochs
+    if search.grace_period >= warmup:
+        return None
+    return (f"ASHA compares trials first after grace_period={search.grace_period} epoch(s), inside the "
+            f"one-cycle warm-up ({warmup:g} of {spec.train.epochs} epochs): early rungs rank barely-trained "
+            f"models. Use `schedule: cosine`, or grace_period >= {math.ceil(warmup)}.")
+
+
 def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None, *, restore: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -347,6 +368,8 @@ def tune_cli(spec: RunSpec, search: SearchSpec, run_dir: Path, *, address: str |
     cluster.connect(address)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_spec(run_dir, spec, search, storage)
+    if warning := schedule_warning(spec, search):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"Tune: {search.samples} trial(s), {search.scheduler}/{search.searcher}, threat model "
           f"{spec.eval.norm} eps={max(spec.eval.eps)} ({spec.eval.suite} suite on {spec.eval.split}); folder {run_dir}",
           file=sys.stderr)
