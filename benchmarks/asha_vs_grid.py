@@ -9,7 +9,8 @@ and stops weak ones. Trials are seeded, so a config trains identically in every 
 a subset (`--searches asha4`) keeps the other entries of an earlier results file with the same
 --epochs and --train-size and compares against its grid. Reported: the best
 validation robust accuracy each finds (the search objective), the test robust accuracy of that
-trial, and the compute spent (trial-epochs and wall seconds). Both run on an embedded local Ray.
+trial, and the compute spent (trial-epochs and wall seconds). Every search runs on an embedded
+local Ray.
 Results: benchmarks/results/asha_vs_grid.json.
 """
 

@@ -365,11 +365,11 @@ def tune_cli(spec: RunSpec, search: SearchSpec, run_dir: Path, *, address: str |
     """`advtrain tune --config FILE`."""
     from workflows import cluster
 
+    if warning := schedule_warning(spec, search):
+        print(f"warning: {warning}", file=sys.stderr)
     cluster.connect(address)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_spec(run_dir, spec, search, storage)
-    if warning := schedule_warning(spec, search):
-        print(f"warning: {warning}", file=sys.stderr)
     print(f"Tune: {search.samples} trial(s), {search.scheduler}/{search.searcher}, threat model "
           f"{spec.eval.norm} eps={max(spec.eval.eps)} ({spec.eval.suite} suite on {spec.eval.split}); folder {run_dir}",
           file=sys.stderr)
