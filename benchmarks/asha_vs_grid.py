@@ -1,11 +1,12 @@
 """ASHA against the full grid of the same search space.
 
-    python -m benchmarks.asha_vs_grid [--searches grid,asha3,asha4] [--epochs 9] [--train-size 2048]
+    python -m benchmarks.asha_vs_grid [--searches grid,asha3,asha4,sha3] [--epochs 9] [--train-size 2048]
 
 The space is eps {0.05, 0.1, 0.15} x steps {1, 3} x mix {0.5, 1.0} (12 configs), cnn on a slice
 of MNIST, judged under linf eps 0.1. The grid runs every config for every epoch (FIFO); ASHA runs
 the same 12 configs (grace 1 epoch, reduction factor 3 as `asha3`, 4 as `asha4`: Ray's default)
-and stops weak ones. Trials are seeded, so a config trains identically in every search; a run of
+and stops weak ones; `sha3` is synchronous successive halving with ASHA's rungs and factor 3
+(`workflows.halving`: every trial waits at each rung). Trials are seeded, so a config trains identically in every search; a run of
 a subset (`--searches asha4`) keeps the other entries of an earlier results file with the same
 --epochs and --train-size and compares against its grid. Reported: the best
 validation robust accuracy each finds (the search objective), the test robust accuracy of that
@@ -25,7 +26,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 SEARCHES = {"grid": {"scheduler": "fifo"}, "asha3": {"scheduler": "asha", "reduction_factor": 3},
-            "asha4": {"scheduler": "asha", "reduction_factor": 4}}
+            "asha4": {"scheduler": "asha", "reduction_factor": 4}, "sha3": {"scheduler": "sha", "reduction_factor": 3}}
 SPACE = {"eps": {"grid": [0.05, 0.1, 0.15]}, "steps": {"grid": [1, 3]}, "mix": {"grid": [0.5, 1.0]}}
 
 

@@ -148,6 +148,7 @@ def test_search_spec_defaults_validate_and_build_param_space():
     ({"schedule": "onecycle", "epochs": 2}, {"scheduler": "asha", "grace_period": 1}, False),
     ({"schedule": "cosine", "epochs": 9}, {"scheduler": "asha", "grace_period": 1}, False),
     ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "fifo"}, False),
+    ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "sha", "grace_period": 1}, True),
 ])
 def test_schedule_warning_flags_asha_rungs_inside_the_onecycle_warmup(train, search, warns):
     spec = load_spec(None, train=train)
@@ -162,3 +163,47 @@ def test_rank_orders_by_validation_robust_accuracy_then_full_training():
             {"trial_id": "b", "val_robust_acc": 0.7, "val_clean_acc": 0.8, "stopped": "no"},
             {"trial_id": "c", "val_robust_acc": 0.5, "val_clean_acc": 0.8, "stopped": "no"}]
     assert [r["trial_id"] for r in results.rank(rows)] == ["b", "c", "a"]
+
+
+SHA_SEARCH = """
+train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 4, batch_size: 128, train_size: 4096, probe_size: 1024,
+        learning_rate: 0.003, schedule: cosine}
+eval: {norm: linf, eps: [0.1], suite: quick, n: 100, batch_size: 100}
+search:
+  samples: 1
+  scheduler: sha
+  grace_period: 1
+  reduction_factor: 3
+  space: {eps: {grid: [0.1, 0.05, 0.0]}, mix: {choice: [1.0]}}
+"""
+
+
+def test_successive_halving_pauses_at_the_rung_and_resumes_only_the_best(ray_cluster, tmp_path):
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(SHA_SEARCH)
+    exp = tmp_path / "exp"
+    log = tmp_path / "advtrain.log"
+    proc = _advtrain(["tune", "--config", str(cfg), "--out", str(exp), "--address", ray_cluster.address],
+                     {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+
+    reports = {}
+    for rj in (exp / "tune").glob("*/result.json"):
+        lines = [json.loads(line) for line in rj.read_text().splitlines()]
+        reports[lines[0]["trial_id"]] = lines
+    assert len(reports) == 3
+    at_rung = {t: next(m for m in lines if m["epoch"] == 1)["val_robust_acc"] for t, lines in reports.items()}
+    rows = {r["trial_id"]: r for r in json.loads((exp / "trials.json").read_text())["trials"]}
+    # Three trials, reduction factor 3: only the best at epoch 1 trains on, the rest stop.
+    survivor = max(at_rung, key=at_rung.get)
+    assert rows[survivor]["epochs_run"] == 4 and rows[survivor]["stopped"] == "no"
+    for t in set(rows) - {survivor}:
+        # A pause reaches a trial while it trains on, so it may report an epoch past the rung.
+        assert rows[t]["epochs_run"] < 4 and rows[t]["stopped"] == "sha", rows[t]
+        assert rows[t]["test_robust_acc"] is not None  # evaluated by the driver from its checkpoint
+    # Two trials run at a time, so eps 0.0 (clean training, the least robust) reaches the rung
+    # last: the survivor is one of the two that waited there, paused, and it continued from its
+    # Train checkpoint, not from scratch.
+    clean = next(t for t, r in rows.items() if r["config"]["eps"] == 0.0)
+    assert survivor != clean
+    assert any(m.get("resumed_from_epoch", 0) >= 1 for m in reports[survivor]), reports[survivor]

@@ -31,12 +31,14 @@ COLUMNS = ("rank", "trial_id", "config", "val_clean_acc", "val_robust_acc", "tes
            "epochs_run", "stopped", "wall_s")
 
 
-def _stopped(metrics: dict, error: Any) -> str:
+def _stopped(metrics: dict, error: Any, scheduler: str) -> str:
+    """Why the trial ended where it did: "no", "overfitting guard", "error", or the scheduler's
+    name ("asha", "sha") when it was stopped at a rung."""
     if error is not None:
         return "error"
     if metrics.get("evaluated"):
         return "overfitting guard" if metrics.get("stopped_early") else "no"
-    return "asha"
+    return scheduler
 
 
 def _evaluate_stopped(row: dict, spec: RunSpec, data) -> None:
@@ -60,7 +62,8 @@ def _evaluate_stopped(row: dict, spec: RunSpec, data) -> None:
 def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
     """Reads every trial of the ResultGrid into rows; evaluates trials the scheduler stopped
     (from their last checkpoint); copies the best model and the top trials' reports."""
-    searched = list(json.loads((run_dir / "spec.json").read_text())["search"]["space"])
+    search = json.loads((run_dir / "spec.json").read_text())["search"]
+    searched, scheduler = list(search["space"]), search["scheduler"]
     rows = []
     for result in grid:
         m = dict(result.metrics or {})
@@ -75,7 +78,7 @@ def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
             "test_flags_failed": m.get("test_flags_failed", []),
             "epochs_run": m.get("epoch"),
             "planned_epochs": spec.train.epochs,
-            "stopped": _stopped(m, result.error),
+            "stopped": _stopped(m, result.error, scheduler),
             "wall_s": m.get("time_total_s"),
             "error": None if result.error is None else str(result.error).splitlines()[0][:300],
             "_dir": Path(result.checkpoint.to_directory()) if result.checkpoint is not None else None,
@@ -84,7 +87,7 @@ def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
         rows.append(row)
     data = None
     for row in rows:
-        if row["stopped"] == "asha" and row["_train_checkpoint"]:
+        if row["stopped"] == scheduler and row["_train_checkpoint"]:
             data = data or load_mnist(spec.train.data)
             _evaluate_stopped(row, spec, data)
             row["evaluated_by"] = "driver (last checkpoint)"

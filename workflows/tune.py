@@ -2,7 +2,8 @@
 
 Each trial is one Ray Train run (`workflows.train.build_trainer`) reporting per epoch, through
 `TuneReportCallback`, its PGD accuracy on the validation split under the search's one fixed
-threat model (`val_robust_acc`). ASHA stops weak trials on that metric. A trial that finishes
+threat model (`val_robust_acc`). ASHA (or synchronous successive halving, `workflows.halving`)
+stops weak trials on that metric. A trial that finishes
 training ends with the evaluation suite on the test split, reported as `test_*` metrics with a
 checkpoint holding its model and report. The test split never steers the search.
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 METRIC, MODE = "val_robust_acc", "max"
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-SCHEDULERS = ("asha", "fifo")
+SCHEDULERS = ("asha", "sha", "fifo")
 SEARCHERS = ("random", "optuna", "optuna-multi")
 # Searching these would change what trials are judged on, or leak the held-out data choice.
 NOT_SEARCHABLE = ("data", "val_size", "probe_size", "probe_steps", "train_size")
@@ -89,11 +90,13 @@ class SearchSpec:
         space: TrainConfig key -> one distribution (`choice`, `grid`, `uniform`, `loguniform`,
             `randint` with inclusive bounds). Defaults to eps, steps and mix.
         samples: trials (times the grid, if any), >= 1. Defaults to `4`.
-        scheduler: `"asha"` (early stopping) or `"fifo"`. Defaults to `"asha"`.
+        scheduler: `"asha"` (asynchronous early stopping), `"sha"` (synchronous successive
+            halving: every trial waits at each rung, fewer trial-epochs on small searches; runs
+            with `searcher: random`) or `"fifo"`. Defaults to `"asha"`.
         searcher: `"random"`, `"optuna"` (TPE) or `"optuna-multi"` (clean and robust accuracy
             both maximised; runs with `fifo`). Defaults to `"random"`.
-        grace_period: epochs before ASHA may stop a trial, >= 1. Defaults to `1`.
-        reduction_factor: ASHA's halving rate, >= 2. Defaults to `2`.
+        grace_period: epochs before ASHA or SHA may stop a trial, >= 1. Defaults to `1`.
+        reduction_factor: their halving rate, >= 2. Defaults to `2`.
         max_concurrent: trials at once, or `None` to derive from the cluster. Defaults to `None`.
         seed: seed of the searcher. Defaults to `0`.
     """
@@ -135,6 +138,15 @@ class SearchSpec:
         if self.searcher == "optuna-multi" and self.scheduler == "asha":
             raise ValueError("`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: fifo`. "
                              "Received: searcher='optuna-multi', scheduler='asha'")
+        if self.scheduler == "sha" and self.searcher != "random":
+            raise ValueError("`scheduler: sha` creates every trial before the first rung, so a model-based searcher "
+                             f"would learn nothing. Use `searcher: random`. Received: searcher={self.searcher!r}, "
+                             "scheduler='sha'")
+
+    @property
+    def num_trials(self) -> int:
+        """Trials the search runs: `samples` times the size of the grid, if any."""
+        return self.samples * math.prod(len(v["grid"]) for v in self.space.values() if "grid" in v)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "space": dict(self.space)}
@@ -216,29 +228,32 @@ def _max_concurrent(spec: RunSpec, search: SearchSpec) -> int:
 
 
 def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
-    """Says why ASHA would rank barely-trained models, or `None` when it will not.
+    """Says why ASHA or SHA would rank barely-trained models, or `None` when it will not.
 
-    ASHA first compares trials after `grace_period` epochs; one-cycle spends the first
+    Both first compare trials after `grace_period` epochs; one-cycle spends the first
     `ONECYCLE_WARMUP` of the run raising the learning rate from zero, so a rung inside the warm-up
     compares models that have hardly trained and stops good configs on noise (measured in
     BENCHMARKS.md, "ASHA against the full grid").
     """
     from advtrain.training import ONECYCLE_WARMUP
 
-    if search.scheduler != "asha" or spec.train.schedule != "onecycle":
+    if search.scheduler not in ("asha", "sha") or spec.train.schedule != "onecycle":
         return None
     warmup = ONECYCLE_WARMUP * spec.train.epochs
     if search.grace_period >= warmup:
         return None
-    return (f"ASHA compares trials first after grace_period={search.grace_period} epoch(s), inside the "
-            f"one-cycle warm-up ({warmup:g} of {spec.train.epochs} epochs): early rungs rank barely-trained "
+    return (f"{search.scheduler.upper()} compares trials first after grace_period={search.grace_period} epoch(s), "
+            f"inside the one-cycle warm-up ({warmup:g} of {spec.train.epochs} epochs): early rungs rank barely-trained "
             f"models. Use `schedule: cosine`, or grace_period >= {math.ceil(warmup)}.")
 
 
 def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None, *, restore: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from workflows.halving import RunningLimit, SuccessiveHalving
+
     train_storage = storage.rstrip("/") + f"/{run_dir.name}/train" if storage else str((run_dir / "train").resolve())
+    sha = search.scheduler == "sha"
     base = {**spec.to_dict(), "train_storage": train_storage, "judge": list(spec.judge)}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
                                     {"cpu": 0, "memory": 256 * 1024 * 1024})
@@ -248,20 +263,32 @@ def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None
                                   resume_errored=True)
     multi = search.searcher == "optuna-multi"
     concurrent = _max_concurrent(spec, search)
-    if search.searcher == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        # Tune ignores max_concurrent_trials for a search algorithm passed in: set it here, or
-        # every trial starts at once and their Train workers time out waiting for CPUs.
-        searcher = BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent)
+    if sha:
+        # Not max_concurrent: it counts paused trials, and successive halving pauses every trial
+        # at a rung until the last has reached it.
+        scheduler = SuccessiveHalving(time_attr="epoch", max_t=spec.train.epochs, grace_period=search.grace_period,
+                                      reduction_factor=search.reduction_factor, num_trials=search.num_trials,
+                                      max_running=concurrent)
+        searcher = RunningLimit(scheduler, random_state=search.seed)
+        # A trial's final report repeats its last epoch, which HyperBand logs as a restore.
+        logging.getLogger("ray.tune.schedulers.hyperband").setLevel(logging.WARNING)
     else:
-        from ray.tune.search.optuna import OptunaSearch
+        # ASHA's max_t is one past the last epoch: a trial reaching max_t is stopped at once,
+        # before the test-split evaluation it reports after training.
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=spec.train.epochs + 1, grace_period=search.grace_period,
+                                   reduction_factor=search.reduction_factor)
+                     if search.scheduler == "asha" else FIFOScheduler())
+        if search.searcher == "random":
+            from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        searcher = OptunaSearch(metric=["val_clean_acc", METRIC] if multi else METRIC,
-                                mode=["max", "max"] if multi else MODE, seed=search.seed)
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=spec.train.epochs + 1, grace_period=search.grace_period,
-                               reduction_factor=search.reduction_factor)
-                 if search.scheduler == "asha" else FIFOScheduler())
+            # Tune ignores max_concurrent_trials for a search algorithm passed in: set it here,
+            # or every trial starts at once and their Train workers time out waiting for CPUs.
+            searcher = BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent)
+        else:
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher = OptunaSearch(metric=["val_clean_acc", METRIC] if multi else METRIC,
+                                    mode=["max", "max"] if multi else MODE, seed=search.seed)
     return tune.Tuner(
         trainable,
         param_space=build_param_space(search),
