@@ -6,9 +6,10 @@ The space is eps {0.05, 0.1, 0.15} x steps {1, 3} x mix {0.5, 1.0} (12 configs),
 of MNIST, judged under linf eps 0.1. The grid runs every config for every epoch (FIFO); ASHA runs
 the same 12 configs (grace 1 epoch, reduction factor 3 as `asha3`, 4 as `asha4`: Ray's default)
 and stops weak ones; `sha3` is synchronous successive halving with ASHA's rungs and factor 3
-(`workflows.halving`: every trial waits at each rung). Trials are seeded, so a config trains identically in every search; a run of
-a subset (`--searches asha4`) keeps the other entries of an earlier results file with the same
---epochs and --train-size and compares against its grid. Reported: the best
+(`workflows.halving`: every trial waits at each rung). Trials are seeded, so a config trains
+identically in every search; a run of a subset (`--searches asha4`) keeps the other entries of
+an earlier results file with the same --epochs and --train-size and compares against its grid.
+Reported: the best
 validation robust accuracy each finds (the search objective), the test robust accuracy of that
 trial, and the compute spent (trial-epochs and wall seconds). Every search runs on an embedded
 local Ray.

@@ -139,8 +139,8 @@ class SearchSpec:
             raise ValueError("`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: fifo`. "
                              "Received: searcher='optuna-multi', scheduler='asha'")
         if self.scheduler == "sha" and self.searcher != "random":
-            raise ValueError("`scheduler: sha` creates every trial before the first rung, so a model-based searcher "
-                             f"would learn nothing. Use `searcher: random`. Received: searcher={self.searcher!r}, "
+            raise ValueError("`scheduler: sha` draws every trial before its first rung closes, so a model-based "
+                             f"searcher would learn nothing. Use `searcher: random`. Received: searcher={self.searcher!r}, "
                              "scheduler='sha'")
 
     @property
@@ -397,7 +397,7 @@ def tune_cli(spec: RunSpec, search: SearchSpec, run_dir: Path, *, address: str |
     cluster.connect(address)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_spec(run_dir, spec, search, storage)
-    print(f"Tune: {search.samples} trial(s), {search.scheduler}/{search.searcher}, threat model "
+    print(f"Tune: {search.num_trials} trial(s), {search.scheduler}/{search.searcher}, threat model "
           f"{spec.eval.norm} eps={max(spec.eval.eps)} ({spec.eval.suite} suite on {spec.eval.split}); folder {run_dir}",
           file=sys.stderr)
     return _search_and_finish(spec, search, run_dir, storage, restore=False)
