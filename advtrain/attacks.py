@@ -1,4 +1,5 @@
-"""White-box evasion attacks: FGSM, PGD (linf, l2) and APGD, each one compiled graph per batch.
+"""Evasion attacks: FGSM, PGD (linf, l2), APGD and the gradient-free Square, one compiled graph per
+batch each.
 
 Threat model: an input x in [clip_min, clip_max]^d (MNIST: [0, 1]) may be replaced by any x' with
 ||x' - x|| <= eps in the chosen norm, staying in range. The attacks maximise a loss of the
@@ -18,19 +19,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-import weakref
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
+from advtrain.checks import check_attack_inputs
 from advtrain.config import AttackConfig
+from advtrain.graphs import compiled
+from advtrain.square import square
 
 __all__ = [
     "ATTACKS",
     "fgsm",
     "pgd",
     "apgd",
+    "square",
     "run_attack",
     "pgd_graph",
     "fgsm_graph",
@@ -162,7 +166,9 @@ def _value_and_grad(model, x, y, y_target, loss):
         logits = model(x, training=False)
         value = objective(logits, y, y_target, loss=loss)
         total = tf.reduce_sum(value)  # per-example gradients: examples do not interact
-    return logits, value, tape.gradient(total, x)
+    # A model whose output does not depend differentiably on x (tf.round, a cast) yields zeros:
+    # the attack then stays put, and the gradient-free Square and the flags find the truth.
+    return logits, value, tape.gradient(total, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
 def _keep_stronger(best_x, best_loss, best_hit, x, value, hit):
@@ -350,20 +356,6 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
 # Public, validated, compiled attacks
 # --------------------------------------------------------------------------------------------
 
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _compiled(model, key: tuple, build: Callable[[], Callable]) -> Callable:
-    """One tf.function per (model, static options); tensors (eps, steps, seed) vary freely."""
-    try:
-        per_model = _COMPILED.setdefault(model, {})
-    except TypeError:  # a plain function as model: cannot weak-reference some callables
-        per_model = {}
-    if key not in per_model:
-        per_model[key] = tf.function(build(), reduce_retracing=True)
-    return per_model[key]
-
-
 def _with_restarts(run_once, x, restarts, seed):
     """Runs `run_once(seed) -> (x_adv, loss, success)` up to `restarts` times inside the graph,
     keeping each example's strongest; stops once every example has succeeded."""
@@ -378,24 +370,6 @@ def _with_restarts(run_once, x, restarts, seed):
 
     _, best = tf.while_loop(not_done, body, (tf.constant(0), best))
     return best[0]
-
-
-def _check_inputs(x, y, y_target):
-    x = tf.convert_to_tensor(x, tf.float32)
-    y = tf.convert_to_tensor(y, tf.int32)
-    if len(x.shape) < 2 or len(y.shape) != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"`x` must be (batch, ...) and `y` (batch,) with the same batch. "
-            f"Received: x.shape={tuple(x.shape)}, y.shape={tuple(y.shape)}"
-        )
-    if y_target is not None:
-        y_target = tf.convert_to_tensor(y_target, tf.int32)
-        if tuple(y_target.shape) != tuple(y.shape):
-            raise ValueError(
-                f"`y_target` must have the shape of `y`. Received: y.shape={tuple(y.shape)}, "
-                f"y_target.shape={tuple(y_target.shape)}"
-            )
-    return x, y, y_target
 
 
 def fgsm(model, x, y, *, eps, norm="linf", loss="ce", random_start=False, step_size=None,
@@ -426,7 +400,7 @@ def fgsm(model, x, y, *, eps, norm="linf", loss="ce", random_start=False, step_s
     """
     cfg = AttackConfig(name="fgsm", eps=eps, steps=1, step_size=step_size, norm=norm,
                        random_start=random_start, loss=loss, seed=seed)
-    x, y, y_target = _check_inputs(x, y, y_target)
+    x, y, y_target = check_attack_inputs(x, y, y_target)
     # The default is resolved after validation: eps=0 with random_start gives step 0, not an error.
     if cfg.step_size is not None:
         step = cfg.step_size
@@ -440,7 +414,7 @@ def fgsm(model, x, y, *, eps, norm="linf", loss="ce", random_start=False, step_s
                               random_start=cfg.random_start, y_target=y_target, seed=seed)
         return run
 
-    return _compiled(model, key, build)(x, y, y_target, tf.constant(cfg.eps), tf.constant(step),
+    return compiled(model, key, build)(x, y, y_target, tf.constant(cfg.eps), tf.constant(step),
                                         tf.constant([cfg.seed, 0]))
 
 
@@ -479,7 +453,7 @@ def pgd(model, x, y, *, eps, steps=40, step_size=None, norm="linf", loss="ce", r
     """
     cfg = AttackConfig(name="pgd", eps=eps, steps=steps, step_size=step_size, norm=norm,
                        random_start=random_start, restarts=restarts, loss=loss, seed=seed)
-    x, y, y_target = _check_inputs(x, y, y_target)
+    x, y, y_target = check_attack_inputs(x, y, y_target)
     key = ("pgd", cfg.norm, cfg.loss, cfg.random_start, y_target is not None)
 
     def build():
@@ -491,7 +465,7 @@ def pgd(model, x, y, *, eps, steps=40, step_size=None, norm="linf", loss="ce", r
             return _with_restarts(once, x, restarts, seed)
         return run
 
-    return _compiled(model, key, build)(
+    return compiled(model, key, build)(
         x, y, y_target, tf.constant(cfg.eps), tf.constant(cfg.resolved_step_size()),
         tf.constant(cfg.steps), tf.constant(cfg.restarts), tf.constant([cfg.seed, 0]),
     )
@@ -525,7 +499,7 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, y_t
     """
     cfg = AttackConfig(name="apgd", eps=eps, steps=steps, norm=norm, restarts=restarts, loss=loss,
                        seed=seed)
-    x, y, y_target = _check_inputs(x, y, y_target)
+    x, y, y_target = check_attack_inputs(x, y, y_target)
     # steps is static here: the checkpoint schedule is baked into the graph.
     key = ("apgd", cfg.norm, cfg.loss, cfg.steps, y_target is not None)
 
@@ -537,24 +511,29 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, y_t
             return _with_restarts(once, x, restarts, seed)
         return run
 
-    return _compiled(model, key, build)(x, y, y_target, tf.constant(cfg.eps),
+    return compiled(model, key, build)(x, y, y_target, tf.constant(cfg.eps),
                                         tf.constant(cfg.restarts), tf.constant([cfg.seed, 0]))
 
 
-ATTACKS: dict[str, Callable] = {"fgsm": fgsm, "pgd": pgd, "apgd": apgd}
+# Square lives in its own module (`advtrain.square`): it queries logits only and shares none of the
+# gradient machinery above.
+ATTACKS: dict[str, Callable] = {"fgsm": fgsm, "pgd": pgd, "apgd": apgd, "square": square}
 
 
-def run_attack(name, model, x, y, *, batch_size=256, y_target=None, **kwargs) -> np.ndarray:
+def run_attack(name, model, x, y, *, batch_size=256, y_target=None, on_batch=None,
+               **kwargs) -> np.ndarray:
     """Runs an attack over whole arrays in fixed-size batches (the last one padded, so the
     compiled graph is traced once).
 
     Args:
-        name: a key of `ATTACKS` (`"fgsm"`, `"pgd"`, `"apgd"`).
+        name: a key of `ATTACKS` (`"fgsm"`, `"pgd"`, `"apgd"`, `"square"`).
         model: callable returning logits.
         x: float32 images in [0, 1], (n, 28, 28, 1).
         y: int labels, (n,).
         batch_size: examples per compiled call, >= 1. Defaults to `256`.
         y_target: target labels, (n,), or `None`.
+        on_batch: called with the number of examples done after each batch (progress), or
+            `None`.
         **kwargs: the attack's budget (`eps`, `steps`, ...). `seed` is combined with the batch
             index, so batches draw different random starts and the run is reproducible.
 
@@ -604,5 +583,7 @@ def run_attack(name, model, x, y, *, batch_size=256, y_target=None, **kwargs) ->
         batch_seed = (int(seed) * 100003 + i) % 2147483647
         adv = attack(model, xb, yb, y_target=tb, seed=batch_seed, **kwargs)
         out[lo:hi] = adv.numpy()[: hi - lo]
+        if on_batch is not None:
+            on_batch(hi)
     log.debug("%s on %d examples: %.2fs", name, n, time.perf_counter() - start)
     return out

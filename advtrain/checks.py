@@ -1,4 +1,5 @@
-"""Model and attack-output checks of a robustness evaluation (AutoAttack's `checks.py`).
+"""Model, attack-input and attack-output checks of a robustness evaluation (AutoAttack's
+`checks.py`).
 
 `check_model` runs before any attack: the output must be logits (a final softmax layer is
 removed, anything else that outputs probabilities is refused), the model deterministic, and its
@@ -10,12 +11,75 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from advtrain import sanity
-
-__all__ = ["PERTURBATION_TOL", "AttackOutputError", "verify_adversarial", "check_model"]
+__all__ = [
+    "PERTURBATION_TOL",
+    "AttackOutputError",
+    "check_attack_inputs",
+    "predict_logits",
+    "input_gradients",
+    "verify_adversarial",
+    "check_model",
+]
 
 PERTURBATION_TOL = 1e-5
+
+
+def check_attack_inputs(x, y, y_target=None, *, images: bool = False):
+    """Converts an attack's inputs to tensors, checking that their shapes agree.
+
+    Args:
+        x: inputs, (batch, ...); with `images`, (batch, H, W, C) with H, W, C known.
+        y: int labels, (batch,).
+        y_target: target labels shaped like y, or `None`.
+        images: require (batch, H, W, C) inputs (Square draws squares over H and W).
+
+    Returns:
+        (x float32, y int32, y_target int32 or None) tensors.
+
+    Raises:
+        ValueError: shapes that do not agree, naming them.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    y = tf.convert_to_tensor(y, tf.int32)
+    bad_x = (len(x.shape) != 4 or None in x.shape[1:]) if images else len(x.shape) < 2
+    if bad_x or len(y.shape) != 1 or x.shape[0] != y.shape[0]:
+        want = "(batch, H, W, C)" if images else "(batch, ...)"
+        raise ValueError(
+            f"`x` must be {want} and `y` (batch,) with the same batch. "
+            f"Received: x.shape={tuple(x.shape)}, y.shape={tuple(y.shape)}"
+        )
+    if y_target is not None:
+        y_target = tf.convert_to_tensor(y_target, tf.int32)
+        if tuple(y_target.shape) != tuple(y.shape):
+            raise ValueError(
+                f"`y_target` must have the shape of `y`. Received: y.shape={tuple(y.shape)}, "
+                f"y_target.shape={tuple(y_target.shape)}"
+            )
+    return x, y, y_target
+
+
+def predict_logits(model, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """The model's outputs on x, in batches, as a float32 numpy array (inference mode)."""
+    out = [
+        np.asarray(model(x[lo : lo + batch_size], training=False), dtype=np.float32)
+        for lo in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def input_gradients(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Gradient of the cross-entropy w.r.t. the input, per example; zeros where the output does
+    not depend differentiably on the input at all (`tf.round`, a cast, `argmax` in the graph)."""
+    xt = tf.convert_to_tensor(x, tf.float32)
+    labels = tf.convert_to_tensor(y, tf.int32)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(xt)
+        logits = model(xt, training=False)
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        total = tf.reduce_sum(loss)
+    return tape.gradient(total, xt, unconnected_gradients=tf.UnconnectedGradients.ZERO).numpy()
 
 
 class AttackOutputError(RuntimeError):
@@ -105,8 +169,8 @@ def _strip_softmax(model, x_sample: np.ndarray):
             logits_model.set_weights(model.get_weights())
     except Exception as e:  # subclassed models, custom layers: keras raises assorted errors
         raise ValueError(refuse.format(last.name) + f" (removing it failed: {e})") from None
-    z = sanity.predict_logits(logits_model, x_sample)
-    if not np.allclose(_softmax(z), sanity.predict_logits(model, x_sample), atol=1e-4):
+    z = predict_logits(logits_model, x_sample)
+    if not np.allclose(_softmax(z), predict_logits(model, x_sample), atol=1e-4):
         raise ValueError(refuse.format(last.name))
     return (
         logits_model,
@@ -124,10 +188,11 @@ def check_model(model, x_sample: np.ndarray, y_sample: np.ndarray):
     Raises:
         ValueError: probabilities from a model whose softmax cannot be removed; a randomized
             model (two forward passes differ); an output that is not (batch, classes >= 2) or
-            labels out of range; an output with no gradient with respect to the input.
+            labels out of range. A model without input gradients is not refused: the
+            zero-gradients flag fails, and the suite's gradient-free Square attack evaluates it.
     """
     notes = []
-    out = sanity.predict_logits(model, x_sample)
+    out = predict_logits(model, x_sample)
     if out.ndim != 2 or out.shape[1] < 2:
         raise ValueError(
             "The model must output (batch, classes >= 2) logits. "
@@ -141,8 +206,8 @@ def check_model(model, x_sample: np.ndarray, y_sample: np.ndarray):
     if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
         model, note = _strip_softmax(model, x_sample)
         notes.append(note)
-        out = sanity.predict_logits(model, x_sample)
-    again = sanity.predict_logits(model, x_sample)
+        out = predict_logits(model, x_sample)
+    again = predict_logits(model, x_sample)
     if not np.allclose(out, again, rtol=0, atol=1e-5 * max(1.0, float(np.abs(out).max()))):
         raise ValueError(
             "The model is randomized: two forward passes on the same inputs differ "
@@ -150,12 +215,5 @@ def check_model(model, x_sample: np.ndarray, y_sample: np.ndarray):
             "deterministic model; a randomized defense needs EOT attacks, which are not "
             "implemented."
         )
-    grads = sanity.input_gradients(model, x_sample, y_sample)
-    if grads is None:
-        raise ValueError(
-            "The model's output has no gradient with respect to its input (a non-differentiable "
-            "operation such as tf.round or argmax sits on the path), so gradient attacks cannot "
-            "run. This is gradient masking, not robustness: evaluate with BPDA or a gradient-free "
-            "attack."
-        )
+    grads = input_gradients(model, x_sample, y_sample)
     return model, notes, grads

@@ -23,12 +23,13 @@ __all__ = [
     "AttackConfig",
     "TrainConfig",
     "EvalConfig",
+    "ThreatModel",
     "load_yaml",
 ]
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
-ATTACK_NAMES = ("fgsm", "pgd", "apgd")
+ATTACK_NAMES = ("fgsm", "pgd", "apgd", "square")
 METHODS = ("clean", "fgsm", "pgd", "trades")
 MODELS = ("mlp", "cnn", "madry")
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -258,7 +259,7 @@ class EvalConfig(_Config):
         eps: radius (or radii, a sweep) judged, each in [0, 1] (linf) or [0, 28] (l2).
             Defaults to `(0.3,)`.
         suite: `"fgsm"` (weak reference), `"quick"` (PGD-20) or `"standard"` (PGD-100 x 5
-            restarts, APGD-CE, targeted APGD-DLR). Defaults to `"standard"`.
+            restarts, then AutoAttack's APGD-CE, APGD-T and Square). Defaults to `"standard"`.
         n: examples evaluated, >= 1, or `None` for the whole split. Defaults to `None`.
         split: `"test"` or `"val"`. Defaults to `"test"`.
         batch_size: examples per attack batch (the last one is padded). Defaults to `500`.
@@ -295,6 +296,50 @@ class EvalConfig(_Config):
         d = super().to_dict()
         d["eps"] = list(self.eps)
         return d
+
+    @property
+    def threat_model(self) -> ThreatModel:
+        """The judged point of this evaluation: its norm at the largest eps of the sweep."""
+        return ThreatModel(norm=self.norm, eps=max(self.eps), suite=self.suite, n=self.n,
+                           split=self.split)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreatModel(_Config):
+    """The one threat model every trial of a search is judged under, fixed for the whole search.
+
+    It travels from the run file to every trial's per-epoch probe (PGD on the validation split at
+    `norm`, `eps`), the final evaluation (`suite` on the first `n` examples of `split`) and the
+    reports, so trials compare. `EvalConfig.threat_model` derives it: the largest eps of the
+    evaluated sweep.
+
+    Args:
+        norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
+        eps: the judged radius, in [0, 1] (linf) or [0, 28] (l2). Defaults to `0.3`.
+        suite: the final evaluation's suite (`"fgsm"`, `"quick"`, `"standard"`). Defaults to
+            `"standard"`.
+        n: examples of the final evaluation, >= 1, or `None` for the whole split.
+        split: the final evaluation's split, `"test"` or `"val"`. Defaults to `"test"`.
+    """
+
+    norm: str = "linf"
+    eps: float = 0.3
+    suite: str = "standard"
+    n: int | None = None
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _set(self, "eps", _check_eps(self.eps, self.norm))
+        _set(self, "suite", _check_choice("suite", self.suite, SUITES))
+        if self.n is not None:
+            _set(self, "n", _check_number("n", self.n, low=1, integer=True))
+        _set(self, "split", _check_choice("split", self.split, SPLITS))
+
+    def describe(self) -> str:
+        """One line: `linf eps=0.3, standard suite, test split, n=1000`."""
+        return (f"{self.norm} eps={self.eps:g}, {self.suite} suite, {self.split} split, "
+                f"n={self.n or 'all'}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -3,16 +3,19 @@
 A robust accuracy is the per-example worst case over an attack suite at a threat model (norm,
 eps, suite), on n examples of a named split. `evaluate_robustness` reads top to bottom:
 
-1. model checks: the output is logits (a final softmax is removed, or the model refused), the
-   model is deterministic, and the output has an input gradient at all;
+1. model checks (`advtrain.checks`): the output is logits (a final softmax is removed, or the
+   model refused) and the model is deterministic;
 2. a clean pass gives the per-example `robust` mask;
-3. the suite's attacks, in the fixed order of `SUITES`, each run only on the still-robust
-   examples (Croce and Hein 2020, arXiv:2003.01690), with the accuracy after each attack kept
-   in an ordered dict; every attack output is verified (in the eps-ball, in [0, 1], finite);
+3. the suite's attacks (`advtrain.suites`), in their fixed order, each run only on the
+   still-robust examples (Croce and Hein 2020, arXiv:2003.01690); after each, the accuracy and
+   the number of examples it broke; every attack output is verified (in the eps-ball, in [0, 1],
+   finite). The standard suite ends with Square, which needs no gradient: on a model that masks
+   its gradients it is the attack that finds the true figure;
 4. FGSM as a weak reference, run on every clean-correct example and reported apart;
-5. the sanity checks of `advtrain.sanity` (DESIGN.md section 4), each a `Flag`;
+5. the sanity flags (`advtrain.flags`, DESIGN.md section 4);
 
-and returns a `RobustnessReport` (`advtrain.robustness_report`).
+and returns a `RobustnessReport` (`advtrain.robustness_report`), in which a robust accuracy
+whose flags failed is marked as an upper bound wherever it is shown.
 """
 
 from __future__ import annotations
@@ -21,128 +24,23 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from advtrain import attacks, sanity
-from advtrain.checks import AttackOutputError, check_model, verify_adversarial
+from advtrain import attacks, flags
+from advtrain.checks import check_model, predict_logits, verify_adversarial
 from advtrain.config import EvalConfig
-from advtrain.robustness_report import EpsResult, RobustnessReport, per_eps, summary_lines
+from advtrain.robustness_report import EpsResult, RobustnessReport
+from advtrain.suites import FGSM_REFERENCE, SuiteAttack, suite_attacks
 
-__all__ = [
-    "SuiteAttack",
-    "SUITES",
-    "FGSM_REFERENCE",
-    "AttackOutputError",
-    "suite_attacks",
-    "verify_adversarial",
-    "check_model",
-    "evaluate_robustness",
-    "evaluate_model_file",
-    "RobustnessReport",
-    "EpsResult",
-    "per_eps",
-    "summary_lines",
-]
+__all__ = ["Progress", "evaluate_robustness", "evaluate_split", "evaluate_model_file"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class SuiteAttack:
-    """One attack of a suite, its budget relative to the threat model's norm and eps.
-
-    Args:
-        kind: short name of the method: `"fgsm"`, `"pgd"`, `"apgd-ce"` or `"apgd-t"`.
-        attack: key of `advtrain.attacks.ATTACKS` that runs it.
-        steps: iterations, >= 1. Step sizes are the attack's defaults: eps for FGSM,
-            2.5 * eps / steps for PGD, APGD's own schedule from 2 * eps.
-        restarts: random restarts, >= 1; each example keeps its strongest point.
-        loss: `"ce"` or `"dlr"`.
-        target_classes: 0 for an untargeted attack; k > 0 runs the attack targeted at each of
-            the k highest-scoring other classes of the clean logits in turn (APGD-T, k = 9 in
-            AutoAttack's standard version).
-    """
-
-    kind: str
-    attack: str
-    steps: int = 1
-    restarts: int = 1
-    loss: str = "ce"
-    target_classes: int = 0
-
-    @property
-    def name(self) -> str:
-        """The label used in reports: `fgsm`, `pgd-100x5`, `apgd-ce-100`, `apgd-t-100-top9`."""
-        if self.attack == "fgsm":
-            return "fgsm"
-        name = f"{self.kind}-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
-        return name + (f"-top{self.target_classes}" if self.target_classes else "")
-
-    def scaled(self, steps_scale: float) -> SuiteAttack:
-        if self.attack == "fgsm" or steps_scale == 1.0:
-            return self
-        return dataclasses.replace(self, steps=max(1, round(self.steps * steps_scale)))
-
-    def budget(self, eps: float, norm: str) -> dict[str, Any]:
-        """Keyword arguments of `attacks.run_attack` for this attack at (eps, norm)."""
-        kw: dict[str, Any] = {"eps": eps, "norm": norm, "loss": self.loss}
-        if self.attack != "fgsm":
-            kw.update(steps=self.steps, restarts=self.restarts)
-        return kw
-
-    def describe(self) -> dict[str, Any]:
-        step = {"fgsm": "eps", "pgd": "2.5*eps/steps", "apgd": "auto (from 2*eps)"}[self.attack]
-        return {
-            "name": self.name,
-            "attack": self.attack,
-            "steps": self.steps,
-            "restarts": self.restarts,
-            "loss": self.loss,
-            "step_size": step,
-            "targeted": bool(self.target_classes),
-            "target_classes": self.target_classes,
-        }
-
-
-FGSM_REFERENCE = SuiteAttack("fgsm", "fgsm")
-
-# The one table of suites (DESIGN.md section 4). Never mutated: a tuple per suite, read-only map.
-SUITES: MappingProxyType[str, tuple[SuiteAttack, ...]] = MappingProxyType(
-    {
-        "fgsm": (FGSM_REFERENCE,),
-        "quick": (SuiteAttack("pgd", "pgd", steps=20),),
-        "standard": (
-            SuiteAttack("pgd", "pgd", steps=100, restarts=5),
-            SuiteAttack("apgd-ce", "apgd", steps=100),
-            SuiteAttack("apgd-t", "apgd", steps=100, loss="dlr", target_classes=9),
-        ),
-    }
-)
-
-
-def suite_attacks(suite: str, steps_scale: float = 1.0) -> tuple[SuiteAttack, ...]:
-    """The attacks of `suite`, with step counts multiplied by `steps_scale` (tests only).
-
-    Args:
-        suite: a key of `SUITES`.
-        steps_scale: factor on every step count, in (0, 1]; 1 is the suite as defined. Anything
-            else is a weaker evaluation, labelled as such in the report. Defaults to `1.0`.
-
-    Raises:
-        ValueError: an unknown suite or a scale out of range.
-    """
-    if suite not in SUITES:
-        raise ValueError(f"Unknown suite {suite!r}. Expected one of: {', '.join(SUITES)}.")
-    if (
-        isinstance(steps_scale, bool)
-        or not isinstance(steps_scale, (int, float))
-        or not 0 < steps_scale <= 1
-    ):
-        raise ValueError(f"`steps_scale` must be in (0, 1]. Received: steps_scale={steps_scale!r}")
-    return tuple(a.scaled(float(steps_scale)) for a in SUITES[suite])
+# progress(label, done, total): `done` of `total` examples attacked so far by the attack `label`
+# (`"eps 0.3 apgd-t-100-top9 target 2/9"`); called with done=0 when an attack starts.
+Progress = Callable[[str, int, int], None]
 
 
 def _check_data(x, y, config: EvalConfig):
@@ -181,32 +79,39 @@ class _Eval:
     clean_logits: np.ndarray
     norm: str
     batch_size: int
+    progress: Progress | None
 
-    def attack(self, attack: SuiteAttack, idx, eps, seed, y_target=None) -> np.ndarray:
+    def attack(self, attack: SuiteAttack, idx, eps, seed, label, y_target=None) -> np.ndarray:
         """Runs `attack` on examples `idx` and verifies its output against the threat model."""
         x, y = self.x[idx], self.y[idx]
+        on_batch = None
+        if self.progress is not None:
+            self.progress(label, 0, len(idx))
+            on_batch = lambda done: self.progress(label, done, len(idx))  # noqa: E731
         adv = attacks.run_attack(attack.attack, self.model, x, y, batch_size=self.batch_size,
-                                 y_target=y_target, seed=seed, **attack.budget(eps, self.norm))
+                                 y_target=y_target, seed=seed, on_batch=on_batch,
+                                 **attack.budget(eps, self.norm))
         verify_adversarial(x, adv, eps=eps, norm=self.norm)
         return adv
 
     def predict(self, x) -> np.ndarray:
-        return np.argmax(sanity.predict_logits(self.model, x, self.batch_size), axis=1)
+        return np.argmax(predict_logits(self.model, x, self.batch_size), axis=1)
 
 
-def _attack_into(ev: _Eval, attack: SuiteAttack, eps, robust, adv_out, seed) -> None:
+def _attack_into(ev: _Eval, attack: SuiteAttack, label: str, eps, robust, adv_out, seed) -> None:
     """Runs one suite attack on the still-robust examples, updating `robust` and `adv_out`."""
     classes = ev.clean_logits.shape[1]
-    rounds = range(min(attack.target_classes, classes - 1)) if attack.target_classes else [None]
+    rounds = min(attack.target_classes, classes - 1)
     # Targets: the highest-scoring other classes of the clean logits (AutoAttack's APGD-T).
     order = np.argsort(-ev.clean_logits, axis=1, kind="stable")
-    others = np.stack([row[row != label] for row, label in zip(order, ev.y, strict=True)])
-    for r in rounds:
+    others = np.stack([row[row != label_] for row, label_ in zip(order, ev.y, strict=True)])
+    for r in range(rounds) if rounds else [None]:
         idx = np.flatnonzero(robust)
         if idx.size == 0:
             return
         target = None if r is None else others[idx, r]
-        adv = ev.attack(attack, idx, eps, seed + (r or 0), y_target=target)
+        where = f"{label} target {r + 1}/{rounds}" if r is not None else label
+        adv = ev.attack(attack, idx, eps, seed + (r or 0), where, y_target=target)
         fooled = ev.predict(adv) != ev.y[idx]
         robust[idx[fooled]] = False
         adv_out[idx[fooled]] = adv[fooled]
@@ -214,7 +119,7 @@ def _attack_into(ev: _Eval, attack: SuiteAttack, eps, robust, adv_out, seed) -> 
 
 def _timed(ev: _Eval, attack: SuiteAttack, label: str, eps, robust, adv_out, seed) -> float:
     t0 = time.perf_counter()
-    _attack_into(ev, attack, eps, robust, adv_out, seed)
+    _attack_into(ev, attack, f"eps {eps:g} {label}", eps, robust, adv_out, seed)
     seconds = time.perf_counter() - t0
     log.info("%s %s eps=%g: accuracy %.4f (%d/%d), %.1fs", label, ev.norm, eps, robust.mean(),
              int(robust.sum()), len(robust), seconds)
@@ -225,35 +130,37 @@ def _evaluate_eps(ev: _Eval, eps: float, suite, config: EvalConfig):
     """Clean mask, the suite in order on still-robust examples, then the FGSM reference."""
     correct = np.argmax(ev.clean_logits, axis=1) == ev.y
     robust, adv_out = correct.copy(), ev.x.copy()
-    per_attack, seconds = {"clean": float(correct.mean())}, {}
+    per_attack, broken, seconds = {"clean": float(correct.mean())}, {}, {}
     for j, attack in enumerate(suite):
-        seed = config.seed + 97 * j
-        seconds[attack.name] = _timed(ev, attack, attack.name, eps, robust, adv_out, seed)
+        before = int(robust.sum())
+        seconds[attack.name] = _timed(ev, attack, attack.name, eps, robust, adv_out,
+                                      config.seed + 97 * j)
         per_attack[attack.name] = float(robust.mean())
+        broken[attack.name] = before - int(robust.sum())
     if config.suite == "fgsm":
-        return per_attack, per_attack["fgsm"], seconds, robust, adv_out
+        return per_attack, broken, per_attack["fgsm"], seconds, robust, adv_out
     fgsm_robust, label = correct.copy(), "fgsm (reference)"
     seconds[label] = _timed(ev, FGSM_REFERENCE, label, eps, fgsm_robust, ev.x.copy(), config.seed)
-    return per_attack, float(fgsm_robust.mean()), seconds, robust, adv_out
+    return per_attack, broken, float(fgsm_robust.mean()), seconds, robust, adv_out
 
 
 def _eps_flags(ev: _Eval, eps, config, suite, per_attack, fgsm_acc, robust, reference):
     n, bs, seed, norm = len(ev.y), ev.batch_size, config.seed, ev.norm
-    m = min(n, sanity.SAMPLE_SIZE)
+    m = min(n, flags.SAMPLE_SIZE)
     x, y = ev.x, ev.y
     iterative = [a for a in suite if a.attack != "fgsm"]
     first = iterative[0].name if iterative else None
     clean, rob = per_attack["clean"], list(per_attack.values())[-1]
     return [
-        sanity.check_robust_le_clean(eps, clean, rob, n),
-        sanity.check_pgd_le_fgsm(eps, first, per_attack.get(first), rob, fgsm_acc, n),
-        sanity.check_more_steps(ev.model, x[:m], y[:m], eps=eps, norm=norm, batch_size=bs,
-                                seed=seed),
-        sanity.check_whitebox_vs_transfer(ev.model, reference, x[:m], y[:m], robust[:m], eps=eps,
-                                          norm=norm, batch_size=bs, seed=seed,
-                                          verify=verify_adversarial),
-        sanity.check_whitebox_vs_noise(ev.model, x, y, robust, eps=eps, norm=norm, batch_size=bs,
-                                       seed=seed),
+        flags.check_robust_le_clean(eps, clean, rob, n),
+        flags.check_pgd_le_fgsm(eps, first, per_attack.get(first), rob, fgsm_acc, n),
+        flags.check_more_steps(ev.model, x[:m], y[:m], eps=eps, norm=norm, batch_size=bs,
+                               seed=seed),
+        flags.check_whitebox_vs_transfer(ev.model, reference, x[:m], y[:m], robust[:m], eps=eps,
+                                         norm=norm, batch_size=bs, seed=seed,
+                                         verify=verify_adversarial),
+        flags.check_whitebox_vs_noise(ev.model, x, y, robust, eps=eps, norm=norm, batch_size=bs,
+                                      seed=seed),
     ]
 
 
@@ -267,27 +174,30 @@ def evaluate_robustness(
     reference_model=None,
     steps_scale: float = 1.0,
     keep_adversarial: bool = False,
+    progress: Progress | None = None,
 ) -> RobustnessReport:
     """Robust accuracy of `model` under `config`'s threat model, with sanity checks.
 
     For each eps of `config.eps` (a sweep when several): clean pass, then the suite's attacks in
     order on the still-robust examples (robust accuracy = per-example worst case), FGSM as a
-    weak reference, and, when `config.sanity`, the checks of `advtrain.sanity`.
+    weak reference, and, when `config.sanity`, the checks of `advtrain.flags`.
 
     Args:
-        model: a Keras model (or callable) mapping (n, 28, 28, 1) float32 in [0, 1] to logits.
+        model: a Keras model (or callable) mapping (n, H, W, C) float32 in [0, 1] to logits.
             A final softmax layer is removed (noted in the report); other probability outputs
             are refused.
-        x: float32 images in [0, 1], (n, 28, 28, 1). With `config.n` set, the first n are used.
+        x: float32 images in [0, 1], (n, H, W, C). With `config.n` set, the first n are used.
         y: int labels, (n,).
         config: the threat model (norm, eps, suite), n, batch size, sanity switch and seed.
         split: the split x came from, as reported. Defaults to `config.split`.
         reference_model: an independently trained model for the transfer check; without one
             the check is reported as not run.
-        steps_scale: factor on the suite's step counts, in (0, 1], for tests only; any value
-            below 1 is reported as a reduced suite. Defaults to `1.0`.
+        steps_scale: factor on the suite's step counts and query budgets, in (0, 1], for tests
+            only; any value below 1 is reported as a reduced suite. Defaults to `1.0`.
         keep_adversarial: keep each eps's worst-case adversarial inputs in the report's
             results (`EpsResult.adversarial`, never serialised). Defaults to `False`.
+        progress: called as `progress(label, done, total)` while each attack runs (see
+            `Progress`), for a progress display. Defaults to `None`.
 
     Returns:
         A `RobustnessReport`.
@@ -309,7 +219,7 @@ def evaluate_robustness(
     suite = suite_attacks(config.suite, steps_scale)
     start = time.perf_counter()
     x, y, given = _check_data(x, y, config)
-    m = min(len(x), sanity.SAMPLE_SIZE)
+    m = min(len(x), flags.SAMPLE_SIZE)
     model, notes, grads = check_model(model, x[:m], y[:m])
     if reference_model is not None:
         reference_model, _, _ = check_model(reference_model, x[:m], y[:m])
@@ -318,51 +228,68 @@ def evaluate_robustness(
     if steps_scale != 1.0:
         notes.append(f"REDUCED SUITE: step counts scaled by {steps_scale:g}; not the "
                      f"{config.suite!r} suite's budget, for tests only")
-    clean_logits = sanity.predict_logits(model, x, config.batch_size)
+    clean_logits = predict_logits(model, x, config.batch_size)
     if int(y.max()) >= clean_logits.shape[1]:
         raise ValueError(f"Labels exceed the model's {clean_logits.shape[1]} classes. "
                          f"Received: max label={int(y.max())}")
-    ev = _Eval(model, x, y, clean_logits, config.norm, config.batch_size)
-    flags = [sanity.check_zero_gradients(grads)] if config.sanity else []
+    ev = _Eval(model, x, y, clean_logits, config.norm, config.batch_size, progress)
+    found = [flags.check_zero_gradients(grads)] if config.sanity else []
     results = []
     for eps in config.eps:
         t0 = time.perf_counter()
-        per_attack, fgsm_acc, seconds, robust, adv = _evaluate_eps(ev, eps, suite, config)
+        per_attack, broken, fgsm_acc, seconds, robust, adv = _evaluate_eps(ev, eps, suite, config)
         if config.sanity:
-            flags += _eps_flags(ev, eps, config, suite, per_attack, fgsm_acc, robust,
+            found += _eps_flags(ev, eps, config, suite, per_attack, fgsm_acc, robust,
                                 reference_model)
         results.append(EpsResult(
             eps=eps, clean_acc=per_attack["clean"], robust_acc=list(per_attack.values())[-1],
-            fgsm_acc=fgsm_acc, per_attack=per_attack, attack_seconds=seconds,
+            fgsm_acc=fgsm_acc, per_attack=per_attack, broken=broken, attack_seconds=seconds,
             seconds=time.perf_counter() - t0, adversarial=adv if keep_adversarial else None))
     if config.sanity:
-        flags.append(sanity.check_eps_monotone([(r.eps, r.robust_acc) for r in results], len(x)))
-        flags.append(sanity.check_large_eps(model, x[:m], y[:m], norm=config.norm,
-                                            batch_size=config.batch_size, seed=config.seed))
+        found.append(flags.check_eps_monotone([(r.eps, r.robust_acc) for r in results], len(x)))
+        found.append(flags.check_large_eps(model, x[:m], y[:m], norm=config.norm,
+                                           batch_size=config.batch_size, seed=config.seed))
     else:
         notes.append("sanity checks were switched off (config.sanity=False)")
     return RobustnessReport(
         norm=config.norm, eps=tuple(config.eps), suite=config.suite,
         attacks=tuple(a.describe() for a in suite), reference_attack=FGSM_REFERENCE.describe(),
         steps_scale=float(steps_scale), n=len(x), split=split, seed=config.seed,
-        results=tuple(results), flags=tuple(flags), notes=tuple(notes),
+        results=tuple(results), flags=tuple(found), notes=tuple(notes),
         seconds=time.perf_counter() - start)
 
 
-def evaluate_model_file(
-    path, config: EvalConfig, data=None, *, reference_model=None, steps_scale: float = 1.0
-) -> RobustnessReport:
-    """Loads a `.keras` model (safe_mode) and evaluates it on `config.split`.
+def evaluate_split(model, config: EvalConfig, data, **kwargs) -> RobustnessReport:
+    """Evaluates `model` on the first `config.n` examples of `config.split` of `data`.
 
-    The evaluated examples are the first `config.n` of the split (all when n is None): MNIST's
-    test order is not sorted by class, and this is the AutoAttack/RobustBench convention.
+    The first n, not a random sample: MNIST's test order is not sorted by class, and a fixed,
+    documented subset makes runs compare (the AutoAttack/RobustBench convention).
+
+    Args:
+        model: see `evaluate_robustness`.
+        config: the threat model and sample.
+        data: an object with `split(name) -> (x, y)`, such as `advtrain.data.MNIST`.
+        **kwargs: passed to `evaluate_robustness` (`reference_model`, `steps_scale`,
+            `keep_adversarial`, `progress`).
+
+    Returns:
+        A `RobustnessReport`.
+    """
+    x, y = data.split(config.split)
+    return evaluate_robustness(model, x, y, config, split=config.split, **kwargs)
+
+
+def evaluate_model_file(
+    path, config: EvalConfig, data=None, *, reference_model=None, **kwargs
+) -> RobustnessReport:
+    """Loads a `.keras` model (safe_mode) and evaluates it on `config.split` (`evaluate_split`).
 
     Args:
         path: the `.keras` file.
         config: the threat model and sample (see `evaluate_robustness`).
         data: an `advtrain.data.MNIST`; defaults to `load_mnist()` (bundled, default val split).
         reference_model: a model or a `.keras` path for the transfer check, or None.
-        steps_scale: see `evaluate_robustness`. Defaults to `1.0`.
+        **kwargs: passed to `evaluate_robustness` (`steps_scale`, `progress`, ...).
 
     Returns:
         A `RobustnessReport`.
@@ -374,6 +301,4 @@ def evaluate_model_file(
     if isinstance(reference_model, (str, Path)):
         reference_model = load_model(reference_model)
     data = load_mnist() if data is None else data
-    x, y = data.split(config.split)
-    return evaluate_robustness(model, x, y, config, split=config.split,
-                               reference_model=reference_model, steps_scale=steps_scale)
+    return evaluate_split(model, config, data, reference_model=reference_model, **kwargs)

@@ -69,16 +69,14 @@ def build_model(name: str, *, seed: int | None = None) -> keras.Model:
 
 def save_model(model: keras.Model, path) -> None:
     """Saves in the `.keras` format, atomically: a reader never sees a half-written file."""
-    import os
     from pathlib import Path
+
+    from advtrain.files import write_atomic
 
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"Model files use the `.keras` format. Received: path={str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, model.save)
 
 
 def load_model(path) -> keras.Model:

@@ -1,24 +1,23 @@
 """Tables, plots and atomic writes for results: plain dicts and arrays in, files out.
 
 No TensorFlow here. matplotlib is imported on first plot, with the non-interactive Agg backend,
-so importing this module is cheap and works on machines without a display. Every file is written
-to a temporary name in the target folder and renamed into place (`os.replace`), so a reader never
-sees half a file and a failed write leaves nothing behind.
+so importing this module is cheap and works on machines without a display. Every plot is written
+atomically (`advtrain.files`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from advtrain.files import write_atomic
+
 __all__ = [
-    "write_text_atomic",
+    "robust_cell",
     "markdown_table",
     "pareto_front",
     "plot_accuracy_vs_eps",
@@ -27,31 +26,18 @@ __all__ = [
 ]
 
 
-def _atomic(path, write) -> Path:
-    """Calls write(tmp_path) on a temp file beside `path`, then renames it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
-    )
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def robust_cell(acc: float | None, failed: Sequence[str] = ()) -> str:
+    """A robust accuracy as shown to people: `0.9052`, or, when any sanity flag failed, an upper
+    bound with the flags named right beside it: `<= 0.9790 (upper bound: zero-gradients, large-eps)`.
 
-
-def write_text_atomic(path, text: str) -> Path:
-    """Writes `text` (UTF-8) to `path` atomically: temp file in the same folder + `os.replace`.
-
-    Returns:
-        The path written.
+    A robust accuracy is only ever an upper bound (the worst case over the attacks tried); a
+    failed flag says the attacks may have been fooled, so the number must not read as a result.
     """
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    if acc is None:
+        return "-"
+    if not failed:
+        return f"{acc:.4f}"
+    return f"<= {acc:.4f} (upper bound: {', '.join(failed)})"
 
 
 def _cell(v: Any) -> str:
@@ -133,7 +119,7 @@ def _pyplot():
 def _save(fig, path) -> Path:
     plt = _pyplot()
     try:
-        return _atomic(
+        return write_atomic(
             path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
         )
     finally:
@@ -275,9 +261,11 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, path, n: int = 16) 
     return _save(fig, path)
 
 
-def plot_pareto(points: Sequence, front: Sequence, path, *, title: str | None = None) -> Path:
+def plot_pareto(points: Sequence, front: Sequence, path, *, title: str | None = None,
+                flagged: Sequence = ()) -> Path:
     """Clean accuracy (x) against robust accuracy (y): every trial as a dot, the Pareto front
-    as a highlighted, labelled line.
+    as a highlighted, labelled line, and trials whose model failed a sanity check as labelled
+    crosses marked "upper bound" (never on the front).
 
     Args:
         points: all trials, `(clean, robust)` pairs or mappings with `clean_acc`, `robust_acc`
@@ -285,15 +273,27 @@ def plot_pareto(points: Sequence, front: Sequence, path, *, title: str | None = 
         front: the front (e.g. `pareto_front(points)`), same element types.
         path: the PNG to write (atomically).
         title: figure title. Defaults to `"Clean vs robust accuracy"`.
+        flagged: points (same element types, subset of `points`) whose robust accuracy is only an
+            upper bound; mappings may carry `flags_failed`, named in their label. Defaults to none.
 
     Returns:
         The path written.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
-    if points:
-        xs, ys = zip(*(_xy(p) for p in points), strict=True)
-        ax.scatter(xs, ys, s=18, color="tab:gray", alpha=0.7, label=f"trials ({len(points)})")
+    flagged_ids = {id(p) for p in flagged}
+    plain = [p for p in points if id(p) not in flagged_ids]
+    if plain:
+        xs, ys = zip(*(_xy(p) for p in plain), strict=True)
+        ax.scatter(xs, ys, s=18, color="tab:gray", alpha=0.7, label=f"trials ({len(plain)})")
+    if flagged:
+        xs, ys = zip(*(_xy(p) for p in flagged), strict=True)
+        ax.scatter(xs, ys, s=40, marker="x", color="tab:orange",
+                   label=f"upper bound: sanity check failed ({len(flagged)})")
+        for p in flagged:
+            failed = p.get("flags_failed", ()) if isinstance(p, Mapping) else ()
+            ax.annotate("<= " + (", ".join(failed) or "flagged"), _xy(p), textcoords="offset points",
+                        xytext=(4, -10), fontsize=6, color="tab:orange")
     if front:
         fr = sorted(front, key=lambda p: _xy(p)[0])
         fx, fy = zip(*(_xy(p) for p in fr), strict=True)

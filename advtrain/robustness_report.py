@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from advtrain.report import markdown_table, write_text_atomic
+from advtrain.files import write_text
+from advtrain.report import markdown_table, robust_cell
 
 __all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "per_eps", "summary_lines"]
 
-SCHEMA = "advtrain.robustness_report/1"
+# /2 added the upper-bound marking and the examples each attack broke; /1 files still read.
+SCHEMA = "advtrain.robustness_report/2"
+READABLE = (SCHEMA, "advtrain.robustness_report/1")
 WORST_CASE = "worst-case"
 
 
@@ -35,6 +38,8 @@ class EpsResult:
             the suite is `"fgsm"`).
         per_attack: ordered `{"clean": acc, attack name: accuracy after that attack, ...}`;
             cumulative, since each attack runs on the examples its predecessors did not break.
+        broken: `{attack name: examples that attack broke}` (among those still robust before it),
+            as AutoAttack lists them.
         attack_seconds: seconds per attack (the reference as `"fgsm (reference)"`).
         seconds: seconds for this eps, sanity checks included.
         adversarial: worst-case inputs (the clean input where no attack succeeded), only with
@@ -46,6 +51,7 @@ class EpsResult:
     robust_acc: float
     fgsm_acc: float
     per_attack: dict[str, float]
+    broken: dict[str, int]
     attack_seconds: dict[str, float]
     seconds: float
     adversarial: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -100,6 +106,12 @@ class RobustnessReport:
     def failed_flags(self) -> tuple:
         return tuple(f for f in self.flags if f.passed is False)
 
+    def failed_at(self, eps: float) -> list[str]:
+        """Ids of the failed flags that bear on the robust accuracy at `eps`: those checked at
+        this eps and those of the whole evaluation (zero gradients, large eps, eps sweep)."""
+        return sorted({f.id for f in self.failed_flags
+                       if f.eps is None or math.isclose(f.eps, eps, abs_tol=1e-9)})
+
     @property
     def sanity_passed(self) -> bool | None:
         """False if any flag failed; None when no check ran; True otherwise."""
@@ -110,13 +122,17 @@ class RobustnessReport:
     def describe_suite(self) -> str:
         parts = []
         for a in self.attacks:
-            what = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD"}[a["attack"]]
-            s = f"{a['name']} ({what}, {a['steps']} step{'s' * (a['steps'] > 1)}"
+            what = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD", "square": "Square"}[a["attack"]]
+            unit = "quer" + ("ies" if a["steps"] > 1 else "y") if a["attack"] == "square" else (
+                "step" + "s" * (a["steps"] > 1))
+            s = f"{a['name']} ({what}, {a['steps']} {unit}"
             if a["restarts"] > 1:
                 s += f", {a['restarts']} restarts"
             s += f", loss {a['loss']}, step size {a['step_size']}"
             if a["targeted"]:
                 s += f", targeted at each of the top-{a['target_classes']} other classes"
+            if a.get("gradient_free"):
+                s += ", gradient-free"
             parts.append(s + ")")
         scaled = "" if self.steps_scale == 1.0 else f" [REDUCED: steps x{self.steps_scale:g}]"
         return f"`{self.suite}`{scaled}: " + "; ".join(parts)
@@ -172,8 +188,13 @@ class RobustnessReport:
                 **self._context(r.eps),
                 "clean_acc": r.clean_acc,
                 "robust_acc": r.robust_acc,
+                # A failed flag makes the robust accuracy an upper bound, said beside it.
+                "robust_upper_bound": bool(self.failed_at(r.eps)),
+                "robust_flags_failed": self.failed_at(r.eps),
+                "robust_display": robust_cell(r.robust_acc, self.failed_at(r.eps)),
                 "fgsm_acc": r.fgsm_acc,
                 "per_attack": dict(r.per_attack),
+                "broken": dict(r.broken),
                 "seconds": r.seconds,
             }
             for r in self.results
@@ -216,6 +237,8 @@ class RobustnessReport:
         return {
             "clean_acc": r.clean_acc,
             "robust_acc": r.robust_acc,
+            "robust_upper_bound": bool(self.failed_at(r.eps)),
+            "robust_display": robust_cell(r.robust_acc, self.failed_at(r.eps)),
             "fgsm_acc": r.fgsm_acc,
             "eval_norm": self.norm,
             "eval_eps": r.eps,
@@ -240,7 +263,7 @@ class RobustnessReport:
                 "eps": f"{r.eps:g}",
                 "clean": r.clean_acc,
                 **{k: r.per_attack[k] for k in names},
-                "robust (worst case)": r.robust_acc,
+                "robust (worst case)": robust_cell(r.robust_acc, self.failed_at(r.eps)),
                 "fgsm (reference)": r.fgsm_acc,
                 "seconds": f"{r.seconds:.1f}",
             }
@@ -263,6 +286,12 @@ class RobustnessReport:
             "",
             markdown_table(rows, columns),
             "",
+            *[f"- Examples broken at eps {r.eps:g}, by attack (each on those still robust): "
+              + _broken(r.broken) for r in self.results],
+            *(["- **A robust accuracy marked `<=` is an upper bound**: a sanity check failed "
+               "(named beside it), so the attacks may have been fooled by the model; see "
+               "[docs/flags.md](docs/flags.md)."] if self.failed_flags else []),
+            "",
             "## Sanity checks",
             "",
         ]
@@ -283,15 +312,19 @@ class RobustnessReport:
         """
         directory = Path(directory)
         json_path, md_path = directory / "report.json", directory / "report.md"
-        write_text_atomic(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        write_text_atomic(md_path, self.to_markdown())
+        write_text(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_text(md_path, self.to_markdown())
         return json_path, md_path
+
+
+def _broken(broken: dict[str, int]) -> str:
+    return ", ".join(f"{name}: {k}" for name, k in broken.items()) or "none run"
 
 
 def per_eps(d: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-eps entries of a report dict (`RobustnessReport.to_dict()` or report.json): each
     with norm, eps, split, n, suite, clean_acc, robust_acc, fgsm_acc, per_attack and seconds."""
-    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+    if not isinstance(d, dict) or d.get("schema") not in READABLE:
         found = d.get("schema") if isinstance(d, dict) else type(d).__name__
         raise ValueError(f"Not a robustness report dict (schema {SCHEMA!r}). Received: {found!r}")
     return list(d["per_eps"])
@@ -309,8 +342,9 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
     for r in rows:
         attacks = "  ".join(f"{k} {v:.4f}" for k, v in r["per_attack"].items() if k != "clean")
         ref = "" if tm["suite"] == "fgsm" else f"  | fgsm (reference) {r['fgsm_acc']:.4f}"
-        lines.append(f"eps {r['eps']:g}: clean {r['clean_acc']:.4f}  robust {r['robust_acc']:.4f}"
+        lines.append(f"eps {r['eps']:g}: clean {r['clean_acc']:.4f}  robust {r['robust_display']}"
                      f"  | after each attack: {attacks}{ref}  ({r['seconds']:.1f}s)")
+        lines.append(f"  broken by: {_broken(r['broken'])}")
     s = d["sanity"]
     if d["flags"]:
         lines.append(f"Sanity checks: {len(s['passed'])} passed, {len(s['failed'])} failed, "

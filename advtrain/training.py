@@ -9,9 +9,7 @@ all-reduces the gradients. Nothing is divided by hand a second time.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from advtrain import attacks
-from advtrain.config import TrainConfig
+from advtrain.config import ThreatModel, TrainConfig
+from advtrain.files import write_json
 from advtrain.models import build_model, save_model
 
 __all__ = [
@@ -29,7 +28,6 @@ __all__ = [
     "AdversarialTraining",
     "make_optimizer",
     "is_catastrophic_overfitting",
-    "write_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,13 +95,13 @@ class AdversarialTraining:
         steps_per_epoch: optimizer steps per epoch (sets the LR schedule and the eps ramp).
         strategy: a `tf.distribute.Strategy`, or `None` for the default (one process).
         rank: this worker's rank, mixed into the attack seeds so replicas draw different starts.
-        judge: `(norm, eps)` of the fixed threat model runs are compared under; the probe reports
-            `val_robust_acc` under it (a search ranks trials by it, whatever eps they train at).
-            Defaults to the training norm and eps.
+        threat_model: the `ThreatModel` runs are compared under; the probe reports
+            `val_robust_acc` as PGD accuracy at its norm and eps (a search ranks trials by it,
+            whatever eps they train at). Defaults to the training norm and eps.
     """
 
     def __init__(self, cfg: TrainConfig, *, steps_per_epoch: int, strategy=None, rank: int = 0,
-                 judge: tuple[str, float] | None = None):
+                 threat_model: ThreatModel | None = None):
         if steps_per_epoch < 1:
             raise ValueError(
                 f"`steps_per_epoch` must be >= 1 (is the training split smaller than one batch?). "
@@ -113,7 +111,7 @@ class AdversarialTraining:
         self.steps_per_epoch = steps_per_epoch
         self.strategy = strategy or tf.distribute.get_strategy()
         self.rank = rank
-        self.judge = judge or (cfg.norm, cfg.eps)
+        self.threat_model = threat_model or ThreatModel(norm=cfg.norm, eps=cfg.eps)
         # Variables must be created in the strategy's scope to be mirrored across workers.
         with self.strategy.scope():
             self.model = build_model(cfg.model, seed=cfg.seed)
@@ -225,8 +223,9 @@ class AdversarialTraining:
             x_fgsm = attacks.run_attack("fgsm", self.model, x, y, eps=cfg.eps, norm=cfg.norm, batch_size=len(x))
             out["val_fgsm_acc"] = _accuracy(self.model, x_fgsm, y)
             out["val_pgd_acc"] = pgd_acc(cfg.norm, cfg.eps)
-        same = self.judge == (cfg.norm, cfg.eps)
-        out["val_robust_acc"] = out["val_pgd_acc"] if same else pgd_acc(*self.judge)
+        tm = self.threat_model
+        same = (tm.norm, tm.eps) == (cfg.norm, cfg.eps)
+        out["val_robust_acc"] = out["val_pgd_acc"] if same else pgd_acc(tm.norm, tm.eps)
         return out
 
     def checkpoint(self) -> tf.train.Checkpoint:
@@ -242,25 +241,6 @@ def _accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> fl
     return correct / max(len(x), 1)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON atomically (temp file + rename): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def save_run(run_dir: str | os.PathLike, model: keras.Model, cfg: TrainConfig, history: list[dict],
              summary: dict[str, Any]) -> None:
     """Writes model.keras, config.json and metrics.json into a run folder, each atomically."""
@@ -271,15 +251,16 @@ def save_run(run_dir: str | os.PathLike, model: keras.Model, cfg: TrainConfig, h
 
 
 def fit(cfg: TrainConfig, *, on_epoch: Callable[[dict], None] | None = None,
-        progress: Callable[[int, int], None] | None = None, judge: tuple[str, float] | None = None):
+        progress: Callable[[int, int], None] | None = None,
+        threat_model: ThreatModel | None = None):
     """Trains one model in this process: data, epochs, probe, guard.
 
     Args:
         cfg: the training configuration.
         on_epoch: called with each epoch's metrics dict (for logging or reporting).
         progress: called as progress(epoch, step) after every step (for a progress bar).
-        judge: `(norm, eps)` of the threat model runs are compared under (see
-            `AdversarialTraining`). Defaults to the training norm and eps.
+        threat_model: the `ThreatModel` runs are compared under (see `AdversarialTraining`).
+            Defaults to the training norm and eps.
 
     Returns:
         (model, history, summary): the trained `keras.Model` (best epoch restored when the guard
@@ -295,7 +276,7 @@ def fit(cfg: TrainConfig, *, on_epoch: Callable[[dict], None] | None = None,
     if cfg.train_size is not None:
         x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
     steps = len(x_train) // cfg.batch_size
-    run = AdversarialTraining(cfg, steps_per_epoch=steps, judge=judge)
+    run = AdversarialTraining(cfg, steps_per_epoch=steps, threat_model=threat_model)
     def dataset_for(epoch: int):
         return make_dataset(x_train, y_train, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from advtrain import attacks
+from advtrain import attacks, graphs
 from advtrain.attacks import ATTACKS, apgd, apgd_checkpoints, fgsm, objective, pgd, run_attack
 from advtrain.config import LOSSES, NORMS, TrainConfig
 from advtrain.data import load_mnist
@@ -72,19 +72,25 @@ def _l2(a, b):
 # The contract: every attack x norm x loss x (un)targeted
 # --------------------------------------------------------------------------------------------
 
-_BUDGET = {"fgsm": {}, "pgd": {"steps": 3}, "apgd": {"steps": 3}}
+_BUDGET = {"fgsm": {}, "pgd": {"steps": 3}, "apgd": {"steps": 3}, "square": {"queries": 20}}
+# Square minimises its own margin loss (AutoAttack's setting): it takes no `loss` argument.
+_LOSSES = [(name, loss) for name in sorted(ATTACKS)
+           for loss in (("margin",) if name == "square" else LOSSES)]
+
+
+def _loss_kw(name, loss):
+    return {} if name == "square" else {"loss": loss}
 
 
 @pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
-@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name, loss", _LOSSES)
 def test_attack_contract_shape_dtype_ball_range(name, norm, loss, targeted, linear, test_data):
     x, y = test_data[0][:16], test_data[1][:16]
     eps = BALL[norm]
     y_target = (y + 1) % 10 if targeted else None
-    x_adv = ATTACKS[name](linear, x, y, eps=eps, norm=norm, loss=loss, y_target=y_target, seed=1,
-                          **_BUDGET[name])
+    x_adv = ATTACKS[name](linear, x, y, eps=eps, norm=norm, y_target=y_target, seed=1,
+                          **_loss_kw(name, loss), **_BUDGET[name])
     assert isinstance(x_adv, tf.Tensor)
     assert tuple(x_adv.shape) == x.shape and x_adv.dtype == tf.float32
     x_adv = x_adv.numpy()
@@ -284,7 +290,7 @@ def test_run_attack_pads_last_batch_single_trace(test_data):
     assert isinstance(out, np.ndarray) and out.shape == x.shape and out.dtype == np.float32
     assert _linf(out, x).max() <= 0.2 + TOL
     key = ("pgd", "linf", "ce", True, False)
-    compiled = attacks._COMPILED[model][key]
+    compiled = graphs.cached(model)[key]
     assert compiled.experimental_get_tracing_count() == 1
     run_attack("pgd", model, x, y, eps=0.1, steps=5, batch_size=32)  # eps/steps are tensors
     assert compiled.experimental_get_tracing_count() == 1
@@ -319,16 +325,19 @@ def test_run_attack_empty_input_returns_empty(linear):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+_BAD_BUDGETS = [
+    ({"eps": -0.1}, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=-0.1"),
+    ({"eps": 1.5}, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.5"),
+    ({"eps": 0.1, "norm": "l3"}, ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l3'"),
+    ({"eps": 0.1, "loss": "foo"}, ValueError, r"`loss` must be one of 'ce', 'margin', 'dlr'. Received: loss='foo'"),
+    ({"eps": 0.1, "seed": -2}, ValueError, r"`seed` must be in \[0, inf\]. Received: seed=-2"),
+]
+
+
 @pytest.mark.parametrize(
-    "kw, error, match",
-    [
-        ({"eps": -0.1}, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=-0.1"),
-        ({"eps": 1.5}, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.5"),
-        ({"eps": 0.1, "norm": "l3"}, ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l3'"),
-        ({"eps": 0.1, "loss": "foo"}, ValueError, r"`loss` must be one of 'ce', 'margin', 'dlr'. Received: loss='foo'"),
-        ({"eps": 0.1, "seed": -2}, ValueError, r"`seed` must be in \[0, inf\]. Received: seed=-2"),
-    ],
+    "name, kw, error, match",
+    [(name, *case) for name in sorted(ATTACKS) for case in _BAD_BUDGETS
+     if not (name == "square" and "loss" in case[0])],  # Square takes no loss (see _LOSSES)
 )
 def test_attack_bad_budget_raises(name, kw, error, match, linear, test_data):
     x, y = test_data[0][:4], test_data[1][:4]
@@ -369,7 +378,7 @@ def test_attack_mismatched_y_target_raises(linear, test_data):
 
 
 def test_run_attack_unknown_name_raises(linear, test_data):
-    with pytest.raises(ValueError, match=r"Unknown attack 'cw'. Expected one of: apgd, fgsm, pgd\."):
+    with pytest.raises(ValueError, match=r"Unknown attack 'cw'. Expected one of: apgd, fgsm, pgd, square\."):
         run_attack("cw", linear, test_data[0][:4], test_data[1][:4], eps=0.1)
 
 

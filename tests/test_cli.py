@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,13 +159,14 @@ def test_train_local_writes_run_folder_and_report(tiny_config, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_attack_writes_npz_within_ball(tiny_config, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["pgd", "square"])
+def test_attack_writes_npz_within_ball(method, tiny_config, tmp_path, capsys):
     from advtrain.models import build_model, save_model
 
     model_path = tmp_path / "m.keras"
     save_model(build_model("mlp", seed=0), model_path)
     out = tmp_path / "adv.npz"
-    code = main(["attack", str(model_path), "--method", "pgd", "--eps", "0.2", "--steps", "5", "--n", "32",
+    code = main(["attack", str(model_path), "--method", method, "--eps", "0.2", "--steps", "5", "--n", "32",
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     with np.load(out) as f:
@@ -174,6 +174,39 @@ def test_attack_writes_npz_within_ball(tiny_config, tmp_path, capsys):
         assert np.abs(f["x_adv"] - f["x"]).max() <= 0.2 + 1e-6
         assert f["x_adv"].min() >= 0.0 and f["x_adv"].max() <= 1.0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.slow
+def test_evaluate_quantised_input_model_shows_square_and_upper_bound(tmp_path, capsys):
+    """The issue's case: a Keras `Discretization` layer (8 grey levels) in front of a clean CNN.
+    Its input gradient is zero, so only Square breaks it, and the headline is an upper bound."""
+    import keras
+
+    from advtrain.config import TrainConfig
+    from advtrain.models import save_model
+    from advtrain.training import fit
+
+    clean, _, _ = fit(TrainConfig(model="cnn", method="clean", epochs=1, train_size=4000, batch_size=64,
+                                  learning_rate=3e-3, probe_size=64, probe_steps=1, seed=1))
+    inp = keras.Input((28, 28, 1))
+    levels = keras.layers.Discretization(bin_boundaries=[i / 8 for i in range(1, 8)])(inp)
+    model = keras.Model(inp, clean(keras.layers.Rescaling(1 / 7)(levels)))
+    path = tmp_path / "quantised.keras"
+    save_model(model, path)
+    code = main(["evaluate", str(path), "--eps", "0.3", "--suite", "standard", "--n", "100",
+                 "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    entry = report["per_eps"][0]
+    broken = entry["broken"]
+    # The gradient attacks break only what their random start happens to (zero gradients).
+    assert broken["square-5000"] >= 50 and broken["square-5000"] > 5 * (sum(broken.values()) - broken["square-5000"])
+    assert entry["robust_acc"] <= 0.2 and entry["robust_upper_bound"] is True
+    assert f"robust {entry['robust_display']}" in err and entry["robust_display"].startswith("<= ")
+    assert f"square-5000: {broken['square-5000']}" in err
+    assert "eps 0.3 square-5000" in err  # the per-attack progress bar
+    assert "WARNING: zero-gradients FAILED" in err
 
 
 @pytest.mark.timeout(120)  # a hang guard: the point is that it never waits silently

@@ -47,7 +47,7 @@ def test_attack_config_int_eps_stored_as_float():
         ("norm", "l3", ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l3'"),
         ("norm", 2, ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm=2"),
         ("loss", "foo", ValueError, r"`loss` must be one of 'ce', 'margin', 'dlr'. Received: loss='foo'"),
-        ("name", "cw", ValueError, r"`name` must be one of 'fgsm', 'pgd', 'apgd'. Received: name='cw'"),
+        ("name", "cw", ValueError, r"`name` must be one of 'fgsm', 'pgd', 'apgd', 'square'. Received: name='cw'"),
         ("restarts", 0, ValueError, r"`restarts` must be in \[1, inf\]. Received: restarts=0"),
         ("random_start", 1, TypeError, r"`random_start` must be true or false. Received: random_start=1"),
         ("seed", -1, ValueError, r"`seed` must be in \[0, inf\]. Received: seed=-1"),

@@ -1,4 +1,5 @@
-"""Tests of advtrain.evaluation (with advtrain.checks, advtrain.sanity, advtrain.robustness_report).
+"""Tests of advtrain.evaluation (with advtrain.suites, advtrain.checks, advtrain.flags and
+advtrain.robustness_report).
 
 One small PGD-trained CNN (and one clean reference model) are trained once for the module; the
 evaluations use 100-200 test images, the `quick` suite, and the `standard` suite with its step
@@ -15,21 +16,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from advtrain import sanity, training
+from advtrain import flags, training
+from advtrain.attacks import run_attack
+from advtrain.checks import AttackOutputError, check_model, verify_adversarial
 from advtrain.config import EvalConfig, TrainConfig
 from advtrain.data import load_mnist
-from advtrain.evaluation import (
-    SUITES,
-    AttackOutputError,
-    check_model,
-    evaluate_model_file,
-    evaluate_robustness,
-    per_eps,
-    suite_attacks,
-    summary_lines,
-    verify_adversarial,
-)
+from advtrain.evaluation import evaluate_model_file, evaluate_robustness
 from advtrain.models import save_model
+from advtrain.robustness_report import per_eps, summary_lines
+from advtrain.suites import SUITES, suite_attacks
 
 N = 200
 CONTEXT = ("norm", "eps", "split", "n", "suite")
@@ -145,12 +140,14 @@ def test_suites_table_assignment_raises():
 def test_suites_table_defaults_are_the_design_suites():
     assert [a.name for a in SUITES["fgsm"]] == ["fgsm"]
     assert [a.name for a in SUITES["quick"]] == ["pgd-20"]
-    assert [a.name for a in SUITES["standard"]] == ["pgd-100x5", "apgd-ce-100", "apgd-t-100-top9"]
+    assert [a.name for a in SUITES["standard"]] == ["pgd-100x5", "apgd-ce-100", "apgd-t-100-top9",
+                                                    "square-5000"]
+    assert [a.gradient_free for a in SUITES["standard"]] == [False, False, False, True]
 
 
 def test_suite_attacks_steps_scale_relabels_without_touching_table():
     scaled = suite_attacks("standard", steps_scale=0.1)
-    assert [a.name for a in scaled] == ["pgd-10x5", "apgd-ce-10", "apgd-t-10-top9"]
+    assert [a.name for a in scaled] == ["pgd-10x5", "apgd-ce-10", "apgd-t-10-top9", "square-500"]
     assert SUITES["standard"][0].steps == 100
 
 
@@ -225,7 +222,11 @@ def test_evaluate_robustness_quick_sweep_robust_le_clean_and_attacks(quick_repor
 @pytest.mark.slow
 def test_evaluate_robustness_standard_suite_worst_case_le_each_attack(standard_report, trained, xy):
     res = standard_report.result(0.3)
-    assert list(res.per_attack) == ["clean", "pgd-10x5", "apgd-ce-10", "apgd-t-10-top9"]
+    assert list(res.per_attack) == ["clean", "pgd-10x5", "apgd-ce-10", "apgd-t-10-top9", "square-500"]
+    assert list(res.broken) == list(res.per_attack)[1:]
+    # Each attack's count is the drop in correct examples it caused, on the still-robust ones.
+    accs = list(res.per_attack.values())
+    assert [round((a - b) * 100) for a, b in zip(accs, accs[1:], strict=False)] == list(res.broken.values())
     accs = list(res.per_attack.values())
     assert all(a >= b for a, b in zip(accs, accs[1:], strict=False))  # cumulative: never rises
     assert res.robust_acc == accs[-1] <= res.clean_acc
@@ -276,7 +277,7 @@ def test_report_markdown_has_table_and_flags_section(quick_report, standard_repo
 @pytest.mark.slow
 def test_report_write_json_md_atomic_no_temp_files(quick_report, tmp_path):
     json_path, md_path = quick_report.write(tmp_path / "eval")
-    assert json.loads(json_path.read_text())["schema"] == "advtrain.robustness_report/1"
+    assert json.loads(json_path.read_text())["schema"] == "advtrain.robustness_report/2"
     assert md_path.read_text().startswith("# Robustness report")
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.json", "report.md"]
 
@@ -296,7 +297,8 @@ def test_summary_lines_threat_model_eps_and_sanity(quick_report):
     lines = summary_lines(json.loads(json.dumps(quick_report.to_dict())))
     assert lines[0].startswith("Threat model: linf eps 0.1, 0.3; suite quick (pgd-20)")
     assert "n=200 test examples" in lines[0]
-    assert lines[2].startswith("eps 0.3: clean 0.9") and "fgsm (reference)" in lines[2]
+    assert lines[3].startswith("eps 0.3: clean 0.9") and "fgsm (reference)" in lines[3]
+    assert lines[2].startswith("  broken by: pgd-20: ") and lines[4].startswith("  broken by: pgd-20: ")
     assert "Sanity checks: 13 passed, 0 failed, 0 not run" in lines
     assert not any(line.startswith("WARNING") for line in lines)
 
@@ -314,10 +316,10 @@ def test_per_eps_report_dict_entries_and_bad_dict_raises(quick_report):
 
 @pytest.mark.slow
 def test_flags_trained_model_passes_every_check_that_ran(quick_report):
-    flags = quick_report.flags
-    assert {f.id for f in flags} == set(sanity.FLAG_IDS)
-    assert [f.summary for f in flags if f.passed is False] == []
-    assert all(f.passed for f in flags), [f.summary for f in flags if not f.passed]
+    found = quick_report.flags
+    assert {f.id for f in found} == set(flags.FLAG_IDS)
+    assert [f.summary for f in found if f.passed is False] == []
+    assert all(f.passed for f in found), [f.summary for f in found if not f.passed]
     assert quick_report.sanity_passed is True
 
 
@@ -325,7 +327,7 @@ def test_flags_trained_model_passes_every_check_that_ran(quick_report):
 def test_flags_scaled_logits_model_fail(trained, xy, caplog):
     x, y = xy
     masked = _wrap(trained, after=[ScaledLogits()])
-    with caplog.at_level(logging.WARNING, logger="advtrain.sanity"):
+    with caplog.at_level(logging.WARNING, logger="advtrain.flags"):
         # The unmasked original as the reference: transfer from it is the real white-box attack.
         report = evaluate_robustness(
             masked, x, y, EvalConfig(eps=(0.3,), suite="quick"), reference_model=trained
@@ -353,7 +355,7 @@ def test_flags_rounding_input_layer_fail(trained, xy):
 
 
 def test_check_whitebox_vs_transfer_without_reference_not_run():
-    flag = sanity.check_whitebox_vs_transfer(
+    flag = flags.check_whitebox_vs_transfer(
         None,
         None,
         np.zeros((3, 28, 28, 1)),
@@ -370,10 +372,10 @@ def test_check_whitebox_vs_transfer_without_reference_not_run():
 
 
 def test_check_eps_monotone_rise_beyond_noise_fails():
-    assert sanity.check_eps_monotone([(0.1, 0.9), (0.3, 0.5)], n=200).passed is True
-    assert sanity.check_eps_monotone([(0.1, 0.5), (0.3, 0.52)], n=200).passed is True  # noise
-    assert sanity.check_eps_monotone([(0.1, 0.5), (0.3, 0.7)], n=200).passed is False
-    assert sanity.check_eps_monotone([(0.3, 0.5)], n=200).passed is None
+    assert flags.check_eps_monotone([(0.1, 0.9), (0.3, 0.5)], n=200).passed is True
+    assert flags.check_eps_monotone([(0.1, 0.5), (0.3, 0.52)], n=200).passed is True  # noise
+    assert flags.check_eps_monotone([(0.1, 0.5), (0.3, 0.7)], n=200).passed is False
+    assert flags.check_eps_monotone([(0.3, 0.5)], n=200).passed is None
 
 
 # -- model checks ---------------------------------------------------------------------------
@@ -419,10 +421,54 @@ def test_check_model_randomized_model_raises(trained, xy):
 
 
 @pytest.mark.slow
-def test_check_model_no_input_gradient_raises(trained, xy):
+def test_check_model_no_input_gradient_gives_zero_gradients(trained, xy):
     x, y = xy
-    with pytest.raises(ValueError, match="no gradient with respect to its input"):
-        check_model(_wrap(trained, RoundInput(keep_path=False)), x[:20], y[:20])
+    _, _, grads = check_model(_wrap(trained, RoundInput(keep_path=False)), x[:20], y[:20])
+    assert grads.shape == (20, 28, 28, 1) and not grads.any()
+
+
+# -- masked models: the gradient-free attack finds the truth, the report marks the number ----
+
+MASKS = {
+    # Input quantised to 8 grey levels, with a 0 * x path: the input gradient is an exact zero.
+    "quantised-input": lambda m: _wrap(m, RoundInput(levels=8)),
+    # The same rounding with no path at all: TensorFlow has no gradient for tf.round.
+    "rounding-no-gradient": lambda m: _wrap(m, RoundInput(levels=8, keep_path=False)),
+    # Logits x 1e4: the float32 cross-entropy saturates and its gradient vanishes.
+    "scaled-logits": lambda m: _wrap(m, after=[ScaledLogits()]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", sorted(MASKS))
+def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_marked(mask, reference, xy):
+    x, y = xy[0][:100], xy[1][:100]
+    masked, eps = MASKS[mask](reference), 0.1
+    rep = evaluate_robustness(masked, x, y, EvalConfig(eps=(eps,), suite="standard"),
+                              steps_scale=0.1)
+    res = rep.result(eps)
+    # An independent gradient-free attack with the same budget and another seed.
+    adv = run_attack("square", masked, x, y, eps=eps, queries=500, seed=12345, batch_size=100)
+    square_acc = float(np.mean(np.argmax(masked(adv), -1) == y))
+    clean = float(np.mean(np.argmax(masked(x), -1) == y))
+    assert square_acc < clean - 0.2  # the masked model is not robust at all
+    assert res.robust_acc <= square_acc + 2 * flags.tolerance(square_acc, len(y))
+    # The report shows which attack broke it, and the number only as an upper bound.
+    assert sum(res.broken.values()) == round((res.clean_acc - res.robust_acc) * len(y))
+    if mask != "scaled-logits":  # gradient attacks cannot move; the scale-free DLR can
+        assert res.broken["square-500"] > 0.5 * sum(res.broken.values())
+    assert "zero-gradients" in rep.failed_at(eps)
+    d = rep.to_dict()
+    entry = d["per_eps"][0]
+    assert entry["robust_upper_bound"] is True and "zero-gradients" in entry["robust_flags_failed"]
+    assert entry["robust_display"].startswith(f"<= {res.robust_acc:.4f} (upper bound: ")
+    lines = summary_lines(d)
+    assert any(line.startswith(f"eps 0.1: clean {res.clean_acc:.4f}  robust <= ") for line in lines)
+    assert any(line.strip().startswith("broken by: pgd-10x5: ") and "square-500: " in line
+               for line in lines)
+    assert f"<= {res.robust_acc:.4f} (upper bound: " in rep.to_markdown()
+    metrics = rep.metrics(eps)
+    assert metrics["robust_upper_bound"] is True and metrics["robust_display"].startswith("<= ")
 
 
 # -- inputs and files -----------------------------------------------------------------------

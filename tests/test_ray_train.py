@@ -7,14 +7,13 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from advtrain import training
 from advtrain.config import TrainConfig
-from advtrain.data import load_mnist, shard
+from advtrain.data import shard
 from advtrain.models import build_model, load_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

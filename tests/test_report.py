@@ -14,7 +14,7 @@ from advtrain.report import (
     plot_accuracy_vs_eps,
     plot_adversarial_grid,
     plot_pareto,
-    write_text_atomic,
+    robust_cell,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -85,18 +85,14 @@ def test_markdown_table_formats_floats_and_escapes_pipes():
     ]
 
 
-def test_write_text_atomic_replaces_and_leaves_no_temp_files(tmp_path):
-    path = tmp_path / "sub" / "report.md"
-    write_text_atomic(path, "one\n")
-    write_text_atomic(path, "two\n")
-    assert path.read_text() == "two\n"
-    assert [p.name for p in path.parent.iterdir()] == ["report.md"]
+def test_robust_cell_without_flags_is_the_number():
+    assert robust_cell(0.9052) == "0.9052"
+    assert robust_cell(None) == "-"
 
 
-def test_write_text_atomic_failed_write_leaves_nothing(tmp_path):
-    with pytest.raises(TypeError):
-        write_text_atomic(tmp_path / "x.md", None)
-    assert list(tmp_path.iterdir()) == []
+def test_robust_cell_with_failed_flags_is_an_upper_bound_naming_them():
+    cell = robust_cell(0.979, ["large-eps", "zero-gradients"])
+    assert cell == "<= 0.9790 (upper bound: large-eps, zero-gradients)"
 
 
 def test_plot_accuracy_vs_eps_report_dict_writes_png(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from advtrain import attacks, training
-from advtrain.config import TrainConfig
+from advtrain.config import ThreatModel, TrainConfig
 from advtrain.data import load_mnist
 from advtrain.models import load_model
 
@@ -159,12 +159,12 @@ def test_save_run_round_trip_gives_identical_outputs(tmp_path, clean_run):
     np.testing.assert_allclose(load_model(tmp_path / "model.keras")(x), model(x), atol=1e-6)
 
 
-def test_probe_reports_judge_threat_model_separately():
+def test_probe_reports_threat_model_separately():
     cfg = TrainConfig(method="pgd", eps=0.2, epochs=1, train_size=1280, batch_size=128, probe_size=64)
-    run = training.AdversarialTraining(cfg, steps_per_epoch=10, judge=("linf", 0.0))
+    run = training.AdversarialTraining(cfg, steps_per_epoch=10, threat_model=ThreatModel(eps=0.0))
     data = load_mnist()
     out = run.probe(data.x_val[:256], data.y_val[:256])
-    # At eps 0 the judge's "robust" accuracy is the clean accuracy of the probe batch.
+    # At eps 0 the threat model's "robust" accuracy is the clean accuracy of the probe batch.
     clean_probe = float(np.mean(np.argmax(run.model(data.x_val[:64]), -1) == data.y_val[:64]))
     assert out["val_robust_acc"] == pytest.approx(clean_probe)
     assert set(out) == {"val_clean_acc", "val_fgsm_acc", "val_pgd_acc", "val_robust_acc"}

@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attack", help="adversarial examples for given images")
     p.add_argument("model", help="a .keras model file")
-    p.add_argument("--method", default="pgd", help="fgsm, pgd or apgd")
+    p.add_argument("--method", default="pgd", help="fgsm, pgd, apgd or square (gradient-free)")
     p.add_argument("--eps", type=float, required=True)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=40, help="iterations; for square, queries per image")
     p.add_argument("--step-size", type=float)
     p.add_argument("--norm", default="linf")
     p.add_argument("--restarts", type=int, default=1)

@@ -40,6 +40,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from advtrain.files import write_json
+
 __all__ = [
     "DEFAULT_ROOT",
     "ClusterError",
@@ -206,15 +208,6 @@ def _ensure_token(path: Path) -> None:
         return
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
 def _load(root: Path) -> LocalCluster | None:
@@ -543,7 +536,7 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
         sid = _start_node(cmd, env, temp_dir / "ray-start-head.log", timeout_s, sessions)
         nodes = [NodeRecord("head", sid, num_cpus, head)]
         cluster = dataclasses.replace(cluster, nodes=tuple(nodes))
-        _write_json(cluster.cluster_file, cluster.to_dict())  # so `down` finds it if we fail
+        write_json(cluster.cluster_file, cluster.to_dict())  # so `down` finds it if we fail
         if add_node:
             extra = _node_ports(_NODE_LISTENERS, taken)
             cmd = [sys.executable, "-c", _NODE_LAUNCHER, "start", f"--address={address}",
@@ -552,7 +545,7 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
             sid = _start_node(cmd, env, temp_dir / "ray-start-node.log", timeout_s, sessions)
             nodes.append(NodeRecord("worker", sid, node_cpus, extra))
             cluster = dataclasses.replace(cluster, nodes=tuple(nodes))
-            _write_json(cluster.cluster_file, cluster.to_dict())
+            write_json(cluster.cluster_file, cluster.to_dict())
         _wait_for_nodes(cluster, len(nodes), timeout_s)
         pids = {}
         for p in _scan(temp_dir, sessions):
@@ -560,7 +553,7 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
                 pids.setdefault(os.getsid(p.pid), []).append(p.pid)
         cluster = dataclasses.replace(cluster, nodes=tuple(
             dataclasses.replace(n, pids=tuple(sorted(pids.get(n.session_id, ())))) for n in nodes))
-        _write_json(cluster.cluster_file, cluster.to_dict())
+        write_json(cluster.cluster_file, cluster.to_dict())
     except BaseException:
         logger.warning("Cluster in %s did not come up; stopping what was started.", root)
         _stop(temp_dir, sessions, timeout_s=15.0)

@@ -11,7 +11,6 @@ import csv
 import html
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,33 @@ from ray.train import Checkpoint
 
 from advtrain import evaluation, report
 from advtrain.data import load_mnist
+from advtrain.files import copy_file, write_json, write_text
 from advtrain.models import load_model
-from advtrain.training import write_json
-from workflows.runs import _select
 from workflows.spec import RunSpec
 
-__all__ = ["collect", "write_all", "rank", "COLUMNS"]
+__all__ = ["evaluate_trial", "collect", "write_all", "rank", "COLUMNS"]
 
 TOP_K = 3
 COLUMNS = ("rank", "trial_id", "config", "val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc",
-           "epochs_run", "stopped", "wall_s")
+           "test_flags_failed", "epochs_run", "stopped", "wall_s")
+# Shown as upper bounds, with the failed flags beside them, when a trial's model failed a check.
+ROBUST_COLUMNS = ("val_robust_acc", "test_robust_acc")
+
+
+def evaluate_trial(model, spec: RunSpec, data, out: Path) -> dict[str, Any]:
+    """A trial's final evaluation, the same for every trial whoever runs it: the full suite of
+    the search's threat model on its test examples. Writes report.json/.md into `out`.
+
+    Returns:
+        The `test_*` metrics at the judged eps: clean and robust accuracy, and the flags that
+        failed (non-empty: the robust accuracy is an upper bound).
+    """
+    rep = evaluation.evaluate_split(model, spec.eval, data)
+    rep.write(out)
+    eps = spec.threat_model.eps
+    r = rep.result(eps)
+    return {"test_clean_acc": r.clean_acc, "test_robust_acc": r.robust_acc,
+            "test_flags_failed": rep.failed_at(eps)}
 
 
 def _stopped(metrics: dict, error: Any, scheduler: str) -> str:
@@ -47,15 +63,9 @@ def _evaluate_stopped(row: dict, spec: RunSpec, data) -> None:
     import tempfile
 
     src = Path(Checkpoint(row["_train_checkpoint"]).to_directory())
-    x, y = _select(spec.eval, data)
-    rep = evaluation.evaluate_robustness(load_model(src / "model.keras"), x, y, spec.eval, split=spec.eval.split)
-    d = rep.to_dict()
-    at = {r["eps"]: r for r in evaluation.per_eps(d)}[max(spec.eval.eps)]
-    row.update(test_clean_acc=at["clean_acc"], test_robust_acc=at["robust_acc"],
-               test_flags_failed=[f["id"] for f in d.get("flags", []) if f.get("passed") is False])
     out = Path(tempfile.mkdtemp(prefix="advtrain-eval-"))
-    rep.write(out)
-    shutil.copyfile(src / "model.keras", out / "model.keras")
+    row.update(evaluate_trial(load_model(src / "model.keras"), spec, data, out))
+    copy_file(src / "model.keras", out / "model.keras")
     row["_dir"] = out
 
 
@@ -101,29 +111,27 @@ def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("report.json", "report.md", "model.keras", "history.json"):
             if (src / name).is_file():
-                tmp = dst / f".{name}.tmp"
-                shutil.copyfile(src / name, tmp)
-                tmp.replace(dst / name)
+                copy_file(src / name, dst / name)
     best = next((r for r in ranked if (trials_dir / r["trial_id"] / "model.keras").is_file()), None)
     if best is not None:
-        tmp = run_dir / ".best_model.keras.tmp"
-        shutil.copyfile(trials_dir / best["trial_id"] / "model.keras", tmp)
-        tmp.replace(run_dir / "best_model.keras")
+        copy_file(trials_dir / best["trial_id"] / "model.keras", run_dir / "best_model.keras")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in ranked]
-    write_json(run_dir / "trials.json", {"threat_model": {"norm": spec.eval.norm, "eps": max(spec.eval.eps),
-                                                          "suite": spec.eval.suite, "split": spec.eval.split,
-                                                          "n": spec.eval.n},
+    objective = {"metric": "val_robust_acc", "attack": f"pgd-{spec.train.probe_steps}", "split": "val",
+                 "n": spec.train.probe_size}
+    write_json(run_dir / "trials.json", {"threat_model": spec.threat_model.to_dict(), "objective": objective,
                                          "metric": "val_robust_acc", "trials": clean,
                                          "best_trial": best["trial_id"] if best else None})
     return clean
 
 
 def rank(rows: list[dict]) -> list[dict]:
-    """By validation robust accuracy (the search objective, never the test split), trials that
-    trained every epoch before those stopped early, then validation clean accuracy."""
+    """Trials whose model passed every sanity check first (a flagged model's robust accuracy is
+    only an upper bound, never a reason to rank it first); then by validation robust accuracy
+    (the search objective, never the test split), trials that trained every epoch before those
+    stopped early, then validation clean accuracy."""
     def key(r):
         full = r.get("stopped") in ("no", "overfitting guard")
-        return (r.get("val_robust_acc") or -1.0, full, r.get("val_clean_acc") or -1.0)
+        return (not r.get("test_flags_failed"), r.get("val_robust_acc") or -1.0, full, r.get("val_clean_acc") or -1.0)
 
     out = sorted(rows, key=key, reverse=True)
     for i, r in enumerate(out, 1):
@@ -138,7 +146,25 @@ def _fmt(v: Any) -> str:
         return f"{v:.4f}"
     if isinstance(v, dict):
         return ", ".join(f"{k}={_fmt(x) if not isinstance(x, float) else f'{x:g}'}" for k, x in v.items())
+    if isinstance(v, list):
+        return ", ".join(map(str, v)) or "-"
     return str(v)
+
+
+def _cells(r: dict) -> dict[str, str]:
+    """A trial's row as shown: its robust accuracies as upper bounds when its model failed a flag."""
+    cells = {c: _fmt(r.get(c)) for c in COLUMNS}
+    for c in ROBUST_COLUMNS:
+        cells[c] = report.robust_cell(r.get(c), r.get("test_flags_failed") or ())
+    return cells
+
+
+def _csv_cell(v: Any) -> Any:
+    if isinstance(v, dict):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return ";".join(map(str, v))
+    return "" if v is None else v
 
 
 def write_all(run_dir: Path) -> list[str]:
@@ -150,16 +176,19 @@ def write_all(run_dir: Path) -> list[str]:
     writer = csv.writer(buf)
     writer.writerow(COLUMNS)
     for r in rows:
-        writer.writerow([json.dumps(r[c]) if isinstance(r[c], dict) else ("" if r[c] is None else r[c]) for c in COLUMNS])
-    report.write_text_atomic(run_dir / "results.csv", buf.getvalue())
-    table = report.markdown_table([{c: _fmt(r[c]) for c in COLUMNS} for r in rows], list(COLUMNS))
-    report.write_text_atomic(run_dir / "results.md", table + "\n")
+        writer.writerow([_csv_cell(r.get(c)) for c in COLUMNS])
+    write_text(run_dir / "results.csv", buf.getvalue())
+    table = report.markdown_table([_cells(r) for r in rows], list(COLUMNS))
+    write_text(run_dir / "results.md", table + "\n")
 
     evaluated = [r for r in rows if r["test_robust_acc"] is not None]
-    points = [{"label": r["trial_id"], "clean": r["test_clean_acc"], "robust": r["test_robust_acc"]} for r in evaluated]
-    front = report.pareto_front(points)
+    points = [{"label": r["trial_id"], "clean": r["test_clean_acc"], "robust": r["test_robust_acc"],
+               "flags_failed": r.get("test_flags_failed") or []} for r in evaluated]
+    # The front is drawn through trials whose number is a result; flagged ones are upper bounds.
+    front = report.pareto_front([p for p in points if not p["flags_failed"]])
+    flagged = [p for p in points if p["flags_failed"]]
     if points:
-        report.plot_pareto(points, front, run_dir / "pareto.png")
+        report.plot_pareto(points, front, run_dir / "pareto.png", flagged=flagged)
     curves = []
     for r in rows[:TOP_K]:
         p = run_dir / "trials" / r["trial_id"] / "report.json"
@@ -168,33 +197,42 @@ def write_all(run_dir: Path) -> list[str]:
     if curves:
         report.plot_accuracy_vs_eps(curves, run_dir / "accuracy_vs_eps.png")
 
-    threat = f"{tm['norm']} eps={tm['eps']}, {tm['suite']} suite, {tm['split']} split, n={tm['n'] or 'all'}"
-    md = [f"# advtrain search report", "", f"Threat model (fixed for every trial): **{threat}**.",
-          "Trials are ranked by `val_robust_acc` (PGD on the validation split under this threat model); "
-          "test columns come from each trial's final evaluation (for trials ASHA stopped: of their last "
-          "checkpoint, run by the driver) and never steered the search.", "",
+    threat = f"{tm['norm']} eps={tm['eps']:g}, {tm['suite']} suite, {tm['split']} split, n={tm['n'] or 'all'}"
+    obj = data.get("objective") or {"attack": "pgd", "n": "?"}
+    md = ["# advtrain search report", "", f"Threat model (fixed for every trial): **{threat}**.", "",
+          f"- The search's objective, `val_robust_acc`, is a cheap probe: {obj['attack'].upper()} on the first "
+          f"{obj['n']} validation examples at {tm['norm']} eps {tm['eps']:g}, after every epoch. It ranks the trials "
+          "and steers the scheduler.",
+          f"- The test columns are the full `{tm['suite']}` suite on the {tm['split']} split, run once on each trial's "
+          "final model (for trials the scheduler stopped: their last checkpoint, evaluated by the driver). They never "
+          "steered the search.",
+          "- A robust accuracy marked `<=` is an upper bound: that trial's model failed a sanity check (named beside "
+          "it, see docs/flags.md). Such trials rank below every trial that passed.", "",
           "## Ranked trials", "", table, "", "## Clean vs robust (test) Pareto front", ""]
     md += [f"- {p['label']}: clean {p['clean']:.4f}, robust {p['robust']:.4f}" for p in front] or ["- no evaluated trial"]
+    md += [f"- not on the front, flagged: {p['label']}: clean {p['clean']:.4f}, robust "
+           f"{report.robust_cell(p['robust'], p['flags_failed'])}" for p in flagged]
     if points:
         md += ["", "![Pareto front](pareto.png)"]
     if curves:
         md += ["", "## Accuracy against eps (top trials)", "", "![accuracy vs eps](accuracy_vs_eps.png)"]
-    flagged = [r for r in rows if r.get("test_flags_failed")]
     if flagged:
         md += ["", "## Sanity-check warnings", ""]
-        md += [f"- WARNING {r['trial_id']}: failed {', '.join(r['test_flags_failed'])} (see docs/flags.md)" for r in flagged]
+        md += [f"- WARNING {p['label']}: failed {', '.join(p['flags_failed'])} (see docs/flags.md)" for p in flagged]
     if data.get("best_trial"):
         md += ["", f"Best model: [best_model.keras](best_model.keras) (trial {data['best_trial']}); its evaluation: "
                    f"[report](trials/{data['best_trial']}/report.md)."]
     md += ["", "Files: [results.csv](results.csv), [results.md](results.md), [trials.json](trials.json)."]
     text = "\n".join(md) + "\n"
-    report.write_text_atomic(run_dir / "report.md", text)
-    report.write_text_atomic(run_dir / "report.html", _html(text))
+    write_text(run_dir / "report.md", text)
+    write_text(run_dir / "report.html", _html(text))
 
     lines = [f"Threat model: {threat}", table]
     if front:
         lines.append("Pareto front (test clean, robust): " + "; ".join(
             f"{p['label']} ({p['clean']:.3f}, {p['robust']:.3f})" for p in front))
+    lines += [f"WARNING: trial {p['label']} failed {', '.join(p['flags_failed'])}: its robust accuracy "
+              f"{report.robust_cell(p['robust'], p['flags_failed'])} is an upper bound" for p in flagged]
     lines.append(f"Report: {run_dir / 'report.md'} (and report.html)")
     return lines
 

@@ -34,10 +34,27 @@ def _epoch_line(m: dict) -> str:
             f"eps {m['eps']:.3f}  {m['examples_per_second']:.0f} ex/s  {m['epoch_seconds']:.1f}s")
 
 
-def _select(cfg: EvalConfig, data) -> tuple[np.ndarray, np.ndarray]:
-    x, y = data.split(cfg.split)
-    # The first n examples: a fixed, documented subset, so runs compare.
-    return (x, y) if cfg.n is None else (x[: cfg.n], y[: cfg.n])
+class _AttackProgress:
+    """One tqdm bar per attack on stderr: the attack, examples done of those left to attack
+    (the still-robust ones), and the elapsed time."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.label = None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if label != self.label:
+            self.close()
+            self.label = label
+            self.bar = tqdm(total=total, desc=label, unit="ex", leave=False, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = self.label = None
 
 
 def write_evaluation(model, cfg: EvalConfig, out: Path, data=None) -> dict:
@@ -46,12 +63,16 @@ def write_evaluation(model, cfg: EvalConfig, out: Path, data=None) -> dict:
     from advtrain.data import load_mnist
 
     data = data or load_mnist()
-    x, y = _select(cfg, data)
-    rep = evaluation.evaluate_robustness(model, x, y, cfg, split=cfg.split)
+    progress = _AttackProgress()
+    try:
+        rep = evaluation.evaluate_split(model, cfg, data, progress=progress)
+    finally:
+        progress.close()
     rep.write(out)
     d = rep.to_dict()
     report.plot_accuracy_vs_eps(d, out / "accuracy_vs_eps.png")
-    k = min(16, len(x))
+    x, y = data.split(cfg.split)
+    k = min(16, len(x), cfg.n or len(x))
     x_adv = attacks.run_attack("pgd", model, x[:k], y[:k], eps=max(cfg.eps), norm=cfg.norm, steps=40, batch_size=k)
     report.plot_adversarial_grid(x[:k], x_adv, y[:k], np.argmax(model(x[:k]), -1), np.argmax(model(x_adv), -1),
                                  out / "examples.png", n=k)
@@ -61,7 +82,8 @@ def write_evaluation(model, cfg: EvalConfig, out: Path, data=None) -> dict:
 def train_and_report(spec: RunSpec, run_dir: Path, *, local: bool, address: str | None, storage: str | None) -> int:
     """`advtrain train`: trains (locally or on Ray Train), saves the run folder, evaluates."""
     from advtrain.models import load_model
-    from advtrain.training import fit, save_run, write_json
+    from advtrain.files import write_json
+    from advtrain.training import fit, save_run
 
     t0 = time.perf_counter()
     if local:
@@ -82,7 +104,7 @@ def train_and_report(spec: RunSpec, run_dir: Path, *, local: bool, address: str 
                 bar.close()
             _say(_epoch_line(m))
 
-        model, history, summary = fit(spec.train, on_epoch=on_epoch, progress=progress, judge=spec.judge)
+        model, history, summary = fit(spec.train, on_epoch=on_epoch, progress=progress, threat_model=spec.threat_model)
     else:
         from workflows import cluster
         from workflows.train import check_resources, fit_distributed, read_final
@@ -93,7 +115,7 @@ def train_and_report(spec: RunSpec, run_dir: Path, *, local: bool, address: str 
         _say(f"Ray Train: {spec.scaling.workers} worker(s), gpu={spec.scaling.gpu}, storage {storage_path}")
         result = fit_distributed(spec.train, workers=spec.scaling.workers, gpu=spec.scaling.gpu,
                                  cpus_per_worker=spec.scaling.cpus_per_worker, max_failures=spec.scaling.max_failures,
-                                 storage_path=storage_path, name=run_dir.name, judge=spec.judge,
+                                 storage_path=storage_path, name=run_dir.name, threat_model=spec.threat_model,
                                  placement_strategy=spec.scaling.placement_strategy)
         if result.error is not None:
             raise RuntimeError(f"Ray Train run failed: {result.error}")
@@ -116,7 +138,7 @@ def train_and_report(spec: RunSpec, run_dir: Path, *, local: bool, address: str 
 
 
 def _print_report_summary(d: dict) -> None:
-    from advtrain.evaluation import summary_lines
+    from advtrain.robustness_report import summary_lines
 
     for line in summary_lines(d):
         _say(line)
@@ -135,10 +157,9 @@ def evaluate_and_report(model_path: Path, cfg: EvalConfig, out: Path) -> int:
 
 def attack_to_file(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, split: str, out: Path) -> int:
     """`advtrain attack`: adversarial examples for given images, saved atomically as .npz."""
-    import os
-
     from advtrain import attacks
     from advtrain.data import DataError, _check_arrays, load_mnist
+    from advtrain.files import write_atomic
     from advtrain.models import load_model
 
     if input_path is None:
@@ -155,7 +176,11 @@ def attack_to_file(model_path: Path, cfg: AttackConfig, input_path: str | None, 
         except OSError as e:
             raise DataError(f"{input_path}: cannot be read as .npz ({e})") from None
     model = load_model(model_path)
-    kw = dict(eps=cfg.eps, norm=cfg.norm, loss=cfg.loss, seed=cfg.seed)
+    kw = dict(eps=cfg.eps, norm=cfg.norm, seed=cfg.seed)
+    if cfg.name == "square":
+        kw.update(queries=cfg.steps)
+    else:
+        kw.update(loss=cfg.loss)
     if cfg.name in ("pgd", "apgd"):
         kw.update(steps=cfg.steps, restarts=cfg.restarts)
     if cfg.name == "pgd":
@@ -163,10 +188,8 @@ def attack_to_file(model_path: Path, cfg: AttackConfig, input_path: str | None, 
     x_adv = attacks.run_attack(cfg.name, model, x, y, batch_size=min(256, len(x)), **kw)
     pred = np.argmax(model.predict(x, verbose=0), -1)
     pred_adv = np.argmax(model.predict(x_adv, verbose=0), -1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, x=x, y=y, x_adv=x_adv, pred=pred, pred_adv=pred_adv, attack=str(cfg))
-    os.replace(tmp, out)
+    write_atomic(out, lambda tmp: np.savez_compressed(tmp, x=x, y=y, x_adv=x_adv, pred=pred,
+                                                      pred_adv=pred_adv, attack=str(cfg)))
     _say(f"{cfg.name} {cfg.norm} eps={cfg.eps}: accuracy {np.mean(pred == y):.3f} -> {np.mean(pred_adv == y):.3f} "
          f"on {len(x)} images; wrote {out}")
     return 0

@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from advtrain.config import EvalConfig, TrainConfig, _check_bool, _check_number, load_yaml
+from advtrain.config import EvalConfig, ThreatModel, TrainConfig, _check_bool, _check_number, load_yaml
 
 __all__ = ["Scaling", "RunSpec", "load_spec"]
 
@@ -55,9 +55,9 @@ class RunSpec:
     source: str = "<defaults>"
 
     @property
-    def judge(self) -> tuple[str, float]:
-        """The fixed threat model runs are ranked under: the eval norm at the largest eval eps."""
-        return (self.eval.norm, max(self.eval.eps))
+    def threat_model(self) -> ThreatModel:
+        """The fixed threat model runs are judged under (`EvalConfig.threat_model`)."""
+        return self.eval.threat_model
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": self.train.to_dict(), "eval": self.eval.to_dict(),

@@ -19,7 +19,7 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from advtrain.config import TrainConfig
+from advtrain.config import ThreatModel, TrainConfig
 
 __all__ = ["train_loop_per_worker", "build_trainer", "fit_distributed", "check_resources", "WORKER_ENV"]
 
@@ -51,8 +51,8 @@ def _digest(indices) -> str:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: shard, model in the strategy's scope, resume, epochs, reports.
 
-    `config` holds `train` (a TrainConfig dict), `cpus_per_worker` and `judge` ((norm, eps) of
-    the fixed threat model, or None). Everything the worker
+    `config` holds `train` (a TrainConfig dict), `cpus_per_worker` and `threat_model` (the
+    search's fixed `ThreatModel` as a dict, or None). Everything the worker
     needs comes through it: the loop never reads the driver's globals or sys.argv.
     """
     cfg = TrainConfig.from_dict(config["train"])
@@ -62,7 +62,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tf.get_logger().setLevel("ERROR")
     from advtrain.data import load_mnist, make_dataset, shard
     from advtrain.models import save_model
-    from advtrain.training import AdversarialTraining, run_epochs, write_json
+    from advtrain.files import write_json
+    from advtrain.training import AdversarialTraining, run_epochs
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -82,8 +83,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lambda _ctx: make_dataset(x_shard, y_shard, cfg.batch_size, seed=(cfg.seed * 1000 + epoch) * 97 + rank)
         )
 
-    judge = tuple(config["judge"]) if config.get("judge") else None
-    run = AdversarialTraining(cfg, steps_per_epoch=steps, strategy=strategy, rank=rank, judge=judge)
+    threat_model = ThreatModel.from_dict(config["threat_model"]) if config["threat_model"] else None
+    run = AdversarialTraining(cfg, steps_per_epoch=steps, strategy=strategy, rank=rank,
+                              threat_model=threat_model)
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -150,14 +152,14 @@ def check_resources(workers: int, cpus_per_worker: float, gpu: bool) -> None:
 
 def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per_worker: float = 1,
                   storage_path: str, name: str, max_failures: int = 1, callbacks=None,
-                  judge: tuple[str, float] | None = None, placement_strategy: str = "PACK"):
+                  threat_model: ThreatModel | None = None, placement_strategy: str = "PACK"):
     """A Train V2 TensorflowTrainer for one adversarial training run."""
     from ray.train.tensorflow import TensorflowTrainer
 
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "cpus_per_worker": cpus_per_worker,
-                           "judge": list(judge) if judge else None},
+                           "threat_model": threat_model.to_dict() if threat_model else None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})},
                                      placement_strategy=placement_strategy),
@@ -172,7 +174,8 @@ def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per
 
 
 def fit_distributed(cfg: TrainConfig, *, workers: int, gpu: bool, storage_path: str, name: str,
-                    cpus_per_worker: float = 1, max_failures: int = 1, judge=None, placement_strategy: str = "PACK"):
+                    cpus_per_worker: float = 1, max_failures: int = 1, threat_model: ThreatModel | None = None,
+                    placement_strategy: str = "PACK"):
     """Runs one distributed training to completion; returns the Ray `Result`.
 
     The result's checkpoint holds `model.keras` (best epoch restored if the guard fired),
@@ -180,7 +183,8 @@ def fit_distributed(cfg: TrainConfig, *, workers: int, gpu: bool, storage_path: 
     """
     check_resources(workers, cpus_per_worker, gpu)
     trainer = build_trainer(cfg, workers=workers, gpu=gpu, cpus_per_worker=cpus_per_worker,
-                            storage_path=storage_path, name=name, max_failures=max_failures, judge=judge,
+                            storage_path=storage_path, name=name, max_failures=max_failures,
+                            threat_model=threat_model,
                             placement_strategy=placement_strategy)
     return trainer.fit()
 

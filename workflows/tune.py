@@ -176,43 +176,34 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     """One Tune trial: a Ray Train run, then the test-split evaluation of its final model."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from advtrain.config import EvalConfig
     from advtrain.data import load_mnist
+    from advtrain.files import write_json
     from advtrain.models import load_model, save_model
-    from advtrain.training import write_json
-    from workflows.runs import _select
+    from workflows.results import evaluate_trial
+    from workflows.spec import load_spec
     from workflows.train import build_trainer, read_final
 
     cfg = TrainConfig.from_dict({**base["train"], **_round_params(params)})
-    eval_cfg = EvalConfig.from_dict(base["eval"])
-    scaling = base["scaling"]
+    spec = load_spec(None, train=cfg.to_dict(), eval=base["eval"], scaling=base["scaling"])
+    scaling = spec.scaling
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
-        cfg, workers=scaling["workers"], gpu=scaling["gpu"], cpus_per_worker=scaling["cpus_per_worker"],
-        storage_path=base["train_storage"], name=f"train_{trial_id}", max_failures=scaling["max_failures"],
-        callbacks=[TuneReportCallback()], judge=tuple(base["judge"]),
-        placement_strategy=scaling["placement_strategy"],
+        cfg, workers=scaling.workers, gpu=scaling.gpu, cpus_per_worker=scaling.cpus_per_worker,
+        storage_path=base["train_storage"], name=f"train_{trial_id}", max_failures=scaling.max_failures,
+        callbacks=[TuneReportCallback()], threat_model=spec.threat_model,
+        placement_strategy=scaling.placement_strategy,
     )
     result = trainer.fit()
     model_path, history, summary = read_final(result)
     model = load_model(model_path)
-
-    from advtrain import evaluation
-
-    x, y = _select(eval_cfg, load_mnist(cfg.data))
-    rep = evaluation.evaluate_robustness(model, x, y, eval_cfg, split=eval_cfg.split)
-    d = rep.to_dict()
-    threat_eps = max(eval_cfg.eps)
-    at = {r["eps"]: r for r in evaluation.per_eps(d)}[threat_eps]
     # The delivered model is the restored epoch's when the overfitting guard fired.
     delivered = history[summary["restored_epoch"] - 1] if summary.get("restored_epoch") else history[-1]
-    final = {**delivered, "epoch": history[-1]["epoch"], **{k: summary[k] for k in ("stopped_early", "stop_reason", "epochs_run")},
-             "test_clean_acc": at["clean_acc"], "test_robust_acc": at["robust_acc"],
-             "test_flags_failed": [f["id"] for f in d.get("flags", []) if f.get("passed") is False],
-             "evaluated": True, "config": cfg.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
+        test = evaluate_trial(model, spec, load_mnist(cfg.data), Path(tmp))
+        final = {**delivered, "epoch": history[-1]["epoch"],
+                 **{k: summary[k] for k in ("stopped_early", "stop_reason", "epochs_run")},
+                 **test, "evaluated": True, "config": cfg.to_dict()}
         save_model(model, Path(tmp, "model.keras"))
-        rep.write(Path(tmp))
         write_json(Path(tmp, "history.json"), history)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
 
@@ -254,7 +245,7 @@ def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None
 
     train_storage = storage.rstrip("/") + f"/{run_dir.name}/train" if storage else str((run_dir / "train").resolve())
     sha = search.scheduler == "sha"
-    base = {**spec.to_dict(), "train_storage": train_storage, "judge": list(spec.judge)}
+    base = {**spec.to_dict(), "train_storage": train_storage}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
                                     {"cpu": 0, "memory": 256 * 1024 * 1024})
     tune_storage = storage.rstrip("/") + f"/{run_dir.name}" if storage else str(run_dir.resolve())
@@ -334,7 +325,7 @@ def run_search(spec: RunSpec, search: SearchSpec, run_dir: Path, *, storage: str
 
 
 def _write_spec(run_dir: Path, spec: RunSpec, search: SearchSpec, storage: str | None) -> None:
-    from advtrain.training import write_json
+    from advtrain.files import write_json
 
     write_json(run_dir / "spec.json", {"spec": spec.to_dict(), "search": search.to_dict(), "storage": storage})
 
@@ -398,8 +389,7 @@ def tune_cli(spec: RunSpec, search: SearchSpec, run_dir: Path, *, address: str |
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_spec(run_dir, spec, search, storage)
     print(f"Tune: {search.num_trials} trial(s), {search.scheduler}/{search.searcher}, threat model "
-          f"{spec.eval.norm} eps={max(spec.eval.eps)} ({spec.eval.suite} suite on {spec.eval.split}); folder {run_dir}",
-          file=sys.stderr)
+          f"{spec.threat_model.describe()}; folder {run_dir}", file=sys.stderr)
     return _search_and_finish(spec, search, run_dir, storage, restore=False)
 
 

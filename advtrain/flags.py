@@ -1,4 +1,5 @@
-"""Sanity checks of a robustness evaluation: each a `Flag` with an id documented in docs/flags.md.
+"""The sanity flags of a robustness evaluation: each check returns a `Flag` with an id documented
+in docs/flags.md.
 
 Carlini et al. 2019 ("On Evaluating Adversarial Robustness", arXiv:1902.06705) and AutoAttack's
 flags (Croce and Hein 2020) list the symptoms of a broken evaluation or a gradient-masking model:
@@ -24,13 +25,12 @@ import numpy as np
 import tensorflow as tf
 
 from advtrain import attacks
+from advtrain.checks import predict_logits
 
 __all__ = [
     "FLAG_IDS",
     "Flag",
     "tolerance",
-    "predict_logits",
-    "input_gradients",
     "check_robust_le_clean",
     "check_pgd_le_fgsm",
     "check_more_steps",
@@ -131,31 +131,8 @@ def tolerance(p: float, n: int) -> float:
     return max(1.5 * math.sqrt(max(p * (1.0 - p), 0.0) / n), 1.0 / n)
 
 
-def predict_logits(model, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """The model's outputs on x, in batches, as a float32 numpy array (inference mode)."""
-    out = [
-        np.asarray(model(x[lo : lo + batch_size], training=False), dtype=np.float32)
-        for lo in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def _correct(model, x, y, batch_size) -> np.ndarray:
     return np.argmax(predict_logits(model, x, batch_size), axis=-1) == y
-
-
-def input_gradients(model, x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
-    """Gradient of the cross-entropy w.r.t. the input, per example; None when the output does
-    not depend differentiably on the input at all (e.g. `tf.round`, `argmax` in the graph)."""
-    xt = tf.convert_to_tensor(x, tf.float32)
-    labels = tf.convert_to_tensor(y, tf.int32)
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(xt)
-        logits = model(xt, training=False)
-        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        total = tf.reduce_sum(loss)
-    grad = tape.gradient(total, xt)
-    return None if grad is None else grad.numpy()
 
 
 def check_robust_le_clean(eps: float, clean: float, robust: float, n: int) -> Flag:
