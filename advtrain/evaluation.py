@@ -151,7 +151,12 @@ def _eps_flags(ev: _Eval, eps, config, suite, per_attack, fgsm_acc, robust, refe
     iterative = [a for a in suite if a.attack != "fgsm"]
     first = iterative[0].name if iterative else None
     clean, rob = per_attack["clean"], list(per_attack.values())[-1]
+    free = [i for i, a in enumerate(suite) if a.gradient_free]
+    # Accuracy just before the first gradient-free attack: what the gradient attacks left.
+    names = list(per_attack)
+    before = per_attack[names[free[0]]] if free else None  # names[0] is "clean"
     return [
+        flags.check_gradient_free_gap(eps, suite[free[0]].name if free else None, before, rob, n),
         flags.check_robust_le_clean(eps, clean, rob, n),
         flags.check_pgd_le_fgsm(eps, first, per_attack.get(first), rob, fgsm_acc, n),
         flags.check_more_steps(ev.model, x[:m], y[:m], eps=eps, norm=norm, batch_size=bs,

@@ -38,6 +38,7 @@ __all__ = [
     "check_large_eps",
     "check_whitebox_vs_transfer",
     "check_whitebox_vs_noise",
+    "check_gradient_free_gap",
     "check_zero_gradients",
 ]
 
@@ -51,6 +52,7 @@ FLAG_IDS = (
     "large-eps",
     "whitebox-vs-transfer",
     "whitebox-vs-noise",
+    "gradient-free-gap",
     "zero-gradients",
 )
 DOCS = "docs/flags.md"
@@ -267,6 +269,21 @@ def check_whitebox_vs_noise(model, x, y, whitebox_robust: np.ndarray, *, eps: fl
            + ("" if ok else " (noise beats the attack: gradients are likely masked)"))
     return _flag("whitebox-vs-noise", ok, msg, eps=eps, n=len(x), whitebox_acc=white,
                  noise_acc=noise, tolerance=tol, draws=NOISE_DRAWS)
+
+
+def check_gradient_free_gap(eps: float, attack: str | None, before: float | None, after: float | None,
+                            n: int) -> Flag:
+    """The gradient-free attack, run last on the examples every gradient attack left robust, must
+    break no more of them than noise allows: where it does, the gradient attacks were fooled."""
+    if attack is None:
+        return _flag("gradient-free-gap", None, "the suite has no gradient-free attack", eps=eps, n=n)
+    tol = tolerance(before, n)
+    ok = before - after <= tol
+    msg = (f"after the gradient attacks {before:.4f}, after {attack} {after:.4f}, tolerance {tol:.4f}"
+           + ("" if ok else " (a gradient-free attack found what the gradient attacks missed: "
+                            "gradients are likely masked)"))
+    return _flag("gradient-free-gap", ok, msg, eps=eps, n=n, attack=attack, before_acc=before,
+                 after_acc=after, tolerance=tol)
 
 
 def check_zero_gradients(grads: np.ndarray) -> Flag:

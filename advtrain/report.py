@@ -291,9 +291,11 @@ def plot_pareto(points: Sequence, front: Sequence, path, *, title: str | None = 
         ax.scatter(xs, ys, s=40, marker="x", color="tab:orange",
                    label=f"upper bound: sanity check failed ({len(flagged)})")
         for p in flagged:
+            label = p.get("label") if isinstance(p, Mapping) else None
             failed = p.get("flags_failed", ()) if isinstance(p, Mapping) else ()
-            ax.annotate("<= " + (", ".join(failed) or "flagged"), _xy(p), textcoords="offset points",
-                        xytext=(4, -10), fontsize=6, color="tab:orange")
+            text = f"{label + ' ' if label else ''}upper bound ({', '.join(failed) or 'flagged'})"
+            ax.annotate(text, _xy(p), textcoords="offset points", xytext=(4, -10), fontsize=6,
+                        color="tab:orange")
     if front:
         fr = sorted(front, key=lambda p: _xy(p)[0])
         fx, fy = zip(*(_xy(p) for p in fr), strict=True)

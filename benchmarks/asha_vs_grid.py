@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from advtrain.files import write_json
+
 RESULTS = Path(__file__).parent / "results"
 SEARCHES = {"grid": {"scheduler": "fifo"}, "asha3": {"scheduler": "asha", "reduction_factor": 3},
             "asha4": {"scheduler": "asha", "reduction_factor": 4}, "sha3": {"scheduler": "sha", "reduction_factor": 3}}
@@ -80,10 +82,7 @@ def main(argv=None) -> int:
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": load_start, "load_end": os.getloadavg(),
             "folder": str(run_dir)}
         print(name, json.dumps(out["searches"][name]), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / ".asha_vs_grid.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, out)
     print("| search | trials | trial-epochs | wall s | best val robust | its test robust | its test clean | best config |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in out["searches"].items():

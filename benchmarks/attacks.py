@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from advtrain.files import write_json
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,13 +47,6 @@ TRAIN = {
 # Repetitions: the cnn is cheap (seconds per method), so more of them tame the machine's noise.
 REPS = {"cnn": 7, "madry": 3}
 QUICK_TRAIN = {"epochs": 1, "eps_ramp_epochs": 0, "train_size": 6000, "method": "clean"}
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _load() -> list[float]:
@@ -78,7 +73,7 @@ def get_model(name: str, quick: bool, log):
     meta = {"config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 1),
             "last_epoch": history[-1], "summary": summary}
     save_model(model, path)
-    _write_json_atomic(meta_path, meta)
+    write_json(meta_path, meta)
     log(f"{name}: trained in {meta['train_seconds']}s, last epoch {history[-1]}")
     return model, meta
 
@@ -358,7 +353,7 @@ def main(argv=None) -> int:
         out["models"][name] = res
         print(table(res) + "\n", flush=True)
     out["machine"]["load_end"] = _load()
-    _write_json_atomic(Path(args.out), out)
+    write_json(Path(args.out), out)
     log(f"wrote {args.out}")
     return 0
 

@@ -14,13 +14,14 @@ with a k-step attack costs. Results: benchmarks/results/time_to_robust_<target>.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
+
+from advtrain.files import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -125,9 +126,7 @@ def main(argv=None) -> int:
     met = (at["robust_acc"] >= preset["target"]["robust"] and at["clean_acc"] >= preset["target"]["clean"]
            and train_s <= preset["target"]["minutes"] * 60)
     result["goal_met"] = met
-    tmp = RESULTS / f".time_to_robust_{args.target}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    tmp.replace(RESULTS / f"time_to_robust_{args.target}.json")
+    write_json(RESULTS / f"time_to_robust_{args.target}.json", result)
     print(f"target {args.target}: train {train_s:.0f}s ({summary['epochs_run']} epochs), "
           f"{result['examples_per_second_median']:.0f} ex/s = {result['fraction_of_bound']:.2f} of bound {bound:.0f}; "
           f"test clean {at['clean_acc']:.4f}, standard-suite robust {at['robust_acc']:.4f} at eps {preset['eval_eps']} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,41 @@ def test_build_parser_accepts_documented_tune_flags():
     args = build_parser().parse_args(["tune", "--config", "c.yaml", "--address", "auto", "--gpu", "--samples", "4",
                                       "--workers", "2", "--storage", "s3://b/p"])
     assert (args.command, args.address, args.gpu, args.samples, args.workers) == ("tune", "auto", True, 4, 2)
+
+
+def test_report_corrupt_results_is_unexpected_exit_1_traceback_in_log(tmp_path, capsys):
+    (tmp_path / "trials.json").write_text("{")  # our own file, damaged: not the user's input
+    code, err = _run(["report", str(tmp_path)], capsys)
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("advtrain: unexpected error: JSONDecodeError: ")
+    log = Path(err[0].split("traceback in ")[1].split(";")[0])
+    assert log.read_text().startswith("Traceback (most recent call last):")
+    assert "JSONDecodeError" in log.read_text()
+    log.unlink()
+
+
+def test_unexpected_error_with_verbose_prints_traceback(tmp_path, capsys):
+    (tmp_path / "trials.json").write_text("{")
+    code = main(["-v", "report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback (most recent call last):" in err and "json/decoder.py" in err
+    assert err.strip().splitlines()[-1].startswith("advtrain: unexpected error: JSONDecodeError")
+
+
+@pytest.mark.parametrize("raised, name", [
+    (lambda: np.reshape(np.arange(3), (2, 2)), "ValueError"),  # numpy's ValueError, not a config error
+    (lambda: {}["missing"], "KeyError"),  # a bug
+])
+def test_error_from_a_library_or_a_bug_exits_1_not_2(raised, name, tmp_path, capsys, monkeypatch):
+    from advtrain.models import build_model, save_model
+    from workflows import runs
+
+    model = tmp_path / "m.keras"
+    save_model(build_model("mlp", seed=0), model)
+    monkeypatch.setattr(runs, "evaluate_and_report", lambda *a, **k: raised())
+    code, err = _run(["evaluate", str(model), "--suite", "fgsm", "--n", "8"], capsys)
+    assert code == 1 and err[-1].startswith(f"advtrain: unexpected error: {name}")
+    Path(err[-1].split("traceback in ")[1].split(";")[0]).unlink()
 
 
 @pytest.mark.slow

@@ -158,13 +158,6 @@ def test_schedule_warning_flags_asha_rungs_inside_the_onecycle_warmup(train, sea
         assert "grace_period=1" in warning and "3.6 of 9 epochs" in warning and "grace_period >= 4" in warning
 
 
-def test_rank_orders_by_validation_robust_accuracy_then_full_training():
-    rows = [{"trial_id": "a", "val_robust_acc": 0.5, "val_clean_acc": 0.9, "stopped": "asha"},
-            {"trial_id": "b", "val_robust_acc": 0.7, "val_clean_acc": 0.8, "stopped": "no"},
-            {"trial_id": "c", "val_robust_acc": 0.5, "val_clean_acc": 0.8, "stopped": "no"}]
-    assert [r["trial_id"] for r in results.rank(rows)] == ["b", "c", "a"]
-
-
 SHA_SEARCH = """
 train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 4, batch_size: 128, train_size: 4096, probe_size: 1024,
         learning_rate: 0.003, schedule: cosine}

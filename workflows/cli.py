@@ -1,6 +1,7 @@
 """The `advtrain` command: train, tune, evaluate, attack, report, cluster.
 
-Bad input is one line on stderr and exit status 2, checked before anything is written.
+Bad input is one line on stderr and exit status 2, checked before anything is written; anything
+unexpected is exit status 1 with its traceback (see `main`).
 """
 
 from __future__ import annotations
@@ -214,14 +215,60 @@ COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "
             "report": _cmd_report}
 
 
+_OWN_CODE = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("advtrain", "workflows"))
+
+
+def _is_usage_error(e: BaseException) -> bool:
+    """A config, data or argument error: a ValueError or TypeError raised by advtrain's own checks.
+
+    The same types raised inside Ray, TensorFlow, pyarrow or numpy (an `ArrowInvalid` is a
+    ValueError, a `RayTaskError` may be one too) are not the user's input being refused: they are
+    unexpected, and their traceback must not be hidden behind a one-line usage message.
+    """
+    if isinstance(e, UsageError):
+        return True
+    if not isinstance(e, (ValueError, TypeError)) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
+
+
+def _unexpected(e: BaseException, verbose: bool) -> int:
+    """Exit 1 with the traceback: on stderr with -v, else in a log file the one line names."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(e))
+    if verbose:
+        print(text, file=sys.stderr, end="")
+        print(f"advtrain: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    fd, path = tempfile.mkstemp(prefix="advtrain-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    first = str(e).splitlines()[0] if str(e) else ""
+    print(f"advtrain: unexpected error: {type(e).__name__}: {first} (traceback in {path}; "
+          "run with -v to print it)", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `advtrain` console script; returns the exit status."""
+    """Entry point of the `advtrain` console script; returns the exit status.
+
+    Exit status: 0 done; 2 a usage, config or data error (one line on stderr, nothing written);
+    1 anything unexpected (an error from Ray, TensorFlow or pyarrow, or a bug), with its traceback;
+    130 interrupted.
+    """
     # Before TensorFlow loads, here and in the Ray workers of an embedded cluster (they inherit
     # this environment): TF's C++ start-up chatter hides the progress lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
+    verbose = False
     try:
         args = parser.parse_args(argv)
+        verbose = args.verbose
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         if args.command is None:
@@ -232,24 +279,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return cluster.run_cli(args)
         return COMMANDS[args.command](args)
-    except UsageError as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, TypeError) as e:
-        # Config/data validation errors: one line naming the value and the allowed range.
-        print(f"advtrain: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("advtrain: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         from workflows.cluster import ClusterError
 
-        if not isinstance(e, ClusterError):
-            raise
-        # No cluster at the address, or it refused our token: say so in one line.
-        print(f"advtrain: error: {e}", file=sys.stderr)
-        return 1
+        if isinstance(e, UsageError):
+            print(str(e), file=sys.stderr)
+            return EXIT_USAGE
+        if _is_usage_error(e):
+            # Config/data validation errors: one line naming the value and the allowed range.
+            print(f"advtrain: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(e, ClusterError):
+            # No cluster at the address, or it refused our token: say so in one line.
+            print(f"advtrain: error: {e}", file=sys.stderr)
+            return 1
+        return _unexpected(e, verbose)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def write_evaluation(model, cfg: EvalConfig, out: Path, data=None) -> dict:
     report.plot_accuracy_vs_eps(d, out / "accuracy_vs_eps.png")
     x, y = data.split(cfg.split)
     k = min(16, len(x), cfg.n or len(x))
-    x_adv = attacks.run_attack("pgd", model, x[:k], y[:k], eps=max(cfg.eps), norm=cfg.norm, steps=40, batch_size=k)
+    x_adv = attacks.run_attack("pgd", model, x[:k], y[:k], eps=cfg.threat_model.eps, norm=cfg.norm, steps=40, batch_size=k)
     report.plot_adversarial_grid(x[:k], x_adv, y[:k], np.argmax(model(x[:k]), -1), np.argmax(model(x_adv), -1),
                                  out / "examples.png", n=k)
     return d
