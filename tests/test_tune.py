@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows import results, tune
+from workflows import tune
 from workflows.spec import load_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
