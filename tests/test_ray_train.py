@@ -48,11 +48,13 @@ def ray_client(ray_cluster):
     ray.shutdown()
 
 
-def _trainer(cfg, tmp_path, name, workers=2, callbacks=None, max_failures=0, placement_strategy="PACK"):
+def _trainer(cfg, tmp_path, name, workers=2, callbacks=None, max_failures=0, placement_strategy="PACK",
+             steps_per_call=None):
     from workflows.train import build_trainer
 
     return build_trainer(cfg, workers=workers, storage_path=str(tmp_path), name=name, callbacks=callbacks,
-                         max_failures=max_failures, placement_strategy=placement_strategy)
+                         max_failures=max_failures, placement_strategy=placement_strategy,
+                         steps_per_call=steps_per_call)
 
 
 def test_two_nodes_spread_workers_shards_are_disjoint_covering_and_reported(ray_client, tmp_path):
@@ -100,6 +102,62 @@ def test_one_step_two_workers_equals_one_process_double_batch(ray_client, tmp_pa
         np.testing.assert_allclose(wd, ws, atol=1e-5, rtol=0)
         moved = max(moved, float(np.abs(ws - w0).max()))
     assert moved > 1e-3, "the step must change the weights for the comparison to mean anything"
+
+
+def _global_batches(cfg, world):
+    """The global batches a `world`-worker run trains on, step by step: every rank's batch of
+    that step (`workflows.train.shard_datasets`, epoch 0), concatenated in rank order.
+
+    Call it after building the model: `build_model(seed=...)` sets TensorFlow's global seed,
+    which the shuffle's seed is combined with, as it is in a worker.
+    """
+    import tensorflow as tf
+
+    from workflows.train import shard_datasets
+
+    per_rank = []
+    for rank in range(world):
+        _, dataset_for, steps, _ = shard_datasets(cfg, tf.distribute.get_strategy(), rank, world)
+        per_rank.append([(x.numpy(), y.numpy()) for x, y in dataset_for(0)])
+        assert len(per_rank[-1]) == steps
+    xs = np.stack([np.concatenate([batches[s][0] for batches in per_rank]) for s in range(steps)])
+    ys = np.stack([np.concatenate([batches[s][1] for batches in per_rank]) for s in range(steps)])
+    return xs, ys
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_steps_per_call_workers_match_one_process_over_the_same_global_batches(ray_client, tmp_path, workers):
+    import tensorflow as tf
+
+    from workflows.train import read_final
+
+    # 3 steps per worker, 2 per compiled call: one full call and the remainder. Clean training
+    # (PGD's random start is seeded by rank and replica, so only the gradient aggregation is
+    # compared); SGD with momentum, so a gradient scaled, dropped or applied twice would show.
+    # With 1 worker the run uses the default strategy, with 2 MultiWorkerMirroredStrategy.
+    b, steps = 32, 3
+    cfg = TrainConfig(model="cnn", method="clean", epochs=1, batch_size=b, train_size=workers * steps * b,
+                      optimizer="sgd", learning_rate=0.1, schedule="constant", probe_size=32, seed=5)
+    result = _trainer(cfg, tmp_path, f"steps_per_call_{workers}", workers=workers, steps_per_call=2).fit()
+    assert result.error is None
+    model_path, _, _ = read_final(result)
+    distributed = load_model(model_path).get_weights()
+
+    def one_process(order):
+        run = training.AdversarialTraining(cfg.replace(batch_size=workers * b), steps_per_epoch=steps)
+        xs, ys = _global_batches(cfg, workers)
+        run.train_epoch(tf.data.Dataset.from_tensor_slices((xs[order], ys[order])))
+        return run.model.get_weights()
+
+    single = one_process([0, 1, 2])
+    init = build_model("cnn", seed=5).get_weights()
+    for wd, ws in zip(distributed, single):
+        np.testing.assert_allclose(wd, ws, atol=1e-5, rtol=0)
+    moved = max(float(np.abs(ws - w0).max()) for ws, w0 in zip(single, init))
+    assert moved > 1e-3, "the steps must change the weights for the comparison to mean anything"
+    # The comparison sees which examples each step used: the same batches in another order differ.
+    reordered = one_process([2, 1, 0])
+    assert max(float(np.abs(wr - wd).max()) for wr, wd in zip(reordered, distributed)) > 1e-4
 
 
 def test_worker_killed_mid_training_is_replaced_and_resumes_from_checkpoint(ray_client, tmp_path):

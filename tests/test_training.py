@@ -168,3 +168,37 @@ def test_probe_reports_threat_model_separately():
     clean_probe = float(np.mean(np.argmax(run.model(data.x_val[:64]), -1) == data.y_val[:64]))
     assert out["val_robust_acc"] == pytest.approx(clean_probe)
     assert set(out) == {"val_clean_acc", "val_fgsm_acc", "val_pgd_acc", "val_robust_acc"}
+
+
+def _train_one_epoch(cfg, steps_per_call, x, y, progress=None):
+    from advtrain.data import make_dataset
+
+    steps = len(x) // cfg.batch_size
+    run = training.AdversarialTraining(cfg, steps_per_epoch=steps, steps_per_call=steps_per_call)
+    metrics = run.train_epoch(make_dataset(x, y, cfg.batch_size, seed=11), progress)
+    return run, metrics
+
+
+@pytest.mark.parametrize("steps_per_call", [3, 8])
+def test_train_epoch_several_steps_per_call_gives_the_weights_of_one_step_per_call(steps_per_call):
+    # 7 steps: 3 per call leaves a remainder of 1; 8 per call runs the whole epoch in one call.
+    # PGD's seed and the eps ramp read optimizer.iterations inside the loop: a stale counter
+    # would change the attack, so equal weights show every step saw its own step number.
+    # SGD (not Adam) so a step applied twice or skipped would show in the weights.
+    cfg = TrainConfig(model="mlp", method="pgd", eps=0.3, steps=2, epochs=1, eps_ramp_epochs=1,
+                      batch_size=32, optimizer="sgd", learning_rate=0.1, schedule="constant", seed=4)
+    data = load_mnist()
+    x, y = data.x_train[:7 * 32], data.y_train[:7 * 32]
+    reference, ref_metrics = _train_one_epoch(cfg, 1, x, y)
+    calls = []
+    looped, metrics = _train_one_epoch(cfg, steps_per_call, x, y, calls.append)
+    assert calls == ([3, 6, 7] if steps_per_call == 3 else [7])
+    assert int(looped.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy()) == 7
+    for wl, wr in zip(looped.model.get_weights(), reference.model.get_weights()):
+        np.testing.assert_allclose(wl, wr, rtol=0, atol=1e-6)
+    assert metrics == pytest.approx(ref_metrics, abs=1e-6)
+
+
+def test_adversarial_training_zero_steps_per_call_raises():
+    with pytest.raises(ValueError, match="Received: steps_per_call=0"):
+        training.AdversarialTraining(TrainConfig(), steps_per_epoch=10, steps_per_call=0)

@@ -1,8 +1,11 @@
 """Ray Train: advtrain's adversarial training on N workers, each with its own MNIST shard.
 
-Each worker runs `train_loop_per_worker` under MultiWorkerMirroredStrategy (TF_CONFIG is set by
-Ray's TensorflowTrainer). The loop is the same epoch loop as local training
-(`advtrain.training.run_epochs`); this module only adds sharding, reporting and checkpoints.
+Each worker runs `train_loop_per_worker`: under MultiWorkerMirroredStrategy with two or more
+workers (TF_CONFIG is set by Ray's TensorflowTrainer), under TensorFlow's default strategy with
+one (nothing to all-reduce, so no collective per step). The loop is the same epoch loop as local
+training (`advtrain.training.run_epochs`); this module only adds sharding, reporting and
+checkpoints. `configure_tensorflow`, `make_strategy` and `shard_datasets` are the worker's
+set-up, shared with `benchmarks/ray_overhead.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,18 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from advtrain.config import ThreatModel, TrainConfig
 
-__all__ = ["train_loop_per_worker", "build_trainer", "fit_distributed", "check_resources", "WORKER_ENV"]
+__all__ = [
+    "COMMUNICATIONS",
+    "STRATEGIES",
+    "WORKER_ENV",
+    "build_trainer",
+    "check_resources",
+    "configure_tensorflow",
+    "fit_distributed",
+    "make_strategy",
+    "shard_datasets",
+    "train_loop_per_worker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +43,131 @@ log = logging.getLogger(__name__)
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 HISTORY_FILE = "history.json"
 MODEL_FILE = "model.keras"
+# "auto": the default strategy for one worker, MultiWorkerMirroredStrategy for more;
+# "mwms": MultiWorkerMirroredStrategy always (kept to measure what it costs one worker).
+STRATEGIES = ("auto", "mwms")
+# MWMS collective implementation (tf.distribute.experimental.CommunicationImplementation).
+COMMUNICATIONS = ("auto", "ring", "nccl")
 
 
-def _configure_tensorflow(cpus: int):
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}. Received: {name}={value!r}")
+    return value
+
+
+def configure_tensorflow(cpus: float, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
     """Pins TF's thread pools to this worker's CPU share (no oversubscription) and turns on GPU
-    memory growth, before any TF op runs."""
+    memory growth, before any TF op runs.
+
+    Args:
+        cpus: the worker's CPU share; intra-op threads = max(1, int(cpus)), inter-op threads =
+            min(2, intra-op threads).
+        intra_op_threads: overrides the intra-op count (for benchmarks). Defaults to `None`.
+        inter_op_threads: overrides the inter-op count (for benchmarks). Defaults to `None`.
+
+    Returns:
+        The `tensorflow` module.
+    """
     import tensorflow as tf
 
     threads = max(1, int(cpus))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads or threads)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads or max(1, min(2, threads)))
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
     return tf
+
+
+def make_strategy(world_size: int, *, strategy: str = "auto", communication: str = "auto",
+                  bytes_per_pack: int = 0):
+    """The worker's `tf.distribute.Strategy`.
+
+    One worker gets TensorFlow's default strategy unless `strategy="mwms"`: with nothing to
+    all-reduce, MultiWorkerMirroredStrategy would only add a collective per step, a gRPC server
+    and a rendezvous at start-up.
+
+    Args:
+        world_size: number of workers, >= 1.
+        strategy: one of `STRATEGIES`. Defaults to `"auto"`.
+        communication: MWMS collective implementation, one of `COMMUNICATIONS`. Defaults to `"auto"`.
+        bytes_per_pack: MWMS gradient pack size in bytes, >= 0; 0 lets TensorFlow choose (one
+            pack). Defaults to `0`.
+
+    Returns:
+        The default strategy or a `tf.distribute.MultiWorkerMirroredStrategy`.
+
+    Raises:
+        ValueError: an unknown `strategy` or `communication`, or a negative `bytes_per_pack`.
+    """
+    import tensorflow as tf
+
+    _check_choice("strategy", strategy, STRATEGIES)
+    _check_choice("communication", communication, COMMUNICATIONS)
+    if isinstance(bytes_per_pack, bool) or not isinstance(bytes_per_pack, int) or bytes_per_pack < 0:
+        raise ValueError(f"`bytes_per_pack` must be an integer >= 0. Received: bytes_per_pack={bytes_per_pack!r}")
+    if world_size == 1 and strategy == "auto":
+        return tf.distribute.get_strategy()
+    options = tf.distribute.experimental.CommunicationOptions(
+        bytes_per_pack=bytes_per_pack,
+        implementation=getattr(tf.distribute.experimental.CommunicationImplementation, communication.upper()),
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, autotune: bool = False,
+                   distributed: bool | None = None):
+    """This worker's shard of the training split and a factory of its per-epoch datasets.
+
+    With one replica per worker (one CPU share or one GPU, as Ray Train places them) the epoch's
+    dataset is a plain `tf.data` pipeline of this worker's batches, with autotuning off
+    (`advtrain.training.without_autotune`), which `strategy.run` takes as the replica's batch.
+    `strategy.distribute_datasets_from_function` would wrap it in a MultiDeviceIterator whose
+    per-device pipelines autotune whatever the options: deleting it at the end of each epoch
+    took 0.5 to 3.6 s on 1-CPU MWMS workers (2 CPUs, cnn), while the other rank waited at the next
+    all-reduce; the plain pipeline's deletion took ~1 ms. Both give the same batches, and the
+    same weights.
+
+    Args:
+        cfg: the training configuration (data, train_size, batch_size, seed).
+        strategy: the worker's strategy.
+        rank: this worker's rank, in [0, world_size - 1].
+        world_size: number of workers, >= 1.
+        autotune: leave tf.data's autotuning on (see `advtrain.training.without_autotune`; for
+            benchmarks). Defaults to `False`.
+        distributed: wrap the pipeline with `distribute_datasets_from_function` (for benchmarks);
+            `None` does so only when a worker holds several replicas. Defaults to `None`.
+
+    Returns:
+        (idx, dataset_for, steps, data): the shard's indices into the (train_size-cut) training
+        split, `dataset_for(epoch)` giving that epoch's dataset of per-worker batches of
+        `cfg.batch_size` (shuffle seeded by epoch and rank), the steps per epoch (equal on every
+        rank) and the loaded `advtrain.data.MNIST`.
+    """
+    from advtrain.data import load_mnist, make_dataset, shard
+    from advtrain.training import without_autotune
+
+    data = load_mnist(cfg.data, val_size=cfg.val_size, seed=cfg.seed)
+    x_train, y_train = data.x_train, data.y_train
+    if cfg.train_size is not None:
+        x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
+    idx = shard(len(x_train), rank, world_size, seed=cfg.seed)
+    x_shard, y_shard = x_train[idx], y_train[idx]
+    steps = len(idx) // cfg.batch_size  # equal shards: every rank runs the same step count
+    if distributed is None:
+        distributed = strategy.num_replicas_in_sync > world_size
+
+    def pipeline(epoch: int):
+        # Per-replica batches as written: cfg.batch_size is the per-worker batch.
+        ds = make_dataset(x_shard, y_shard, cfg.batch_size, seed=(cfg.seed * 1000 + epoch) * 97 + rank)
+        return ds if autotune else without_autotune(ds)
+
+    def dataset_for(epoch: int):
+        if distributed:
+            return strategy.distribute_datasets_from_function(lambda _ctx: pipeline(epoch))
+        return pipeline(epoch)
+
+    return idx, dataset_for, steps, data
 
 
 def _digest(indices) -> str:
@@ -51,41 +177,28 @@ def _digest(indices) -> str:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: shard, model in the strategy's scope, resume, epochs, reports.
 
-    `config` holds `train` (a TrainConfig dict), `cpus_per_worker` and `threat_model` (the
-    search's fixed `ThreatModel` as a dict, or None). Everything the worker
-    needs comes through it: the loop never reads the driver's globals or sys.argv.
+    `config` holds `train` (a TrainConfig dict), `cpus_per_worker`, `steps_per_call` (None: the
+    default of `AdversarialTraining`) and `threat_model` (the search's fixed `ThreatModel` as a
+    dict, or None). Everything the worker needs comes through it: the loop never reads the
+    driver's globals or sys.argv.
     """
     cfg = TrainConfig.from_dict(config["train"])
-    tf = _configure_tensorflow(config["cpus_per_worker"])
+    tf = configure_tensorflow(config["cpus_per_worker"])
     # Ray Train logs every checkpoint and report at INFO; the epoch lines are what users read.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     tf.get_logger().setLevel("ERROR")
-    from advtrain.data import load_mnist, make_dataset, shard
-    from advtrain.models import save_model
     from advtrain.files import write_json
-    from advtrain.training import AdversarialTraining, run_epochs
+    from advtrain.models import save_model
+    from advtrain.training import STEPS_PER_CALL, AdversarialTraining, run_epochs
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-
-    data = load_mnist(cfg.data, val_size=cfg.val_size, seed=cfg.seed)
-    x_train, y_train = data.x_train, data.y_train
-    if cfg.train_size is not None:
-        x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
-    idx = shard(len(x_train), rank, world, seed=cfg.seed)
-    x_shard, y_shard = x_train[idx], y_train[idx]
-    steps = len(idx) // cfg.batch_size  # equal shards: every rank runs the same step count
-
-    def dataset_for(epoch: int):
-        # Per-replica batches as written: cfg.batch_size is the per-worker batch.
-        return strategy.distribute_datasets_from_function(
-            lambda _ctx: make_dataset(x_shard, y_shard, cfg.batch_size, seed=(cfg.seed * 1000 + epoch) * 97 + rank)
-        )
+    strategy = make_strategy(world)
+    idx, dataset_for, steps, data = shard_datasets(cfg, strategy, rank, world)
 
     threat_model = ThreatModel.from_dict(config["threat_model"]) if config["threat_model"] else None
     run = AdversarialTraining(cfg, steps_per_epoch=steps, strategy=strategy, rank=rank,
-                              threat_model=threat_model)
+                              threat_model=threat_model, steps_per_call=config["steps_per_call"] or STEPS_PER_CALL)
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -94,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history = json.loads(Path(d, HISTORY_FILE).read_text())
         log.info("rank %d resumed after epoch %d", rank, len(history))
 
-    shard_info = {"shard_digest": _digest(idx), "shard_size": int(len(idx)), "world_size": world, "rank": rank,
+    shard_info = {"shard_digest": _digest(idx), "shard_size": len(idx), "world_size": world, "rank": rank,
                   "global_batch": cfg.batch_size * world, "node_id": ray.get_runtime_context().get_node_id()}
 
     def report(metrics: dict, *, final: bool = False, summary: dict | None = None):
@@ -119,7 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_from = len(history)
     import time
 
-    model, history_out, summary = run_epochs(
+    _model, history_out, summary = run_epochs(
         run, dataset_for, data.x_val, data.y_val, start_epoch=len(history), history=history,
         on_epoch=lambda m: (history.append(m), report(m)), clock=time.perf_counter,
         examples_per_epoch=steps * cfg.batch_size * world,
@@ -152,13 +265,23 @@ def check_resources(workers: int, cpus_per_worker: float, gpu: bool) -> None:
 
 def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per_worker: float = 1,
                   storage_path: str, name: str, max_failures: int = 1, callbacks=None,
-                  threat_model: ThreatModel | None = None, placement_strategy: str = "PACK"):
-    """A Train V2 TensorflowTrainer for one adversarial training run."""
+                  threat_model: ThreatModel | None = None, placement_strategy: str = "PACK",
+                  steps_per_call: int | None = None):
+    """A Train V2 TensorflowTrainer for one adversarial training run.
+
+    `steps_per_call` is the optimizer steps per compiled call in each worker (see
+    `advtrain.training.AdversarialTraining`; `None`: its default, `STEPS_PER_CALL`, read in the
+    worker so the driver never imports TensorFlow). It changes the speed, never the weights.
+    """
     from ray.train.tensorflow import TensorflowTrainer
 
+    if steps_per_call is not None and (isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int)
+                                       or steps_per_call < 1):
+        raise ValueError(f"`steps_per_call` must be an integer >= 1. Received: steps_per_call={steps_per_call!r}")
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "cpus_per_worker": cpus_per_worker,
+                           "steps_per_call": steps_per_call,
                            "threat_model": threat_model.to_dict() if threat_model else None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})},
@@ -175,7 +298,7 @@ def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per
 
 def fit_distributed(cfg: TrainConfig, *, workers: int, gpu: bool, storage_path: str, name: str,
                     cpus_per_worker: float = 1, max_failures: int = 1, threat_model: ThreatModel | None = None,
-                    placement_strategy: str = "PACK"):
+                    placement_strategy: str = "PACK", steps_per_call: int | None = None):
     """Runs one distributed training to completion; returns the Ray `Result`.
 
     The result's checkpoint holds `model.keras` (best epoch restored if the guard fired),
@@ -185,7 +308,7 @@ def fit_distributed(cfg: TrainConfig, *, workers: int, gpu: bool, storage_path: 
     trainer = build_trainer(cfg, workers=workers, gpu=gpu, cpus_per_worker=cpus_per_worker,
                             storage_path=storage_path, name=name, max_failures=max_failures,
                             threat_model=threat_model,
-                            placement_strategy=placement_strategy)
+                            placement_strategy=placement_strategy, steps_per_call=steps_per_call)
     return trainer.fit()
 
 
