@@ -24,6 +24,9 @@ __all__ = [
     "TrainConfig",
     "EvalConfig",
     "ThreatModel",
+    "check_bool",
+    "check_choice",
+    "check_number",
     "load_yaml",
 ]
 
@@ -38,7 +41,8 @@ SUITES = ("fgsm", "quick", "standard")
 SPLITS = ("val", "test")
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """Checks that `value` is one of `allowed` (case-insensitive) and returns it lower-cased."""
     if not isinstance(value, str) or value.lower() not in allowed:
         raise ValueError(
             f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}. Received: {name}={value!r}"
@@ -46,7 +50,7 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value.lower()
 
 
-def _check_number(
+def check_number(
     name: str,
     value: Any,
     *,
@@ -80,10 +84,11 @@ MAX_EPS = {"linf": 1.0, "l2": 28.0}
 
 def _check_eps(value: Any, norm: str) -> float:
     """eps in [0, 1] for linf, [0, 28] for l2 (checked after `norm`)."""
-    return _check_number("eps", value, low=0.0, high=MAX_EPS.get(norm, 1.0))
+    return check_number("eps", value, low=0.0, high=MAX_EPS.get(norm, 1.0))
 
 
-def _check_bool(name: str, value: Any) -> bool:
+def check_bool(name: str, value: Any) -> bool:
+    """Checks that `value` is a bool (YAML true/false), not a truthy string or number."""
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be true or false. Received: {name}={value!r}")
     return value
@@ -144,16 +149,16 @@ class AttackConfig(_Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _set(self, "name", _check_choice("name", self.name, ATTACK_NAMES))
-        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _set(self, "name", check_choice("name", self.name, ATTACK_NAMES))
+        _set(self, "norm", check_choice("norm", self.norm, NORMS))
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _set(self, "steps", _check_number("steps", self.steps, low=1, integer=True))
+        _set(self, "steps", check_number("steps", self.steps, low=1, integer=True))
         if self.step_size is not None:
-            _set(self, "step_size", _check_number("step_size", self.step_size, low=0.0, low_open=True))
-        _check_bool("random_start", self.random_start)
-        _set(self, "restarts", _check_number("restarts", self.restarts, low=1, integer=True))
-        _set(self, "loss", _check_choice("loss", self.loss, LOSSES))
-        _set(self, "seed", _check_number("seed", self.seed, low=0, integer=True))
+            _set(self, "step_size", check_number("step_size", self.step_size, low=0.0, low_open=True))
+        check_bool("random_start", self.random_start)
+        _set(self, "restarts", check_number("restarts", self.restarts, low=1, integer=True))
+        _set(self, "loss", check_choice("loss", self.loss, LOSSES))
+        _set(self, "seed", check_number("seed", self.seed, low=0, integer=True))
 
     def resolved_step_size(self) -> float:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
@@ -213,34 +218,34 @@ class TrainConfig(_Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _set(self, "model", _check_choice("model", self.model, MODELS))
-        _set(self, "method", _check_choice("method", self.method, METHODS))
-        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _set(self, "model", check_choice("model", self.model, MODELS))
+        _set(self, "method", check_choice("method", self.method, METHODS))
+        _set(self, "norm", check_choice("norm", self.norm, NORMS))
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _set(self, "steps", _check_number("steps", self.steps, low=1, high=1000, integer=True))
+        _set(self, "steps", check_number("steps", self.steps, low=1, high=1000, integer=True))
         if self.step_size is not None:
-            _set(self, "step_size", _check_number("step_size", self.step_size, low=0.0, low_open=True))
-        _set(self, "mix", _check_number("mix", self.mix, low=0.0, high=1.0))
-        _set(self, "beta", _check_number("beta", self.beta, low=0.0))
-        _set(self, "epochs", _check_number("epochs", self.epochs, low=1, high=10000, integer=True))
-        _set(self, "batch_size", _check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
+            _set(self, "step_size", check_number("step_size", self.step_size, low=0.0, low_open=True))
+        _set(self, "mix", check_number("mix", self.mix, low=0.0, high=1.0))
+        _set(self, "beta", check_number("beta", self.beta, low=0.0))
+        _set(self, "epochs", check_number("epochs", self.epochs, low=1, high=10000, integer=True))
+        _set(self, "batch_size", check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
         _set(
             self,
             "learning_rate",
-            _check_number("learning_rate", self.learning_rate, low=0.0, high=10.0, low_open=True),
+            check_number("learning_rate", self.learning_rate, low=0.0, high=10.0, low_open=True),
         )
-        _set(self, "optimizer", _check_choice("optimizer", self.optimizer, OPTIMIZERS))
-        _set(self, "schedule", _check_choice("schedule", self.schedule, SCHEDULES))
-        _set(self, "eps_ramp_epochs", _check_number("eps_ramp_epochs", self.eps_ramp_epochs, low=0, integer=True))
-        _set(self, "val_size", _check_number("val_size", self.val_size, low=1, high=59999, integer=True))
+        _set(self, "optimizer", check_choice("optimizer", self.optimizer, OPTIMIZERS))
+        _set(self, "schedule", check_choice("schedule", self.schedule, SCHEDULES))
+        _set(self, "eps_ramp_epochs", check_number("eps_ramp_epochs", self.eps_ramp_epochs, low=0, integer=True))
+        _set(self, "val_size", check_number("val_size", self.val_size, low=1, high=59999, integer=True))
         if self.train_size is not None:
-            _set(self, "train_size", _check_number("train_size", self.train_size, low=1, integer=True))
-        _set(self, "probe_size", _check_number("probe_size", self.probe_size, low=1, integer=True))
-        _set(self, "probe_steps", _check_number("probe_steps", self.probe_steps, low=1, integer=True))
-        _check_bool("guard", self.guard)
+            _set(self, "train_size", check_number("train_size", self.train_size, low=1, integer=True))
+        _set(self, "probe_size", check_number("probe_size", self.probe_size, low=1, integer=True))
+        _set(self, "probe_steps", check_number("probe_steps", self.probe_steps, low=1, integer=True))
+        check_bool("guard", self.guard)
         if not isinstance(self.data, str) or not self.data:
             raise TypeError(f"`data` must be a non-empty string. Received: data={self.data!r}")
-        _set(self, "seed", _check_number("seed", self.seed, low=0, integer=True))
+        _set(self, "seed", check_number("seed", self.seed, low=0, integer=True))
 
     def resolved_step_size(self) -> float:
         if self.step_size is not None:
@@ -277,20 +282,20 @@ class EvalConfig(_Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _set(self, "norm", check_choice("norm", self.norm, NORMS))
         eps = self.eps
         if isinstance(eps, (int, float)) and not isinstance(eps, bool):
             eps = (eps,)
         if not isinstance(eps, (tuple, list)) or not eps:
             raise ValueError(f"`eps` must be a number or a non-empty list of numbers. Received: eps={self.eps!r}")
         _set(self, "eps", tuple(_check_eps(e, self.norm) for e in eps))
-        _set(self, "suite", _check_choice("suite", self.suite, SUITES))
+        _set(self, "suite", check_choice("suite", self.suite, SUITES))
         if self.n is not None:
-            _set(self, "n", _check_number("n", self.n, low=1, integer=True))
-        _set(self, "split", _check_choice("split", self.split, SPLITS))
-        _set(self, "batch_size", _check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
-        _check_bool("sanity", self.sanity)
-        _set(self, "seed", _check_number("seed", self.seed, low=0, integer=True))
+            _set(self, "n", check_number("n", self.n, low=1, integer=True))
+        _set(self, "split", check_choice("split", self.split, SPLITS))
+        _set(self, "batch_size", check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
+        check_bool("sanity", self.sanity)
+        _set(self, "seed", check_number("seed", self.seed, low=0, integer=True))
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -329,12 +334,12 @@ class ThreatModel(_Config):
     split: str = "test"
 
     def __post_init__(self) -> None:
-        _set(self, "norm", _check_choice("norm", self.norm, NORMS))
+        _set(self, "norm", check_choice("norm", self.norm, NORMS))
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _set(self, "suite", _check_choice("suite", self.suite, SUITES))
+        _set(self, "suite", check_choice("suite", self.suite, SUITES))
         if self.n is not None:
-            _set(self, "n", _check_number("n", self.n, low=1, integer=True))
-        _set(self, "split", _check_choice("split", self.split, SPLITS))
+            _set(self, "n", check_number("n", self.n, low=1, integer=True))
+        _set(self, "split", check_choice("split", self.split, SPLITS))
 
     def describe(self) -> str:
         """One line: `linf eps=0.3, standard suite, test split, n=1000`."""

@@ -24,6 +24,7 @@ __all__ = [
     "read_idx",
     "shard",
     "make_dataset",
+    "check_arrays",
     "BUNDLED_SHA256",
 ]
 
@@ -135,7 +136,7 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise DataError(f"{folder}: missing {stem}(.gz)")
 
 
-def _check_arrays(x: np.ndarray, y: np.ndarray, where: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def check_arrays(x: np.ndarray, y: np.ndarray, where: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Converts to float32 [0, 1] images (N, 28, 28, 1) and int32 labels, or raises DataError."""
     x = np.asarray(x)
     y = np.asarray(y)
@@ -226,7 +227,7 @@ def _load_raw(source: str) -> tuple[str, tuple[tuple[str, np.ndarray], ...]]:
         where = str(path)
     checked = {}
     for split in ("train", "test"):
-        x, y = _check_arrays(arrays[f"x_{split}"], arrays[f"y_{split}"], where, split)
+        x, y = check_arrays(arrays[f"x_{split}"], arrays[f"y_{split}"], where, split)
         x.setflags(write=False)
         y.setflags(write=False)
         checked[f"x_{split}"], checked[f"y_{split}"] = x, y

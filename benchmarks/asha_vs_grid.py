@@ -46,8 +46,10 @@ def main(argv=None) -> int:
         p.error(f"unknown --searches {unknown}; known: {list(SEARCHES)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from workflows import cluster, results, tune
+    from workflows import results, tune
+    from workflows.connect import connect
     from workflows.spec import load_spec
+    from workflows.storage import RunFolder
 
     # Cosine, not one-cycle: ASHA judges every trial after its first epoch, which one-cycle spends
     # raising the learning rate from zero, so the first rung would rank near-untrained models
@@ -64,13 +66,14 @@ def main(argv=None) -> int:
         earlier = json.loads(path.read_text())
         if earlier.get("setup") == setup:
             out["searches"] = {k: v for k, v in earlier.get("searches", {}).items() if k not in names}
-    cluster.connect(None)
+    connect(None)
     for name in names:
         search = tune.SearchSpec.from_dict({"space": SPACE, "samples": 1, **SEARCHES[name]}, base=spec.train.to_dict())
         run_dir = Path(tempfile.mkdtemp(prefix=f"advtrain-{name}-"))
-        tune._write_spec(run_dir, spec, search, None)
+        folder = RunFolder(run_dir)
+        tune.write_spec(folder, spec, search, None)
         load_start, t0 = os.getloadavg(), time.perf_counter()
-        grid, _ = tune.run_search(spec, search, run_dir)
+        grid, _ = tune.run_search(spec, search, folder)
         wall = time.perf_counter() - t0
         rows = results.collect(grid, run_dir, spec)
         best = rows[0]

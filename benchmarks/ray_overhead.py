@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     import ray
 
     from advtrain.files import write_json
-    from workflows import cluster
+    from workflows.connect import connect
     from workflows.train import WORKER_ENV
 
     cells = _cells(args)
@@ -476,7 +476,7 @@ def main(argv=None) -> int:
                     continue
                 use_ray = group[0]["runner"] == "ray"
                 if use_ray:
-                    cluster.connect(None, num_cpus=args.cpus, runtime_env={"env_vars": WORKER_ENV},
+                    connect(None, num_cpus=args.cpus, runtime_env={"env_vars": WORKER_ENV},
                                     logging_level="ERROR", log_to_driver=False)
                 try:
                     for cell in group:

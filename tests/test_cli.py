@@ -168,11 +168,11 @@ def test_unexpected_error_with_verbose_prints_traceback(tmp_path, capsys):
 ])
 def test_error_from_a_library_or_a_bug_exits_1_not_2(raised, name, tmp_path, capsys, monkeypatch):
     from advtrain.models import build_model, save_model
-    from workflows import runs
+    from workflows import commands
 
     model = tmp_path / "m.keras"
     save_model(build_model("mlp", seed=0), model)
-    monkeypatch.setattr(runs, "evaluate_and_report", lambda *a, **k: raised())
+    monkeypatch.setattr(commands, "evaluate", lambda *a, **k: raised())
     code, err = _run(["evaluate", str(model), "--suite", "fgsm", "--n", "8"], capsys)
     assert code == 1 and err[-1].startswith(f"advtrain: unexpected error: {name}")
     Path(err[-1].split("traceback in ")[1].split(";")[0]).unlink()

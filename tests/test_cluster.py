@@ -1,8 +1,8 @@
-"""Tests of workflows.cluster on real local Ray clusters: loopback, token auth, up/down, CLI."""
+"""Tests of workflows.connect and workflows.local_cluster on real local Ray clusters: loopback, token auth,
+up/down, the `advtrain cluster` command."""
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from workflows import cluster
+from workflows import connect, local_cluster
+from workflows.cli import main
 
 ray = pytest.importorskip("ray")  # also puts Ray's bundled psutil on sys.path
 psutil = pytest.importorskip("psutil")
@@ -21,11 +22,11 @@ psutil = pytest.importorskip("psutil")
 # A client in its own process, so the test process never joins a cluster.
 _CONNECT = """
 import json, sys, time
-from workflows import cluster
+from workflows import connect
 start = time.monotonic()
 try:
-    cluster.connect(sys.argv[1], timeout_s=float(sys.argv[2]), log_to_driver=False)
-except cluster.ClusterError as e:
+    connect.connect(sys.argv[1], timeout_s=float(sys.argv[2]), log_to_driver=False)
+except connect.ClusterError as e:
     print(f"REFUSED after {time.monotonic() - start:.1f} s: {e}")
     sys.exit(3)
 import ray
@@ -79,22 +80,22 @@ def _mentioning(path):
 @pytest.mark.ray
 def test_up_down_single_node_leaves_no_process(tmp_path_factory):
     root = tmp_path_factory.mktemp("own-cluster")
-    local = cluster.up(root, num_cpus=1)
+    local = local_cluster.up(root, num_cpus=1)
     try:
-        assert cluster.status(root)["nodes"] == 1
-        listening = _listen_addresses(cluster.find_processes(root))
+        assert local_cluster.status(root)["nodes"] == 1
+        listening = _listen_addresses(local_cluster.find_processes(root))
         assert listening and {ip for ip, _ in listening} == {"127.0.0.1"}, sorted(listening)
-        with pytest.raises(cluster.ClusterError, match="already runs in"):
-            cluster.up(root, num_cpus=1)
+        with pytest.raises(connect.ClusterError, match="already runs in"):
+            local_cluster.up(root, num_cpus=1)
     finally:
-        stopped = cluster.down(root)
+        stopped = local_cluster.down(root)
     assert stopped > 0
     assert _mentioning(local.temp_dir) == []
-    assert cluster.find_processes(root) == []
+    assert local_cluster.find_processes(root) == []
     assert not local.cluster_file.exists()
-    info = cluster.status(root)
+    info = local_cluster.status(root)
     assert (info["alive"], info["address"]) == (False, None)
-    assert cluster.down(root, purge=True) == 0
+    assert local_cluster.down(root, purge=True) == 0
 
 
 # ------------------------------------------------------------------ the session cluster
@@ -102,19 +103,19 @@ def test_up_down_single_node_leaves_no_process(tmp_path_factory):
 
 @pytest.mark.ray
 def test_cluster_up_status_reports_two_live_nodes(ray_cluster):
-    info = cluster.status(ray_cluster.root)
+    info = local_cluster.status(ray_cluster.root)
     assert info["alive"] is True
     assert (info["nodes"], info["cpus"], info["gpus"]) == (2, 2.0, 0.0)
     assert info["address"] == ray_cluster.address
     assert ray_cluster.address.startswith("127.0.0.1:")
     assert oct(ray_cluster.token_path.stat().st_mode & 0o777) == "0o600"
     saved = json.loads(ray_cluster.cluster_file.read_text())
-    assert cluster.LocalCluster.from_dict(saved) == ray_cluster
+    assert local_cluster.LocalCluster.from_dict(saved) == ray_cluster
 
 
 @pytest.mark.ray
 def test_cluster_every_listener_is_loopback(ray_cluster):
-    listening = _listen_addresses(cluster.find_processes(ray_cluster.root))
+    listening = _listen_addresses(local_cluster.find_processes(ray_cluster.root))
     assert listening, "found no listening sockets of the cluster"
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, sorted(listening)
     ports = {port for _, port in listening}
@@ -125,7 +126,7 @@ def test_cluster_every_listener_is_loopback(ray_cluster):
 
 @pytest.mark.ray
 def test_connect_with_token_sees_cluster_resources(ray_cluster):
-    result = _python(["-c", _RAW_INIT], env=_client_env(cluster.env_for(ray_cluster)))
+    result = _python(["-c", _RAW_INIT], env=_client_env(local_cluster.env_for(ray_cluster)))
     assert result.returncode == 0, result.stderr[-2000:]
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("RESOURCES "))
     assert json.loads(line.split(" ", 1)[1])["CPU"] == 2.0
@@ -144,7 +145,7 @@ def test_in_process_ray_init_after_fixture_connects(ray_cluster):
 @pytest.mark.ray
 @pytest.mark.parametrize("client, timeout_s", [("wrong_token", 10.0), ("no_token", 4.0)])
 def test_connect_without_right_token_is_refused(ray_cluster, tmp_path, client, timeout_s):
-    env = _client_env(cluster.env_for(ray_cluster), drop=("RAY_AUTH_TOKEN_PATH",))
+    env = _client_env(local_cluster.env_for(ray_cluster), drop=("RAY_AUTH_TOKEN_PATH",))
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
     if client == "wrong_token":
         wrong = tmp_path / "wrong_token"
@@ -162,7 +163,7 @@ def test_connect_without_right_token_is_refused(ray_cluster, tmp_path, client, t
 
 @pytest.mark.ray
 def test_cli_status_of_running_cluster_exits_0(ray_cluster):
-    result = _python(["-m", "workflows.cluster", "status", "--local", "--root",
+    result = _python(["-m", "workflows.cli", "cluster", "status", "--local", "--root",
                       str(ray_cluster.root)])
     assert result.returncode == 0, result.stderr
     assert f"cluster at {ray_cluster.address}: alive, 2 node(s), 2 CPU(s)" in result.stdout
@@ -172,7 +173,7 @@ def test_cli_status_of_running_cluster_exits_0(ray_cluster):
 
 
 def test_status_never_started_is_not_alive(tmp_path):
-    info = cluster.status(tmp_path / "none")
+    info = local_cluster.status(tmp_path / "none")
     assert info["alive"] is False and info["nodes"] is None
 
 
@@ -181,30 +182,30 @@ def test_connect_nothing_listening_fails_fast():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.monotonic()
-    with pytest.raises(cluster.ClusterError, match=f"No Ray cluster answers at 127.0.0.1:{port}"):
-        cluster.connect(f"127.0.0.1:{port}")
+    with pytest.raises(connect.ClusterError, match=f"No Ray cluster answers at 127.0.0.1:{port}"):
+        connect.connect(f"127.0.0.1:{port}")
     assert time.monotonic() - start < 5
 
 
 def test_connect_auto_without_ray_address_raises(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(cluster.ClusterError, match="address 'auto' needs RAY_ADDRESS"):
-        cluster.connect("auto")
+    with pytest.raises(connect.ClusterError, match="address 'auto' needs RAY_ADDRESS"):
+        connect.connect("auto")
 
 
 def test_connect_malformed_address_raises():
     with pytest.raises(ValueError, match="Received: address='nowhere'"):
-        cluster.connect("nowhere")
+        connect.connect("nowhere")
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_cpus": 0}, "Received: num_cpus=0"),
+    ({"num_cpus": -1}, "Received: num_cpus=-1"),
     ({"node_cpus": -1}, "Received: node_cpus=-1"),
     ({"port": 80}, "Received: port=80"),
 ])
 def test_up_bad_argument_raises_before_starting(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        cluster.up(tmp_path / "c", **kwargs)
+        local_cluster.up(tmp_path / "c", **kwargs)
     assert not (tmp_path / "c").exists()
 
 
@@ -213,8 +214,8 @@ def test_up_port_in_use_raises_without_starting(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        with pytest.raises(cluster.ClusterError, match=f"Port {port} on 127.0.0.1 is in use"):
-            cluster.up(tmp_path / "c", port=port)
+        with pytest.raises(connect.ClusterError, match=f"Port {port} on 127.0.0.1 is in use"):
+            local_cluster.up(tmp_path / "c", port=port)
     assert not (tmp_path / "c").exists()
 
 
@@ -224,27 +225,21 @@ def test_up_port_in_use_raises_without_starting(tmp_path):
     (["start", "--local"], "invalid choice: 'start'"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, message):
-    result = _python(["-m", "workflows.cluster", *argv], timeout=30)
+    result = _python(["-m", "workflows.cli", "cluster", *argv], timeout=30)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert result.stdout == ""
 
 
-def test_register_cli_bad_input_under_main_parser_exits_2(capsys):
-    parser = argparse.ArgumentParser(prog="advtrain")
-    cluster.register_cli(parser.add_subparsers(dest="command"))
-    with pytest.raises(SystemExit) as exit_info:
-        parser.parse_args(["cluster", "up", "--local", "--num-cpus", "many"])
-    assert exit_info.value.code == 2
+def test_cluster_bad_input_under_main_exits_2_with_one_line(capsys):
+    assert main(["cluster", "up", "--local", "--num-cpus", "many"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Received: 'many'" in err[0]
-    args = parser.parse_args(["cluster", "status", "--local", "--root", "/nonexistent/x"])
-    assert (args.command, args.action, args.local) == ("cluster", "status", True)
 
 
 def test_cli_status_never_started_exits_1(tmp_path):
-    result = _python(["-m", "workflows.cluster", "status", "--local", "--root", str(tmp_path)],
+    result = _python(["-m", "workflows.cli", "cluster", "status", "--local", "--root", str(tmp_path)],
                      timeout=30)
     assert result.returncode == 1
     assert "no cluster in" in result.stdout

@@ -68,8 +68,9 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     g.add_argument("--address", help="Ray cluster to join ('auto' inside `ray job submit`); default: start Ray locally")
     g.add_argument("--storage", default=os.environ.get("ADVTRAIN_STORAGE"),
-                   help="Train/Tune storage path (shared storage such as s3://... on multi-node clusters); "
-                        "default $ADVTRAIN_STORAGE or the run folder")
+                   help="where the run lives: a path or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file://...); "
+                        "everything goes under {storage}/{run name}, the --out folder's name (or <command>-<time>). "
+                        "Default $ADVTRAIN_STORAGE, else the --out folder itself")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="adversarial training, in one process (--local) or on Ray Train workers")
     p.add_argument("--config", help="run file (YAML); see configs/")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
-    p.add_argument("--out", help="run folder (default runs/train-<time>); must not exist or be empty")
+    p.add_argument("--out", help="run folder (default runs/train-<time>); must not exist or be empty. With "
+                                 "--storage: the local staging folder, and its name is the run's name")
     p.add_argument("--max-failures", type=int, help="worker-group restarts tolerated (Ray)")
     _add_ray_options(p)
     _add_train_overrides(p)
@@ -88,12 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="Ray Tune search over training eps, PGD steps and mix")
     p.add_argument("--config", help="run file (YAML) with a `search` section")
     p.add_argument("--samples", type=int, help="trials (default: the config's search.samples)")
-    p.add_argument("--out", help="experiment folder (default runs/tune-<time>)")
-    p.add_argument("--resume", metavar="DIR", help="continue an interrupted search in DIR")
+    p.add_argument("--out", help="experiment folder (default runs/tune-<time>). With --storage: the local staging "
+                                 "folder, and its name is the search's name")
+    p.add_argument("--resume", metavar="DIR|URI", help="continue an interrupted search: its folder, or its location "
+                                                       "in storage ({storage}/{name})")
     _add_ray_options(p)
 
     p = sub.add_parser("evaluate", help="robust accuracy of a .keras model under a threat model")
-    p.add_argument("model", help="a .keras model file (loaded with safe_mode)")
+    p.add_argument("model", help="a .keras model file or its storage URI (loaded with safe_mode)")
     p.add_argument("--eps", type=_floats, default=(0.3,), help="comma-separated eps values, e.g. 0.1,0.2,0.3")
     p.add_argument("--norm", default="linf")
     p.add_argument("--suite", default="standard", help="fgsm, quick or standard")
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="test or val")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="folder for report.json, report.md and plots (default: beside the model)")
+    p.add_argument("--out", help="folder or storage URI for report.json, report.md and plots (default: beside the model)")
 
     p = sub.add_parser("attack", help="adversarial examples for given images")
     p.add_argument("model", help="a .keras model file")
@@ -118,23 +122,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="output .npz (x, y, x_adv, pred, pred_adv)")
 
-    p = sub.add_parser("report", help="rebuild the report of a run or search folder")
-    p.add_argument("dir")
+    p = sub.add_parser("report", help="rebuild the report of a search from its folder or storage location")
+    p.add_argument("dir", metavar="DIR|URI")
 
-    from workflows import cluster
-
-    cluster.register_cli(sub)
+    p = sub.add_parser("cluster", help="start, stop or inspect a local Ray cluster (127.0.0.1, token auth)",
+                       description="Local Ray cluster on 127.0.0.1 with token auth. --local is required.")
+    p.add_argument("action", choices=("up", "down", "status"), help="start, stop, or report on the cluster")
+    p.add_argument("--local", action="store_true",
+                   help="a cluster on this machine, on 127.0.0.1 with token auth (required: the only kind supported)")
+    p.add_argument("--root", metavar="DIR", default="~/.advtrain/cluster",
+                   help="cluster folder: token, temp dir, cluster.json (default: %(default)s)")
+    p.add_argument("--num-cpus", metavar="N", type=_positive_int, default=None, help="CPUs of the head node (default: all)")
+    p.add_argument("--add-node", action="store_true", help="also start a second 1-CPU node on this machine")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1. Received: {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _new_run_dir(out: str | None, kind: str) -> Path:
-    path = Path(out) if out else Path("runs") / f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UsageError(f"advtrain {kind}: output folder {str(path)!r} exists and is not empty; choose another --out")
-    return path
+def _run_folder(out: str | None, kind: str, storage: str | None):
+    """The new run's folder: named after --out, or `<kind>-<time>`; in storage when given."""
+    from workflows.storage import RunFolder
+
+    name = Path(out).name if out else f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    try:
+        return RunFolder.create(out, name, storage)
+    except ValueError as e:
+        raise UsageError(f"advtrain {kind}: {e}") from None
 
 
 def _train_overrides(args) -> dict[str, Any]:
@@ -158,25 +182,25 @@ def _cmd_train(args) -> int:
     spec = load_spec(args.config, train=_train_overrides(args), scaling=_scaling_overrides(args))
     if args.local and (args.workers not in (None, 1) or args.gpu or args.address):
         raise UsageError("advtrain train: --local runs one process; drop --workers/--gpu/--address or --local")
-    run_dir = _new_run_dir(args.out, "train")
-    from workflows import runs
+    folder = _run_folder(args.out, "train", args.storage)
+    from workflows import commands
 
-    return runs.train_and_report(spec, run_dir, local=args.local, address=args.address, storage=args.storage)
+    return commands.train(spec, folder, local=args.local, address=args.address)
 
 
 def _cmd_tune(args) -> int:
-    from workflows import tune
+    from workflows import commands, tune
 
     if args.resume:
         if args.config or args.out:
             raise UsageError("advtrain tune: --resume DIR takes the config stored in DIR; drop --config/--out")
-        return tune.resume_cli(Path(args.resume), address=args.address, storage=args.storage)
+        return commands.resume(args.resume, address=args.address, storage_base=args.storage)
     from workflows.spec import load_spec
 
     spec = load_spec(args.config, scaling=_scaling_overrides(args))
     search = tune.SearchSpec.from_dict(spec.search, base=spec.train.to_dict(), samples=args.samples)
-    run_dir = _new_run_dir(args.out, "tune")
-    return tune.tune_cli(spec, search, run_dir, address=args.address, storage=args.storage)
+    folder = _run_folder(args.out, "tune", args.storage)
+    return commands.tune(spec, search, folder, address=args.address, storage_base=args.storage)
 
 
 def _cmd_evaluate(args) -> int:
@@ -184,13 +208,9 @@ def _cmd_evaluate(args) -> int:
 
     cfg = EvalConfig(norm=args.norm, eps=args.eps, suite=args.suite, n=args.n, split=args.split,
                      batch_size=args.batch_size, seed=args.seed)
-    model_path = Path(args.model)
-    if model_path.suffix != ".keras" or not model_path.is_file():
-        raise UsageError(f"advtrain evaluate: model must be an existing .keras file. Received: {args.model!r}")
-    out = Path(args.out) if args.out else model_path.parent / f"eval-{model_path.stem}"
-    from workflows import runs
+    from workflows import commands
 
-    return runs.evaluate_and_report(model_path, cfg, out)
+    return commands.evaluate(args.model, cfg, args.out)
 
 
 def _cmd_attack(args) -> int:
@@ -200,19 +220,27 @@ def _cmd_attack(args) -> int:
                        restarts=args.restarts, loss=args.loss, seed=args.seed)
     if not args.out.endswith(".npz"):
         raise UsageError(f"advtrain attack: --out must end in .npz. Received: {args.out!r}")
-    from workflows import runs
+    from workflows import commands
 
-    return runs.attack_to_file(Path(args.model), cfg, args.input, args.n, args.split, Path(args.out))
+    return commands.attack(Path(args.model), cfg, args.input, args.n, args.split, Path(args.out))
 
 
 def _cmd_report(args) -> int:
-    from workflows import tune
+    from workflows import commands
 
-    return tune.report_cli(Path(args.dir))
+    return commands.report(args.dir)
+
+
+def _cmd_cluster(args) -> int:
+    from workflows import commands
+
+    if not args.local:
+        raise UsageError("advtrain cluster: --local is required (only a local cluster is supported for now)")
+    return commands.cluster(args.action, args.root, num_cpus=args.num_cpus, add_node=args.add_node)
 
 
 COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "attack": _cmd_attack,
-            "report": _cmd_report}
+            "report": _cmd_report, "cluster": _cmd_cluster}
 
 
 _OWN_CODE = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("advtrain", "workflows"))
@@ -264,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before TensorFlow loads, here and in the Ray workers of an embedded cluster (they inherit
     # this environment): TF's C++ start-up chatter hides the progress lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]": that
+    # would hide all but one of the workers' placement lines (rank, node, GPU ids).
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     parser = build_parser()
     verbose = False
     try:
@@ -274,16 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        if args.command == "cluster":
-            from workflows import cluster
-
-            return cluster.run_cli(args)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("advtrain: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from workflows.cluster import ClusterError
+        from workflows.connect import ClusterError
 
         if isinstance(e, UsageError):
             print(str(e), file=sys.stderr)

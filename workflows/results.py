@@ -57,21 +57,25 @@ def _stopped(metrics: dict, error: Any, scheduler: str) -> str:
     return scheduler
 
 
-def _evaluate_stopped(row: dict, spec: RunSpec, data) -> None:
+def _evaluate_stopped(row: dict, spec: RunSpec, data, filesystem) -> None:
     """Evaluates a trial the scheduler stopped, from its last Train checkpoint, on the same
-    threat model and test examples as finished trials (its own last act never ran)."""
+    threat model and test examples as finished trials (its own last act never ran).
+
+    The checkpoint path comes from the trial's metrics, where Tune's report has dropped the
+    URI's scheme: it is read back on the storage's own filesystem."""
     import tempfile
 
-    src = Path(Checkpoint(row["_train_checkpoint"]).to_directory())
+    src = Path(Checkpoint(row["_train_checkpoint"], filesystem=filesystem).to_directory())
     out = Path(tempfile.mkdtemp(prefix="advtrain-eval-"))
     row.update(evaluate_trial(load_model(src / "model.keras"), spec, data, out))
     copy_file(src / "model.keras", out / "model.keras")
     row["_dir"] = out
 
 
-def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
+def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict]:
     """Reads every trial of the ResultGrid into rows; evaluates trials the scheduler stopped
-    (from their last checkpoint); copies the best model and the top trials' reports."""
+    (from their last checkpoint, read on `filesystem`: the pyarrow filesystem of the search's
+    storage, `None` for a local run folder); copies the best model and the top trials' reports."""
     search = json.loads((run_dir / "spec.json").read_text())["search"]
     searched, scheduler = list(search["space"]), search["scheduler"]
     rows = []
@@ -99,7 +103,7 @@ def collect(grid, run_dir: Path, spec: RunSpec) -> list[dict]:
     for row in rows:
         if row["stopped"] == scheduler and row["_train_checkpoint"]:
             data = data or load_mnist(spec.train.data)
-            _evaluate_stopped(row, spec, data)
+            _evaluate_stopped(row, spec, data, filesystem)
             row["evaluated_by"] = "driver (last checkpoint)"
     ranked = rank(rows)
     trials_dir = run_dir / "trials"

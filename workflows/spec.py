@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from advtrain.config import EvalConfig, ThreatModel, TrainConfig, _check_bool, _check_number, load_yaml
+from advtrain.config import EvalConfig, ThreatModel, TrainConfig, check_bool, check_number, load_yaml
 
 __all__ = ["Scaling", "RunSpec", "load_spec"]
 
@@ -34,12 +34,12 @@ class Scaling:
     placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "workers", _check_number("workers", self.workers, low=1, high=1024, integer=True))
-        _check_bool("gpu", self.gpu)
+        object.__setattr__(self, "workers", check_number("workers", self.workers, low=1, high=1024, integer=True))
+        check_bool("gpu", self.gpu)
         object.__setattr__(
-            self, "cpus_per_worker", _check_number("cpus_per_worker", self.cpus_per_worker, low=1, high=256, integer=True)
+            self, "cpus_per_worker", check_number("cpus_per_worker", self.cpus_per_worker, low=1, high=256, integer=True)
         )
-        object.__setattr__(self, "max_failures", _check_number("max_failures", self.max_failures, low=0, high=100, integer=True))
+        object.__setattr__(self, "max_failures", check_number("max_failures", self.max_failures, low=0, high=100, integer=True))
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         if self.placement_strategy not in strategies:
             raise ValueError(f"`placement_strategy` must be one of {', '.join(strategies)}. "

@@ -22,16 +22,14 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from advtrain.config import ThreatModel, TrainConfig
+from advtrain.config import ThreatModel, TrainConfig, check_choice
 
 __all__ = [
     "COMMUNICATIONS",
     "STRATEGIES",
     "WORKER_ENV",
     "build_trainer",
-    "check_resources",
     "configure_tensorflow",
-    "fit_distributed",
     "make_strategy",
     "shard_datasets",
     "train_loop_per_worker",
@@ -49,11 +47,6 @@ STRATEGIES = ("auto", "mwms")
 # MWMS collective implementation (tf.distribute.experimental.CommunicationImplementation).
 COMMUNICATIONS = ("auto", "ring", "nccl")
 
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}. Received: {name}={value!r}")
-    return value
 
 
 def configure_tensorflow(cpus: float, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
@@ -102,8 +95,8 @@ def make_strategy(world_size: int, *, strategy: str = "auto", communication: str
     """
     import tensorflow as tf
 
-    _check_choice("strategy", strategy, STRATEGIES)
-    _check_choice("communication", communication, COMMUNICATIONS)
+    check_choice("strategy", strategy, STRATEGIES)
+    check_choice("communication", communication, COMMUNICATIONS)
     if isinstance(bytes_per_pack, bool) or not isinstance(bytes_per_pack, int) or bytes_per_pack < 0:
         raise ValueError(f"`bytes_per_pack` must be an integer >= 0. Received: bytes_per_pack={bytes_per_pack!r}")
     if world_size == 1 and strategy == "auto":
@@ -170,6 +163,21 @@ def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, au
     return idx, dataset_for, steps, data
 
 
+def device_info(tf, model) -> dict[str, Any]:
+    """Where this worker trains: the GPU ids Ray assigned it, CUDA_VISIBLE_DEVICES (Ray sets it to
+    those ids alone, so TensorFlow sees exactly this worker's GPUs), the GPUs TensorFlow sees, the
+    device holding the model's weights (where the compiled train step runs) and its name."""
+    gpu_ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    gpus = tf.config.list_physical_devices("GPU")
+    name = "cpu"
+    if gpus:
+        name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+    weights = model.weights[0]
+    device = getattr(weights, "device", "") or getattr(getattr(weights, "value", None), "device", "")
+    return {"gpu_ids": ",".join(gpu_ids), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "tf_gpus": len(gpus), "weights_device": str(device).rsplit("/", 1)[-1] or "?", "device_name": name}
+
+
 def _digest(indices) -> str:
     return hashlib.sha256(indices.astype("int64").tobytes()).hexdigest()[:16]
 
@@ -208,7 +216,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed after epoch %d", rank, len(history))
 
     shard_info = {"shard_digest": _digest(idx), "shard_size": len(idx), "world_size": world, "rank": rank,
-                  "global_batch": cfg.batch_size * world, "node_id": ray.get_runtime_context().get_node_id()}
+                  "global_batch": cfg.batch_size * world, "node_id": ray.get_runtime_context().get_node_id(),
+                  **device_info(tf, run.model)}
+    # One line per worker in the job's log: which run, where it runs and on which accelerator.
+    print(f"advtrain worker {rank}/{world} of {ctx.get_experiment_name()} from epoch {len(history)}: "
+          f"node {shard_info['node_id']}, GPU ids [{shard_info['gpu_ids']}], "
+          f"CUDA_VISIBLE_DEVICES={shard_info['cuda_visible_devices']!r}, weights on {shard_info['weights_device']} "
+          f"({shard_info['device_name']})", flush=True)
 
     def report(metrics: dict, *, final: bool = False, summary: dict | None = None):
         # Tune's live table shows the first four metrics: put the ones a search is judged by first.
@@ -242,27 +256,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     report(last, final=True, summary=summary)
 
 
-def check_resources(workers: int, cpus_per_worker: float, gpu: bool) -> None:
-    """Fails at once when the connected cluster cannot ever place the workers.
-
-    Ray would otherwise wait for resources that never come (WorkerGroupStartupTimeoutError
-    minutes later).
-    """
-    total = ray.cluster_resources()
-    need_cpu = workers * cpus_per_worker
-    have_cpu = total.get("CPU", 0.0)
-    if need_cpu > have_cpu:
-        raise ValueError(
-            f"`workers` x CPUs per worker needs {need_cpu:g} CPUs but the cluster has {have_cpu:g}. "
-            f"Received: workers={workers}, cpus_per_worker={cpus_per_worker:g}"
-        )
-    if gpu and workers > total.get("GPU", 0.0):
-        raise ValueError(
-            f"`--gpu` needs one GPU per worker ({workers}) but the cluster has {total.get('GPU', 0.0):g}. "
-            f"Received: workers={workers}"
-        )
-
-
 def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per_worker: float = 1,
                   storage_path: str, name: str, max_failures: int = 1, callbacks=None,
                   threat_model: ThreatModel | None = None, placement_strategy: str = "PACK",
@@ -294,22 +287,6 @@ def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per
             callbacks=callbacks,
         ),
     )
-
-
-def fit_distributed(cfg: TrainConfig, *, workers: int, gpu: bool, storage_path: str, name: str,
-                    cpus_per_worker: float = 1, max_failures: int = 1, threat_model: ThreatModel | None = None,
-                    placement_strategy: str = "PACK", steps_per_call: int | None = None):
-    """Runs one distributed training to completion; returns the Ray `Result`.
-
-    The result's checkpoint holds `model.keras` (best epoch restored if the guard fired),
-    `history.json` and `summary.json`.
-    """
-    check_resources(workers, cpus_per_worker, gpu)
-    trainer = build_trainer(cfg, workers=workers, gpu=gpu, cpus_per_worker=cpus_per_worker,
-                            storage_path=storage_path, name=name, max_failures=max_failures,
-                            threat_model=threat_model,
-                            placement_strategy=placement_strategy, steps_per_call=steps_per_call)
-    return trainer.fit()
 
 
 def read_final(result) -> tuple[Path, list[dict], dict]:

@@ -7,11 +7,12 @@ stops weak trials on that metric. A trial that finishes
 training ends with the evaluation suite on the test split, reported as `test_*` metrics with a
 checkpoint holding its model and report. The test split never steers the search.
 
-Experiment folder (`--out`):
-    spec.json                 the run spec and search spec (what `--resume` reads)
+A search's folder (`--out`, or `{storage}/{run name}` with `--storage`, see `workflows.storage`):
+    spec.json                 the run spec, search spec, storage and name (what `--resume` reads)
     tune/                     Ray Tune's experiment (trial folders, state for Tuner.restore)
-    train/                    Ray Train runs, one per trial (unless --storage points elsewhere)
+    train/                    Ray Train runs, one per trial
     trials.json, results.*    written by `workflows.results` when the search ends
+The command bodies (`advtrain tune`, `--resume`, `report`) are in `workflows.commands`.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import ray
 from ray import tune
 
-from advtrain.config import TrainConfig, _check_choice, _check_number
+from advtrain.config import TrainConfig, check_choice, check_number
+from workflows import storage
 from workflows.spec import RunSpec
+from workflows.storage import RunFolder
 
-__all__ = ["METRIC", "MODE", "SearchSpec", "build_param_space", "run_trial", "run_search", "tune_cli", "resume_cli",
-           "report_cli"]
+__all__ = ["METRIC", "MODE", "SPEC_FILE", "SearchSpec", "build_param_space", "per_worker", "read_spec", "run_search",
+           "run_trial", "schedule_warning", "write_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _validate_space(space: Mapping[str, Any], base: Mapping[str, Any]) -> dict[s
                 f"({', '.join(DISTRIBUTIONS)}). Received: {key}={dist!r}"
             )
         (kind, values), = dist.items()
-        _check_choice(f"search.space.{key} distribution", kind, DISTRIBUTIONS)
+        check_choice(f"search.space.{key} distribution", kind, DISTRIBUTIONS)
         if not isinstance(values, list) or not values:
             raise ValueError(f"`search.space.{key}.{kind}` must be a non-empty list. Received: {key}={values!r}")
         if kind in ("uniform", "loguniform", "randint"):
@@ -125,16 +126,16 @@ class SearchSpec:
         return spec
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", _check_number("samples", self.samples, low=1, high=10000, integer=True))
-        object.__setattr__(self, "scheduler", _check_choice("scheduler", self.scheduler, SCHEDULERS))
-        object.__setattr__(self, "searcher", _check_choice("searcher", self.searcher, SEARCHERS))
-        object.__setattr__(self, "grace_period", _check_number("grace_period", self.grace_period, low=1, integer=True))
+        object.__setattr__(self, "samples", check_number("samples", self.samples, low=1, high=10000, integer=True))
+        object.__setattr__(self, "scheduler", check_choice("scheduler", self.scheduler, SCHEDULERS))
+        object.__setattr__(self, "searcher", check_choice("searcher", self.searcher, SEARCHERS))
+        object.__setattr__(self, "grace_period", check_number("grace_period", self.grace_period, low=1, integer=True))
         object.__setattr__(self, "reduction_factor",
-                           _check_number("reduction_factor", self.reduction_factor, low=2, integer=True))
+                           check_number("reduction_factor", self.reduction_factor, low=2, integer=True))
         if self.max_concurrent is not None:
             object.__setattr__(self, "max_concurrent",
-                               _check_number("max_concurrent", self.max_concurrent, low=1, integer=True))
-        object.__setattr__(self, "seed", _check_number("seed", self.seed, low=0, integer=True))
+                               check_number("max_concurrent", self.max_concurrent, low=1, integer=True))
+        object.__setattr__(self, "seed", check_number("seed", self.seed, low=0, integer=True))
         if self.searcher == "optuna-multi" and self.scheduler == "asha":
             raise ValueError("`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: fifo`. "
                              "Received: searcher='optuna-multi', scheduler='asha'")
@@ -208,14 +209,18 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
+def per_worker(spec: RunSpec) -> dict[str, float]:
+    """The resources of one Ray Train worker of this spec's runs."""
+    s = spec.scaling
+    return {"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.gpu else {})}
+
+
 def _max_concurrent(spec: RunSpec, search: SearchSpec) -> int:
+    from workflows import capacity
+
     if search.max_concurrent is not None:
         return search.max_concurrent
-    total = ray.cluster_resources()
-    s = spec.scaling
-    per_trial = s.workers if s.gpu else s.workers * s.cpus_per_worker
-    have = total.get("GPU" if s.gpu else "CPU", 0.0)
-    return max(1, int(have // per_trial))
+    return capacity.max_concurrent(capacity.read(), spec.scaling.workers, per_worker(spec), trials=search.num_trials)
 
 
 def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
@@ -238,19 +243,20 @@ def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
             f"models. Use `schedule: cosine`, or grace_period >= {math.ceil(warmup)}.")
 
 
-def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None, *, restore: bool):
+def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from workflows.halving import RunningLimit, SuccessiveHalving
 
-    train_storage = storage.rstrip("/") + f"/{run_dir.name}/train" if storage else str((run_dir / "train").resolve())
+    # Tune's experiment and the trials' Train runs live beside the results: under the run
+    # folder, or under {storage}/{run name} (every node reaches it, and it outlives the cluster).
+    tune_storage = folder.ray_location
     sha = search.scheduler == "sha"
-    base = {**spec.to_dict(), "train_storage": train_storage}
+    base = {**spec.to_dict(), "train_storage": storage.join(tune_storage, "train")}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
                                     {"cpu": 0, "memory": 256 * 1024 * 1024})
-    tune_storage = storage.rstrip("/") + f"/{run_dir.name}" if storage else str(run_dir.resolve())
     if restore:
-        return tune.Tuner.restore(f"{tune_storage}/tune", trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(storage.join(tune_storage, "tune"), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     multi = search.searcher == "optuna-multi"
     concurrent = _max_concurrent(spec, search)
@@ -292,123 +298,69 @@ def _tuner(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None
     )
 
 
-def run_search(spec: RunSpec, search: SearchSpec, run_dir: Path, *, storage: str | None = None,
-               restore: bool = False):
+def run_search(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool = False):
     """Runs (or resumes) the search on the connected Ray cluster.
 
     Returns:
         (ResultGrid, interrupted): Tune ends gracefully on Ctrl-C, saving its state, and returns
         a partial grid; `interrupted` says so.
+
+    The caller checks first that the cluster can hold one trial's workers
+    (`workflows.capacity.check`).
     """
+    import os
     import signal
     import threading
 
-    from workflows.train import check_resources
-
-    check_resources(spec.scaling.workers, spec.scaling.cpus_per_worker, spec.scaling.gpu)
-    tuner = _tuner(spec, search, run_dir, storage, restore=restore)
+    tuner = _tuner(spec, search, folder, restore=restore)
     if threading.current_thread() is not threading.main_thread():
         return tuner.fit(), False
 
     def sentinel(signum, frame):
         raise KeyboardInterrupt
 
+    def on_term(signum, frame):
+        # `ray job stop`, a pod deletion, a preempted head: stop as on Ctrl-C, so Tune saves the
+        # search's state to storage and `--resume` continues it.
+        os.kill(os.getpid(), signal.SIGINT)
+
     # Tune swaps in its own SIGINT handler and puts the previous one back only when a SIGINT
     # arrives: finding our sentinel installed afterwards means the search was interrupted.
     previous = signal.signal(signal.SIGINT, sentinel)
+    previous_term = signal.signal(signal.SIGTERM, on_term)
     try:
         grid = tuner.fit()
     finally:
         interrupted = signal.getsignal(signal.SIGINT) is sentinel
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
     return grid, interrupted
 
 
-def _write_spec(run_dir: Path, spec: RunSpec, search: SearchSpec, storage: str | None) -> None:
+SPEC_FILE = "spec.json"
+
+
+def write_spec(folder: RunFolder, spec: RunSpec, search: SearchSpec, storage_base: str | None) -> None:
+    """spec.json: what `--resume` and `report` read back (the run spec, the search, where it lives)."""
     from advtrain.files import write_json
 
-    write_json(run_dir / "spec.json", {"spec": spec.to_dict(), "search": search.to_dict(), "storage": storage})
+    write_json(folder.local / SPEC_FILE, {"spec": spec.to_dict(), "search": search.to_dict(), "storage": storage_base,
+                                          "name": folder.name})
 
 
-def _read_spec(run_dir: Path) -> tuple[RunSpec, SearchSpec, str | None]:
+def read_spec(local_dir: Path) -> tuple[RunSpec, SearchSpec, dict[str, Any]]:
+    """Reads spec.json back: (run spec, search spec, the whole file).
+
+    Raises:
+        ValueError: `local_dir` holds no spec.json.
+    """
     from workflows.spec import load_spec
 
-    path = run_dir / "spec.json"
+    path = Path(local_dir) / SPEC_FILE
     if not path.is_file():
-        raise ValueError(f"{str(run_dir)!r} is not an advtrain tune folder (no spec.json)")
+        raise ValueError(f"{str(local_dir)!r} is not an advtrain tune folder (no {SPEC_FILE})")
     d = json.loads(path.read_text())
     s = d["spec"]
     spec = load_spec(None, train=s["train"], eval=s["eval"], scaling=s["scaling"])
     spec = dataclasses.replace(spec, search=s["search"])
-    return spec, SearchSpec.from_dict(d["search"], base=s["train"]), d.get("storage")
-
-
-def _interrupted(run_dir: Path, done: str) -> int:
-    print(f"advtrain: search interrupted ({done}); continue with: advtrain tune --resume {run_dir}", file=sys.stderr)
-    return 130
-
-
-def _search_and_finish(spec: RunSpec, search: SearchSpec, run_dir: Path, storage: str | None, restore: bool) -> int:
-    import os
-
-    from advtrain.data import load_mnist
-    from workflows import results  # noqa: F401 - see below
-
-    # Inside `ray job submit --working-dir`, the driver's working directory is Ray's unpacked
-    # package, which Ray may garbage-collect while a long search runs (seen with Ray 2.60: Tune
-    # then fails in os.getcwd()). Everything after this point uses absolute paths, the modules
-    # the results stage needs are imported above, and the driver works from the run folder.
-    run_dir = run_dir.resolve()
-    os.chdir(run_dir)
-    load_mnist(spec.train.data)  # parsed once per process: the results stage reuses it
-    try:
-        grid, interrupted = run_search(spec, search, run_dir, storage=storage, restore=restore)
-    except KeyboardInterrupt:
-        return _interrupted(run_dir, "state saved")
-    if interrupted:
-        return _interrupted(run_dir, "state saved")
-    return _finish(spec, grid, run_dir)
-
-
-def _finish(spec: RunSpec, grid, run_dir: Path) -> int:
-    from workflows import results
-
-    results.collect(grid, run_dir, spec)
-    for line in results.write_all(run_dir):
-        print(line, file=sys.stderr)
-    return 0
-
-
-def tune_cli(spec: RunSpec, search: SearchSpec, run_dir: Path, *, address: str | None, storage: str | None) -> int:
-    """`advtrain tune --config FILE`."""
-    from workflows import cluster
-
-    if warning := schedule_warning(spec, search):
-        print(f"warning: {warning}", file=sys.stderr)
-    cluster.connect(address)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_spec(run_dir, spec, search, storage)
-    print(f"Tune: {search.num_trials} trial(s), {search.scheduler}/{search.searcher}, threat model "
-          f"{spec.threat_model.describe()}; folder {run_dir}", file=sys.stderr)
-    return _search_and_finish(spec, search, run_dir, storage, restore=False)
-
-
-def resume_cli(run_dir: Path, *, address: str | None, storage: str | None) -> int:
-    """`advtrain tune --resume DIR`: Tuner.restore; finished trials are not rerun."""
-    from workflows import cluster
-
-    spec, search, saved_storage = _read_spec(run_dir)
-    cluster.connect(address)
-    return _search_and_finish(spec, search, run_dir, storage or saved_storage, restore=True)
-
-
-def report_cli(run_dir: Path) -> int:
-    """`advtrain report DIR`: rebuilds tables, plots and the report from the folder alone."""
-    from workflows import results
-
-    if not (run_dir / "trials.json").is_file():
-        raise ValueError(f"{str(run_dir)!r} holds no trials.json: not a finished advtrain tune folder")
-    for line in results.write_all(run_dir):
-        print(line, file=sys.stderr)
-    return 0
-
+    return spec, SearchSpec.from_dict(d["search"], base=s["train"]), d

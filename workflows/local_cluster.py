@@ -1,33 +1,31 @@
-"""A real local Ray cluster on 127.0.0.1 with token auth, for tests and development.
+"""A real local Ray cluster on 127.0.0.1 with token auth, for development and tests.
 
-`up` starts one with `ray start` in its own folder, `down` stops exactly its processes
-(never `ray stop`, which stops every Ray process on the machine), `status` reports without
-starting anything, `env_for` gives the environment a client needs, and `connect` is what the
-drivers call: an embedded loopback Ray when no address is given, else a bounded-time connection
-that fails with one clear line. `register_cli`/`run_cli` expose `advtrain cluster up|down|status`.
+`up` starts one with `ray start` in its own folder, optionally with an autoscaler (Ray's fake
+multi-node provider: worker nodes of the given types start on this machine when trials ask for
+them and stop when idle, as on a cloud cluster); `down` stops exactly its processes (never
+`ray stop`, which stops every Ray process on the machine); `status` reports without starting
+anything; `env_for` gives the environment a client needs (`workflows.connect.apply_env`).
 
 Layout of a cluster folder (default `~/.advtrain/cluster`):
 
-    auth_token     the token (mode 0600), shared by every node and client
-    temp/          Ray's --temp-dir (session logs, sockets); /tmp/advtrain-<hash>/temp when
-                   the folder path is long, because Ray's unix socket paths must fit 107 bytes
-    cluster.json   address, ports, process sessions and pids, token path (written atomically)
+    auth_token        the token (mode 0600), shared by every node and client
+    temp/             Ray's --temp-dir (session logs, sockets); /tmp/advtrain-<hash>/temp when
+                      the folder path is long, because Ray's unix socket paths must fit 107 bytes
+    autoscaling.json  the autoscaler's cluster config, when started with node types
+    cluster.json      address, ports, process sessions and pids, token path (written atomically)
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import importlib.util
-import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
-import shlex
 import shutil
 import signal
 import socket
@@ -40,39 +38,30 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from advtrain.config import check_number
 from advtrain.files import write_json
+from workflows.connect import LOOPBACK, LOOPBACK_ENV, ClusterError, ensure_token, tcp_open
 
-__all__ = [
-    "DEFAULT_ROOT",
-    "ClusterError",
-    "LocalCluster",
-    "NodeRecord",
-    "apply_env",
-    "connect",
-    "down",
-    "env_for",
-    "find_processes",
-    "register_cli",
-    "run_cli",
-    "status",
-    "up",
-]
+__all__ = ["DEFAULT_ROOT", "LocalCluster", "NodeRecord", "autoscaling_config", "down", "env_for", "find_processes",
+           "status", "up"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("~/.advtrain/cluster")
-_LOOPBACK = "127.0.0.1"
+
+
 _CLUSTER_FILE = "cluster.json"
+
+
 # Ray puts sockets at <temp>/session_<date>_<pid>/sockets/plasma_store: ~63 bytes after <temp>,
 # and sun_path holds 107, so a longer temp dir makes the raylet fail to bind its socket.
 _MAX_TEMP_DIR_LEN = 40
-_WORKER_PORTS = 256  # per node: one per worker process or actor; ample on a dev machine
-# Ray reads this once, at import, and then resolves "127.0.0.1" to the routable address unless
-# it is "0"; "0" keeps every node IP, and so every listener, on loopback.
-_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-_GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"  # Ray's spelling
 
-# `ray start --address` refuses to add a node while _LOOPBACK_ENV=0 (a guard meant for macOS and
+
+_WORKER_PORTS = 256  # per node: one per worker process or actor; ample on a dev machine
+
+
+# `ray start --address` refuses to add a node while LOOPBACK_ENV=0 (a guard meant for macOS and
 # Windows), yet that same setting is what keeps 127.0.0.1 from being rewritten. This launcher
 # lifts only the guard, through a copy of ray_constants that the `ray start` command alone sees;
 # address resolution (ray._private.services) still reads the real module and stays on loopback.
@@ -89,10 +78,6 @@ scripts.ray_constants = guard
 sys.argv[0] = "ray"
 scripts.main()
 """
-
-
-class ClusterError(RuntimeError):
-    """A cluster could not be started, reached or stopped; the message says which and where."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +152,6 @@ class LocalCluster:
                           token_path=Path(data["token_path"]), nodes=nodes))
 
 
-# --------------------------------------------------------------------------- paths and files
-
-
 def _root(root: str | os.PathLike | None) -> Path:
     return Path(root if root is not None else DEFAULT_ROOT).expanduser().resolve()
 
@@ -194,22 +176,6 @@ def _make_private_dir(path: Path) -> None:
         path.chmod(0o700)
 
 
-def _ensure_token(path: Path) -> None:
-    """Creates a random token file with mode 0600, or tightens an existing one's mode."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if path.stat().st_mode & 0o077:
-            logger.warning("Token file %s was readable by others; setting mode 0600.", path)
-            path.chmod(0o600)
-        if not path.read_text().strip():
-            raise ClusterError(
-                f"Token file {path} is empty; delete it and run `up` again.") from None
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-
-
 def _load(root: Path) -> LocalCluster | None:
     try:
         return LocalCluster.from_dict(json.loads((root / _CLUSTER_FILE).read_text()))
@@ -220,9 +186,6 @@ def _load(root: Path) -> LocalCluster | None:
             f"Unreadable {root / _CLUSTER_FILE} ({e}); run `down` to clear it.") from e
 
 
-# --------------------------------------------------------------------------- ports
-
-
 def _free_ports(count: int) -> list[int]:
     # Hold every socket until all are chosen, so the kernel never hands out one port twice.
     socks = []
@@ -230,7 +193,7 @@ def _free_ports(count: int) -> list[int]:
         for _ in range(count):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             socks.append(s)
-            s.bind((_LOOPBACK, 0))
+            s.bind((LOOPBACK, 0))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
@@ -240,7 +203,7 @@ def _free_ports(count: int) -> list[int]:
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind((_LOOPBACK, port))
+            s.bind((LOOPBACK, port))
         except OSError:
             return False
     return True
@@ -254,17 +217,6 @@ def _free_port_block(size: int, avoid: set[int]) -> int:
         if not avoid.intersection(block) and all(_port_free(p) for p in block):
             return start
     raise ClusterError(f"No {size} consecutive free ports found in [10002, 32768).")
-
-
-def _tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------- processes
 
 
 def _psutil():
@@ -382,9 +334,6 @@ def _stop(temp_dir: Path, sessions: Mapping[int, float], timeout_s: float) -> in
     return len(procs)
 
 
-# --------------------------------------------------------------------------- up / down / status
-
-
 def _start_node(cmd: list[str], env: Mapping[str, str], log_path: Path, timeout_s: float,
                 sessions: dict[int, float]) -> int:
     """Runs one `ray start` in a new session, recorded in `sessions`; returns the session id."""
@@ -433,16 +382,10 @@ _NODE_LISTENERS = ("node_manager", "object_manager", "dashboard_agent_listen",
                    "dashboard_agent_grpc", "metrics_export", "runtime_env_agent")
 
 
-def _check_count(name: str, value: Any, optional: bool) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-
-
 def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
        port: int | None = None, add_node: bool = False, node_cpus: int = 1,
-       *, timeout_s: float = 120.0) -> LocalCluster:
+       *, node_types: Mapping[str, Mapping[str, Any]] | None = None, idle_timeout_minutes: float = 0.5,
+       extra_env: Mapping[str, str] | None = None, timeout_s: float = 120.0) -> LocalCluster:
     """Starts a local Ray cluster on 127.0.0.1 with token auth and waits until it answers.
 
     The head runs `ray start --head --node-ip-address=127.0.0.1` with an explicit free port for
@@ -467,10 +410,21 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
 
     Args:
         root: Cluster folder. Defaults to `~/.advtrain/cluster`.
-        num_cpus: CPUs of the head node, >= 1. Defaults to `None` (Ray counts them).
+        num_cpus: CPUs of the head node, >= 0 (0: no task or Train worker is placed on the
+            head, as on cluster.yaml's head). Defaults to `None` (Ray counts them).
         port: GCS port, 1024-65535. Defaults to `None` (a free one).
         add_node: Whether to add a second node on this machine. Defaults to `False`.
         node_cpus: CPUs of the added node, >= 1. Defaults to `1`.
+        node_types: Autoscaled worker node types, `{name: {"resources": {...}, "min_workers": m,
+            "max_workers": n}}` (the cluster launcher's `available_node_types`; resources are
+            logical, so `{"CPU": 2, "GPU": 2}` works on a machine without GPUs). The head then
+            runs Ray's autoscaler with the fake multi-node provider, which starts and stops
+            worker nodes on this machine (on 127.0.0.1) as demand comes and goes. Defaults to
+            `None` (no autoscaler).
+        idle_timeout_minutes: With `node_types`, minutes before an idle worker node is removed.
+            Defaults to `0.5`.
+        extra_env: Extra environment of every node (and so of jobs and workers), e.g. storage
+            credentials. Defaults to `None`.
         timeout_s: Seconds to wait for each `ray start` and for the cluster to answer.
 
     Returns:
@@ -485,8 +439,12 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
         >>> cluster = up("/tmp/c", num_cpus=2)  # doctest: +SKIP
         >>> down(cluster.root)  # doctest: +SKIP
     """
-    _check_count("num_cpus", num_cpus, optional=True)
-    _check_count("node_cpus", node_cpus, optional=False)
+    if num_cpus is not None:
+        check_number("num_cpus", num_cpus, low=0, integer=True)
+    check_number("node_cpus", node_cpus, low=1, integer=True)
+    if node_types is not None and add_node:
+        raise ValueError("`add_node` and `node_types` exclude each other: the autoscaler adds the nodes. "
+                         f"Received: add_node={add_node!r}, node_types={dict(node_types)!r}")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)
                              or not 1024 <= port <= 65535):
         raise ValueError(f"`port` must be an integer in [1024, 65535]. Received: port={port!r}")
@@ -503,12 +461,12 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
     if temp_dir.parent != root:
         _make_private_dir(temp_dir.parent)
     temp_dir.mkdir(exist_ok=True, mode=0o700)
-    _ensure_token(token_path)
+    ensure_token(token_path)
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-               RAY_USAGE_STATS_ENABLED="0", **{_LOOPBACK_ENV: "0"})
+               RAY_USAGE_STATS_ENABLED="0", **{LOOPBACK_ENV: "0"}, **dict(extra_env or {}))
     # Job entrypoints (`ray job submit -- python -m workflows.cli ...`) and workers resolve
     # `python` and `advtrain` on the nodes' PATH: put this interpreter's folder first so a
     # cluster started from an unactivated venv runs jobs with the Python that has advtrain.
@@ -521,17 +479,25 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
     if port is not None:
         head["gcs"] = port
     env.update({var: str(head[name]) for name, var in _ENV_PORTS.items()})
-    address = f"{_LOOPBACK}:{head['gcs']}"
-    common = ["--node-ip-address=" + _LOOPBACK, f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    address = f"{LOOPBACK}:{head['gcs']}"
+    common = ["--node-ip-address=" + LOOPBACK, f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     cluster = LocalCluster(root=root, temp_dir=temp_dir, token_path=token_path, address=address,
-                           dashboard_url=f"http://{_LOOPBACK}:{head['dashboard']}",
+                           dashboard_url=f"http://{LOOPBACK}:{head['dashboard']}",
                            started_at=time.time(), nodes=())
     sessions: dict[int, float] = {}
     try:
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-               f"--port={head['gcs']}", f"--dashboard-host={_LOOPBACK}", *common, *_flags(head)]
+               f"--port={head['gcs']}", f"--dashboard-host={LOOPBACK}", *common, *_flags(head)]
         if num_cpus is not None:
             cmd.append(f"--num-cpus={num_cpus}")
+        if node_types is not None:
+            config = autoscaling_config(node_types, address=address, head_cpus=num_cpus,
+                                        idle_timeout_minutes=idle_timeout_minutes)
+            config_path = write_json(root / "autoscaling.json", config)
+            cmd.append(f"--autoscaling-config={config_path}")
+            # The fake provider refuses to run without RAY_FAKE_CLUSTER; the monitor loop
+            # checks demand every AUTOSCALER_UPDATE_INTERVAL_S seconds (5 by default).
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         logger.info("Starting Ray head at %s (temp dir %s).", address, temp_dir)
         sid = _start_node(cmd, env, temp_dir / "ray-start-head.log", timeout_s, sessions)
         nodes = [NodeRecord("head", sid, num_cpus, head)]
@@ -547,6 +513,13 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
             cluster = dataclasses.replace(cluster, nodes=tuple(nodes))
             write_json(cluster.cluster_file, cluster.to_dict())
         _wait_for_nodes(cluster, len(nodes), timeout_s)
+        if node_types is not None:
+            # What cluster.yaml's head does after `ray start`: tell the GCS which node types the
+            # autoscaler can add (workflows.capacity), so drivers see them before any node is up.
+            cmd = [sys.executable, "-m", "workflows.capacity", "publish", str(config_path), "--address", address]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+            if done.returncode != 0:
+                raise ClusterError(f"publishing the node types failed: {(done.stderr or done.stdout)[-500:]}")
         pids = {}
         for p in _scan(temp_dir, sessions):
             with contextlib.suppress(OSError):  # it exited meanwhile
@@ -561,6 +534,51 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
         raise
     logger.info("Ray cluster up at %s with %d node(s).", address, len(cluster.nodes))
     return cluster
+
+
+def autoscaling_config(node_types: Mapping[str, Mapping[str, Any]], *, address: str, head_cpus: int | None,
+                       idle_timeout_minutes: float = 0.5) -> dict[str, Any]:
+    """The autoscaler's cluster config for Ray's fake multi-node provider on this machine.
+
+    What Ray's `ray.cluster_utils.AutoscalingCluster` builds from the provider's example.yaml
+    (which Ray 2.60's wheel does not ship), with every address on loopback: the provider starts
+    new nodes against `provider.gcs_address`, which would otherwise default to the machine's
+    network address on port 6379.
+
+    Args:
+        node_types: worker node types, `{name: {"resources", "min_workers", "max_workers"}}`.
+        address: the head's GCS address, `"127.0.0.1:PORT"`.
+        head_cpus: the head's CPUs (`None`: not declared to the autoscaler).
+        idle_timeout_minutes: minutes before an idle worker node is removed.
+
+    Raises:
+        ValueError: a node type without `resources` or `max_workers`, or with `min_workers`
+            above `max_workers`.
+    """
+    types = {}
+    for name, spec in node_types.items():
+        spec = dict(spec)
+        if not isinstance(spec.get("resources"), Mapping) or "max_workers" not in spec:
+            raise ValueError(f"node type {name!r} needs `resources` and `max_workers`. Received: {name}={spec!r}")
+        low = check_number(f"{name}.min_workers", spec.get("min_workers", 0), low=0, integer=True)
+        high = check_number(f"{name}.max_workers", spec["max_workers"], low=low, integer=True)
+        types[name] = {"resources": dict(spec["resources"]), "node_config": {}, "min_workers": low, "max_workers": high}
+    head = {"CPU": head_cpus} if head_cpus is not None else {}
+    types["ray.head.default"] = {"resources": head, "node_config": {}, "max_workers": 0}
+    return {
+        "cluster_name": "advtrain-local",
+        "max_workers": sum(t["max_workers"] for t in types.values()),
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": address},
+        "available_node_types": types,
+        "head_node_type": "ray.head.default",
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
 
 
 def _wait_for_nodes(cluster: LocalCluster, expected: int, timeout_s: float) -> None:
@@ -643,7 +661,7 @@ def status(root: str | os.PathLike | None = None) -> dict[str, Any]:
     host, port = cluster.address.rsplit(":", 1)
     out.update(address=cluster.address, dashboard_url=cluster.dashboard_url,
                token_path=str(cluster.token_path), temp_dir=str(cluster.temp_dir),
-               alive=_tcp_open(host, int(port)))
+               alive=tcp_open(host, int(port)))
     nodes = _query_nodes(cluster) if out["alive"] else None
     if nodes is not None:
         live = [n for n in nodes if n.get("state") == "ALIVE"]
@@ -669,289 +687,4 @@ def env_for(cluster: LocalCluster) -> dict[str, str]:
     """
     return {"RAY_ADDRESS": cluster.address, "RAY_API_SERVER_ADDRESS": cluster.dashboard_url,
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_path),
-            _LOOPBACK_ENV: "0"}
-
-
-# --------------------------------------------------------------------------- connect
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _pin_loopback() -> None:
-    """Keeps Ray in this process (and its children) from rewriting 127.0.0.1."""
-    os.environ[_LOOPBACK_ENV] = "0"
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
-        # Ray read the variable at import, before we could set it; it reads this attribute
-        # on each address resolution.
-        logger.debug("Ray was imported before %s=0 was set; pinning loopback.", _LOOPBACK_ENV)
-        constants.ENABLE_RAY_CLUSTER = False
-
-
-def _refresh_ray_auth() -> None:
-    """Makes an already-imported Ray read RAY_AUTH_MODE and the token from os.environ again.
-
-    Ray caches its config, auth mode included, when `ray._raylet` is imported, and the token
-    on first use: set later (by a pytest fixture, say), they are silently ignored and the GCS
-    answers "Unauthenticated". Ray's own `_enable_token_auth` refreshes the same way.
-    """
-    raylet = sys.modules.get("ray._raylet")
-    if raylet is None:
-        return  # Ray reads the environment when it is imported
-    if sys.modules["ray"].is_initialized():
-        logger.debug("Ray is initialized; its auth settings stay as they are.")
-        return
-    raylet.Config.initialize("")
-    raylet.AuthenticationTokenLoader.instance().reset_cache()
-
-
-def apply_env(env: Mapping[str, str | None]) -> dict[str, str | None]:
-    """Sets `env` in `os.environ` and makes this process's Ray, even if imported, follow it.
-
-    Use it to point the current process at a cluster, e.g. `apply_env(env_for(cluster))`
-    before `ray.init(address=...)`: setting `os.environ` alone is not enough once Ray has been
-    imported (it caches the auth mode, the token and the loopback setting at import).
-
-    Args:
-        env: Variable name to value; `None` unsets the variable.
-
-    Returns:
-        The previous values (`None` where unset); `apply_env(previous)` restores them.
-    """
-    previous = {key: os.environ.get(key) for key in env}
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    if env.get(_LOOPBACK_ENV) == "0":
-        _pin_loopback()
-    _refresh_ray_auth()
-    return previous
-
-
-def _secure_default_token() -> None:
-    """Creates ~/.ray/auth_token with mode 0600 when a new embedded Ray is about to create it.
-
-    Ray 2.60 writes that file itself when token auth is on (the default) and no token exists,
-    but with the umask's mode (usually 0644: readable by every local user).
-    """
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or any(
-            os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        return
-    path = Path.home() / ".ray" / "auth_token"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _ensure_token(path)
-    elif path.stat().st_mode & 0o077:
-        logger.warning("%s is readable by other users; consider `chmod 600 %s`.", path, path)
-
-
-def _auth_refused(error: BaseException) -> bool:
-    while error is not None:
-        text = f"{type(error).__name__} {error}"
-        if any(mark in text for mark in ("Unauthenticated", "InvalidAuthToken",
-                                         "AuthenticationError", "authentication token")):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def connect(address: str | None = None, *, num_cpus: int | None = None,
-            timeout_s: float = 10.0, **init_kwargs: Any):
-    """Connects this process to Ray: an embedded loopback instance, or a running cluster.
-
-    With `address=None`, starts Ray inside this process with `ray.init(address="local")` on
-    127.0.0.1, its dashboard (and state API) bound to 127.0.0.1 too. Unless `RAY_AUTH_MODE` says otherwise, Ray 2.60 turns on
-    token auth by itself, with `~/.ray/auth_token` as the token: created here first, with mode
-    0600, when missing (Ray would leave it readable by all).
-
-    With an address (`"auto"` meaning `$RAY_ADDRESS`, or `"host:port"`), checks that the GCS
-    port accepts a TCP connection, then calls `ray.init(address=...)` with Ray's GCS retries
-    bounded, so a missing cluster or a refused token fails in about `timeout_s`, never a silent
-    wait. The token comes from `RAY_AUTH_MODE`/`RAY_AUTH_TOKEN_PATH` (see `env_for`).
-
-    Args:
-        address: `None`, `"auto"` or `"host:port"`. Defaults to `None`.
-        num_cpus: CPUs of an embedded instance, >= 1. Defaults to `os.cpu_count()`.
-        timeout_s: Rough bound on the time to fail, > 0. Defaults to `10.0`.
-        **init_kwargs: Passed on to `ray.init` (for example `runtime_env`).
-
-    Returns:
-        The `ray.init` context.
-
-    Raises:
-        ValueError: On a malformed address or out-of-range argument.
-        ClusterError: If no cluster answers at `address`, it refuses the token, or Ray is
-            already initialized in this process.
-    """
-    _check_count("num_cpus", num_cpus, optional=True)
-    if not timeout_s > 0:
-        raise ValueError(f"`timeout_s` must be > 0. Received: timeout_s={timeout_s!r}")
-    if address is None:
-        _pin_loopback()
-        import ray
-
-        if ray.is_initialized():
-            raise ClusterError("Ray is already initialized in this process; "
-                               "call ray.shutdown() first.")
-        _secure_default_token()
-        _refresh_ray_auth()
-        logger.info("Starting embedded Ray on 127.0.0.1.")
-        # The dashboard serves Ray's state API, which Train V2's placement-group cleaner polls;
-        # without it every run logs "State API may be temporarily unavailable" every second.
-        init_kwargs.setdefault("include_dashboard", True)
-        init_kwargs.setdefault("dashboard_host", _LOOPBACK)
-        return ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
-                        _node_ip_address=_LOOPBACK, **init_kwargs)
-
-    given = address
-    if address == "auto":
-        address = os.environ.get("RAY_ADDRESS", "")
-        if not address:
-            raise ClusterError("address 'auto' needs RAY_ADDRESS; start a cluster with "
-                               "`advtrain cluster up --local` and run the export lines it prints.")
-    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d{1,5})", address)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"`address` must be None, 'auto' or 'host:port'. "
-                         f"Received: address={given!r}")
-    host, port = match.group(1), int(match.group(2))
-    if _is_loopback(host):
-        _pin_loopback()
-    if not _tcp_open(host, port, timeout_s=min(timeout_s, 3.0)):
-        raise ClusterError(f"No Ray cluster answers at {address} ({given!r}): "
-                           f"nothing accepts connections on that port.")
-    import ray
-
-    if ray.is_initialized():
-        raise ClusterError("Ray is already initialized in this process; call ray.shutdown() first.")
-    _refresh_ray_auth()
-    # Ray retries the GCS handshake once a second, 20 times by default (more for RocksDB);
-    # this variable caps the attempts, and Ray reads it on each connect.
-    saved = os.environ.get(_GCS_WAIT_ENV)
-    os.environ[_GCS_WAIT_ENV] = str(max(1, int(timeout_s / 2)))
-    try:
-        return ray.init(address=address, **init_kwargs)
-    except Exception as e:
-        if _auth_refused(e):
-            raise ClusterError(
-                f"Ray cluster at {address} refused the connection: auth token missing or wrong "
-                f"(RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE')!r}, "
-                f"RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH')!r})."
-            ) from e
-        raise ClusterError(f"Could not connect to Ray at {address}: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    finally:
-        if saved is None:
-            os.environ.pop(_GCS_WAIT_ENV, None)
-        else:
-            os.environ[_GCS_WAIT_ENV] = saved
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1. Received: {text!r}")
-    return value
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("up", "down", "status"),
-                        help="start, stop, or report on the cluster")
-    parser.add_argument("--local", action="store_true",
-                        help="a cluster on this machine, on 127.0.0.1 with token auth "
-                             "(required: the only kind supported for now)")
-    parser.add_argument("--root", metavar="DIR", default=str(DEFAULT_ROOT),
-                        help="cluster folder: token, temp dir, cluster.json (default: %(default)s)")
-    parser.add_argument("--num-cpus", metavar="N", type=_positive_int, default=None,
-                        help="CPUs of the head node (default: all)")
-    parser.add_argument("--add-node", action="store_true",
-                        help="also start a second 1-CPU node on this machine")
-
-    def one_line_error(message: str):
-        # argparse prints usage plus the error; DESIGN asks for one line and exit status 2.
-        sys.stderr.write(f"{parser.prog}: error: {message}\n")
-        sys.exit(2)
-
-    parser.error = one_line_error
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Adds the `cluster` subcommand (`up|down|status`) to an argparse subparsers object.
-
-    Args:
-        subparsers: The result of `parser.add_subparsers(dest="command")`.
-
-    Returns:
-        The `cluster` parser.
-    """
-    parser = subparsers.add_parser(
-        "cluster", help="start, stop or inspect a local Ray cluster (127.0.0.1, token auth)",
-        description="Local Ray cluster on 127.0.0.1 with token auth. --local is required.")
-    _add_arguments(parser)
-    return parser
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs `cluster up|down|status` from parsed arguments and prints a short result.
-
-    Args:
-        args: Namespace from a parser set up by `register_cli`.
-
-    Returns:
-        Exit status: 0 on success (`status`: the cluster is alive), 1 when the cluster failed
-        or is not running, 2 on bad input (one line on stderr).
-    """
-    if not args.local:
-        print("advtrain cluster: error: --local is required (only a local cluster is "
-              "supported for now).", file=sys.stderr)
-        return 2
-    try:
-        if args.action == "up":
-            cluster = up(args.root, num_cpus=args.num_cpus, add_node=args.add_node)
-            info = status(cluster.root)
-            print(f"cluster up at {cluster.address}: {info['nodes']} node(s), "
-                  f"{info['cpus'] or 0:g} CPU(s), dashboard {cluster.dashboard_url}")
-            print(f"token file: {cluster.token_path}")
-            for key, value in env_for(cluster).items():
-                print(f"export {key}={shlex.quote(value)}")
-            return 0
-        if args.action == "down":
-            print(f"cluster down: stopped {down(args.root)} process(es)")
-            return 0
-        info = status(args.root)
-        if info["address"] is None:
-            print(f"no cluster in {info['root']}")
-            return 1
-        state = "alive" if info["alive"] else "not alive"
-        detail = (f", {info['nodes']} node(s), {info['cpus']:g} CPU(s), {info['gpus']:g} GPU(s)"
-                  if info["nodes"] is not None else "")
-        print(f"cluster at {info['address']}: {state}{detail}")
-        return 0 if info["alive"] else 1
-    except ValueError as e:
-        print(f"advtrain cluster: error: {e}", file=sys.stderr)
-        return 2
-    except ClusterError as e:
-        print(f"advtrain cluster: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    _parser = argparse.ArgumentParser(prog="python -m workflows.cluster",
-                                      description="Local Ray cluster on 127.0.0.1, token auth.")
-    _add_arguments(_parser)
-    sys.exit(run_cli(_parser.parse_args()))
+            LOOPBACK_ENV: "0"}

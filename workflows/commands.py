@@ -1,0 +1,375 @@
+"""What each `advtrain` command does, top to bottom: train, tune (and --resume), report,
+evaluate, attack, cluster. `workflows.cli` parses the arguments and turns errors into exit
+statuses; these functions take validated input and return the exit status.
+
+Every command that writes results writes a `workflows.storage.RunFolder`: the local folder
+(`--out`), or `{storage}/{run name}` with `--storage`, staged locally and published through
+`pyarrow.fs` as each stage ends.
+
+The run folder of `advtrain train`:
+    config.json   the validated run spec (train, eval, scaling)
+    metrics.json  per-epoch metrics and the summary (epochs run, early stop, restored epoch)
+    model.keras   the trained model (best epoch restored if the overfitting guard fired)
+    report.json / report.md / accuracy_vs_eps.png / examples.png   the final evaluation
+    ray/          Ray Train's run (checkpoints), unless trained with --local
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from advtrain.config import AttackConfig, EvalConfig
+from workflows import storage
+from workflows.spec import RunSpec
+from workflows.storage import RunFolder
+
+__all__ = ["attack", "cluster", "evaluate", "report", "resume", "train", "tune", "write_evaluation"]
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _epoch_line(m: dict) -> str:
+    return (f"epoch {m['epoch']}: loss {m['train_loss']:.3f}  train adv acc {m['train_adv_acc']:.3f}  "
+            f"val clean {m['val_clean_acc']:.3f}  val FGSM {m['val_fgsm_acc']:.3f}  val PGD {m['val_pgd_acc']:.3f}  "
+            f"eps {m['eps']:.3f}  {m['examples_per_second']:.0f} ex/s  {m['epoch_seconds']:.1f}s")
+
+
+class _AttackProgress:
+    """One tqdm bar per attack on stderr: the attack, examples done of those left to attack
+    (the still-robust ones), and the elapsed time."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.label = None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if label != self.label:
+            self.close()
+            self.label = label
+            self.bar = tqdm(total=total, desc=label, unit="ex", leave=False, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = self.label = None
+
+
+def write_evaluation(model, cfg: EvalConfig, out: Path, data=None) -> dict:
+    """Evaluates `model` under `cfg` on its split and writes report.json/.md and plots into `out`."""
+    from advtrain import attacks, evaluation, report
+    from advtrain.data import load_mnist
+
+    data = data or load_mnist()
+    progress = _AttackProgress()
+    try:
+        rep = evaluation.evaluate_split(model, cfg, data, progress=progress)
+    finally:
+        progress.close()
+    rep.write(out)
+    d = rep.to_dict()
+    report.plot_accuracy_vs_eps(d, out / "accuracy_vs_eps.png")
+    x, y = data.split(cfg.split)
+    k = min(16, len(x), cfg.n or len(x))
+    x_adv = attacks.run_attack("pgd", model, x[:k], y[:k], eps=cfg.threat_model.eps, norm=cfg.norm, steps=40, batch_size=k)
+    report.plot_adversarial_grid(x[:k], x_adv, y[:k], np.argmax(model(x[:k]), -1), np.argmax(model(x_adv), -1),
+                                 out / "examples.png", n=k)
+    return d
+
+
+def _print_report_summary(d: dict) -> None:
+    from advtrain.robustness_report import summary_lines
+
+    for line in summary_lines(d):
+        _say(line)
+
+
+def _published(folder: RunFolder) -> None:
+    copied = folder.publish()
+    if folder.remote:
+        _say(f"Stored {len(copied)} file(s) in {folder.remote}")
+
+
+def _connect_and_check(spec: RunSpec, address: str | None) -> None:
+    """Joins (or starts) Ray, then fails at once if the cluster can never hold one run's workers;
+    on an autoscaling cluster whose nodes are not up yet, says what the run waits for."""
+    from workflows import capacity
+    from workflows.connect import connect
+    from workflows.tune import per_worker
+
+    connect(address)
+    waiting = capacity.check(capacity.read(), spec.scaling.workers, per_worker(spec))
+    if waiting:
+        _say(f"advtrain: {waiting}")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None) -> int:
+    """`advtrain train`: trains (locally or on Ray Train), saves the run folder, evaluates."""
+    from advtrain.files import write_json
+    from advtrain.models import load_model
+    from advtrain.training import fit, save_run
+
+    t0 = time.perf_counter()
+    if local:
+        from tqdm import tqdm
+
+        bars: dict[int, tqdm] = {}
+
+        def progress(epoch: int, step: int) -> None:
+            bar = bars.get(epoch)
+            if bar is None:
+                bar = bars[epoch] = tqdm(total=None, desc=f"epoch {epoch + 1}/{spec.train.epochs}", unit="step",
+                                         leave=False, file=sys.stderr)
+            bar.update(1)
+
+        def on_epoch(m: dict) -> None:
+            bar = bars.pop(m["epoch"] - 1, None)
+            if bar is not None:
+                bar.close()
+            _say(_epoch_line(m))
+
+        model, history, summary = fit(spec.train, on_epoch=on_epoch, progress=progress, threat_model=spec.threat_model)
+    else:
+        from workflows.train import build_trainer, read_final
+
+        _connect_and_check(spec, address)
+        s = spec.scaling
+        ray_storage = storage.join(folder.ray_location, "ray")
+        _say(f"Ray Train: {s.workers} worker(s), gpu={s.gpu}, storage {ray_storage}")
+        trainer = build_trainer(spec.train, workers=s.workers, gpu=s.gpu, cpus_per_worker=s.cpus_per_worker,
+                                max_failures=s.max_failures, storage_path=ray_storage, name=folder.name,
+                                threat_model=spec.threat_model, placement_strategy=s.placement_strategy)
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"Ray Train run failed: {result.error}")
+        model_path, history, summary = read_final(result)
+        model = load_model(model_path)
+        for m in history:
+            _say(_epoch_line(m))
+    summary = {**summary, "train_seconds": time.perf_counter() - t0, "mode": "local" if local else "ray",
+               "workers": 1 if local else spec.scaling.workers}
+    save_run(folder.local, model, spec.train, history, summary)
+    write_json(folder.local / "config.json", spec.to_dict())
+    if summary.get("stopped_early"):
+        _say(f"WARNING: {summary['stop_reason']}: stopped after epoch {summary['epochs_run']}, "
+             f"restored epoch {summary['restored_epoch']}")
+    _say(f"Evaluating ({spec.eval.suite} suite, {spec.eval.norm} eps {list(spec.eval.eps)}, split {spec.eval.split}) ...")
+    d = write_evaluation(model, spec.eval, folder.local)
+    _print_report_summary(d)
+    _published(folder)
+    _say(f"Run folder: {folder}")
+    return 0
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def tune(spec: RunSpec, search, folder: RunFolder, *, address: str | None, storage_base: str | None) -> int:
+    """`advtrain tune --config FILE`: writes spec.json, runs the search, writes the results."""
+    from workflows.tune import schedule_warning, write_spec
+
+    if warning := schedule_warning(spec, search):
+        _say(f"warning: {warning}")
+    _connect_and_check(spec, address)
+    folder.local.mkdir(parents=True, exist_ok=True)
+    write_spec(folder, spec, search, storage_base)
+    folder.publish()
+    staged = f" (staged in {folder.local})" if folder.remote else ""
+    _say(f"Tune: {search.num_trials} trial(s), {search.scheduler}/{search.searcher}, threat model "
+         f"{spec.threat_model.describe()}; folder {folder}{staged}")
+    return _search_and_finish(spec, search, folder, restore=False)
+
+
+def resume(location: str, *, address: str | None, storage_base: str | None) -> int:
+    """`advtrain tune --resume DIR|URI`: Tuner.restore; finished trials are not run again.
+
+    A URI is the search's own location in storage (`{storage}/{run name}`): its spec is read
+    from there, and Tune restores from there, so the folder the search started in (on a head
+    node that may be gone) is not needed.
+    """
+    from workflows.tune import read_spec
+
+    if storage.is_uri(location):
+        folder = RunFolder.open(location)
+        spec, search, _saved = read_spec(folder.local)
+    else:
+        local = Path(location)
+        spec, search, saved = read_spec(local)
+        base = storage_base or saved.get("storage")
+        folder = RunFolder(local, storage.join(base, saved.get("name") or local.resolve().name) if base else None)
+    _connect_and_check(spec, address)
+    return _search_and_finish(spec, search, folder, restore=True)
+
+
+def _search_and_finish(spec: RunSpec, search, folder: RunFolder, *, restore: bool) -> int:
+    from advtrain.data import load_mnist
+    from workflows import results  # noqa: F401 - imported before the chdir below
+    from workflows.tune import run_search
+
+    # Inside `ray job submit --working-dir`, the driver's working directory is Ray's unpacked
+    # package, which Ray may garbage-collect while a long search runs (seen with Ray 2.60: Tune
+    # then fails in os.getcwd()). Everything after this point uses absolute paths, the modules
+    # the results stage needs are imported above, and the driver works from the run folder.
+    folder = dataclasses.replace(folder, local=folder.local.resolve())
+    os.chdir(folder.local)
+    load_mnist(spec.train.data)  # parsed once per process: the results stage reuses it
+    try:
+        grid, interrupted = run_search(spec, search, folder, restore=restore)
+    except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        folder.publish()
+        _say(f"advtrain: search interrupted (state saved); continue with: advtrain tune --resume {folder}")
+        return 130
+    return _finish(spec, grid, folder)
+
+
+def _finish(spec: RunSpec, grid, folder: RunFolder) -> int:
+    from workflows import results
+
+    filesystem, _ = storage.filesystem(folder.ray_location)
+    rows = results.collect(grid, folder.local, spec, filesystem=filesystem)
+    lines = results.write_all(folder.local)
+    for line in lines:
+        _say(line)
+    _published(folder)
+    failed = [r for r in rows if r["stopped"] == "error"]
+    if failed:
+        _say(f"advtrain: {len(failed)} of {len(rows)} trial(s) failed; first: {failed[0]['trial_id']}: "
+             f"{failed[0]['error']}")
+        return 1
+    return 0
+
+
+def report(location: str) -> int:
+    """`advtrain report DIR|URI`: rebuilds tables, plots and the report from the folder alone."""
+    from workflows import results
+
+    folder = RunFolder.open(location)
+    if not (folder.local / "trials.json").is_file():
+        raise ValueError(f"{location!r} holds no trials.json: not a finished advtrain tune folder")
+    for line in results.write_all(folder.local):
+        _say(line)
+    _published(folder)
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate, attack
+
+
+def evaluate(model_location: str, cfg: EvalConfig, out: str | None) -> int:
+    """`advtrain evaluate MODEL`: loads with safe_mode, evaluates, writes the report folder.
+
+    `MODEL` and `--out` may be local paths or storage URIs; without `--out` the report goes
+    beside the model (`eval-<model name>`)."""
+    from advtrain.models import load_model
+
+    name = storage.basename(model_location)
+    if not name.endswith(".keras"):
+        raise ValueError(f"advtrain evaluate: model must be a .keras file. Received: {model_location!r}")
+    if storage.is_uri(model_location):
+        model_path = storage.fetch_file(model_location, Path(tempfile.mkdtemp(prefix="advtrain-model-")))
+    else:
+        model_path = Path(model_location)
+        if not model_path.is_file():
+            raise ValueError(f"advtrain evaluate: model must be an existing .keras file. Received: {model_location!r}")
+    target = out or (storage.join(storage.parent(model_location), f"eval-{name[:-6]}") if storage.is_uri(model_location)
+                     else str(model_path.parent / f"eval-{name[:-6]}"))
+    folder = (RunFolder(Path(tempfile.mkdtemp(prefix="advtrain-eval-")), target) if storage.is_uri(target)
+              else RunFolder(Path(target)))
+    model = load_model(model_path)
+    d = write_evaluation(model, cfg, folder.local)
+    _print_report_summary(d)
+    _published(folder)
+    _say(f"Report: {storage.join(str(folder), 'report.md')}")
+    return 0
+
+
+def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, split: str, out: Path) -> int:
+    """`advtrain attack`: adversarial examples for given images, saved atomically as .npz."""
+    from advtrain import attacks
+    from advtrain.data import DataError, check_arrays, load_mnist
+    from advtrain.files import write_atomic
+    from advtrain.models import load_model
+
+    if input_path is None:
+        if n < 1:
+            raise ValueError(f"`n` must be >= 1. Received: n={n}")
+        x, y = load_mnist().split(split)
+        x, y = x[:n], y[:n]
+    else:
+        try:
+            with np.load(input_path, allow_pickle=False) as f:
+                if "x" not in f.files or "y" not in f.files:
+                    raise DataError(f"{input_path}: needs arrays 'x' and 'y' (found: {', '.join(f.files) or 'none'})")
+                x, y = check_arrays(f["x"], f["y"], input_path, "input")
+        except OSError as e:
+            raise DataError(f"{input_path}: cannot be read as .npz ({e})") from None
+    model = load_model(model_path)
+    kw = {"eps": cfg.eps, "norm": cfg.norm, "seed": cfg.seed}
+    if cfg.name == "square":
+        kw.update(queries=cfg.steps)
+    else:
+        kw.update(loss=cfg.loss)
+    if cfg.name in ("pgd", "apgd"):
+        kw.update(steps=cfg.steps, restarts=cfg.restarts)
+    if cfg.name == "pgd":
+        kw.update(step_size=cfg.step_size)
+    x_adv = attacks.run_attack(cfg.name, model, x, y, batch_size=min(256, len(x)), **kw)
+    pred = np.argmax(model.predict(x, verbose=0), -1)
+    pred_adv = np.argmax(model.predict(x_adv, verbose=0), -1)
+    write_atomic(out, lambda tmp: np.savez_compressed(tmp, x=x, y=y, x_adv=x_adv, pred=pred,
+                                                      pred_adv=pred_adv, attack=str(cfg)))
+    _say(f"{cfg.name} {cfg.norm} eps={cfg.eps}: accuracy {np.mean(pred == y):.3f} -> {np.mean(pred_adv == y):.3f} "
+         f"on {len(x)} images; wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def cluster(action: str, root: str, *, num_cpus: int | None, add_node: bool) -> int:
+    """`advtrain cluster up|down|status --local`: the local development cluster.
+
+    Returns:
+        0 on success (`status`: the cluster is alive); 1 when it is not running.
+    """
+    import shlex
+
+    from workflows import local_cluster
+
+    if action == "up":
+        c = local_cluster.up(root, num_cpus=num_cpus, add_node=add_node)
+        info = local_cluster.status(c.root)
+        print(f"cluster up at {c.address}: {info['nodes']} node(s), {info['cpus'] or 0:g} CPU(s), "
+              f"dashboard {c.dashboard_url}")
+        print(f"token file: {c.token_path}")
+        for key, value in local_cluster.env_for(c).items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+    if action == "down":
+        print(f"cluster down: stopped {local_cluster.down(root)} process(es)")
+        return 0
+    info = local_cluster.status(root)
+    if info["address"] is None:
+        print(f"no cluster in {info['root']}")
+        return 1
+    state = "alive" if info["alive"] else "not alive"
+    detail = (f", {info['nodes']} node(s), {info['cpus']:g} CPU(s), {info['gpus']:g} GPU(s)"
+              if info["nodes"] is not None else "")
+    print(f"cluster at {info['address']}: {state}{detail}")
+    return 0 if info["alive"] else 1

@@ -1,0 +1,245 @@
+"""Where a run's files live: a local folder, or a URI that `pyarrow.fs` resolves (s3://, gs://,
+file://, hdfs://, ...), as Ray Train and Tune resolve their `storage_path`.
+
+A run is written into a local folder first (the run folder itself, or a staging copy when the run
+lives in storage) and published to `{storage}/{run name}` file by file through `pyarrow.fs`: an
+object store makes each object visible only when its upload completes, and a local destination
+goes through `advtrain.files` (write to a temporary name, then rename), so a reader never sees
+half a file. Reading back (`advtrain report URI`, `advtrain tune --resume URI`,
+`advtrain evaluate URI/model.keras`) copies the needed files into a local folder first.
+
+Credentials and endpoints come from the environment, as for Ray: an instance profile or
+AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an S3-compatible server, or the
+URI's own query (`s3://bucket/prefix?endpoint_override=host:port&scheme=http`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from advtrain.files import write_atomic
+
+__all__ = [
+    "RunFolder",
+    "basename",
+    "download",
+    "exists",
+    "fetch_file",
+    "filesystem",
+    "is_uri",
+    "join",
+    "parent",
+    "upload",
+]
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Ray's own folders under a search's location: the Tune experiment and the Train runs. They are
+# Ray's to read (Tuner.restore, checkpoints), never copied back to a local folder.
+RAY_FOLDERS = ("tune", "train", "ray")
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` (s3, gs, file, ...); False for a plain local path."""
+    return isinstance(location, str) and bool(_SCHEME.match(location))
+
+
+def _split(uri: str) -> tuple[str, str]:
+    base, _, query = uri.partition("?")
+    return base, query
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...`, keeping a URI's query (`?endpoint_override=...`) at the end."""
+    path, query = _split(str(base))
+    path = "/".join([path.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return f"{path}?{query}" if query else path
+
+
+def parent(location: str) -> str:
+    """The location one level up (query kept)."""
+    path, query = _split(location)
+    head = path.rstrip("/").rsplit("/", 1)[0]
+    return f"{head}?{query}" if query else head
+
+
+def basename(location: str) -> str:
+    """The last path component of a location."""
+    return _split(str(location))[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def filesystem(location: str | Path):
+    """(pyarrow filesystem, path on it) for a local path or a URI.
+
+    Raises:
+        ValueError: the URI's scheme is not one pyarrow can open, or the URI is malformed.
+    """
+    import pyarrow
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as e:
+        raise ValueError(f"storage {location!r} is not a location pyarrow.fs can open ({e}). Use a local path or a "
+                         "URI such as s3://bucket/prefix, gs://bucket/prefix or file:///path") from None
+
+
+def _is_local(fs) -> bool:
+    import pyarrow.fs as pafs
+
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def _put(src: Path, fs, dst: str) -> None:
+    """One file to `dst` on `fs`, never visible half-written."""
+    import pyarrow.fs as pafs
+
+    if _is_local(fs):
+        write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+        return
+    # An object store publishes the object when the upload stream closes (a multipart upload
+    # completes then); an error before that aborts it and leaves no object behind.
+    pafs.copy_files(str(src), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def upload(local_dir: Path, location: str, *, skip: tuple[str, ...] = RAY_FOLDERS) -> list[str]:
+    """Copies every file under `local_dir` to the same relative path under `location`.
+
+    Args:
+        local_dir: the local folder.
+        location: a local path or URI.
+        skip: top-level folders of `local_dir` left out. Defaults to Ray's own folders.
+
+    Returns:
+        The relative paths copied, sorted.
+    """
+    fs, root = filesystem(location)
+    copied = []
+    for src in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        rel = src.relative_to(local_dir)
+        if rel.parts[0] in skip or (rel.name.startswith(".") and ".tmp" in rel.name):
+            continue
+        dst = f"{root.rstrip('/')}/{rel.as_posix()}"
+        _put(src, fs, dst)
+        copied.append(rel.as_posix())
+    return copied
+
+
+def download(location: str, local_dir: Path, *, skip: tuple[str, ...] = RAY_FOLDERS) -> list[str]:
+    """Copies every file under `location` (but `skip`'s top-level folders) into `local_dir`.
+
+    Returns:
+        The relative paths copied, sorted; empty when `location` holds nothing.
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(location)
+    root = root.rstrip("/")
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        return []
+    copied = []
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if entry.type != pafs.FileType.File:
+            continue
+        rel = entry.path[len(root):].lstrip("/")
+        if rel.split("/", 1)[0] in skip:
+            continue
+        dst = Path(local_dir, rel)
+        write_atomic(dst, lambda tmp, path=entry.path: pafs.copy_files(
+            path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()))
+        copied.append(rel)
+    return sorted(copied)
+
+
+def exists(location: str) -> bool:
+    """True when `location` is an existing file or folder."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def fetch_file(location: str, local_dir: Path) -> Path:
+    """Copies one file from a location into `local_dir`; returns the local path.
+
+    Raises:
+        ValueError: no file at `location`.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ValueError(f"no file at {location!r}")
+    dst = Path(local_dir, basename(location))
+    write_atomic(dst, lambda tmp: pafs.copy_files(path, tmp, source_filesystem=fs,
+                                                  destination_filesystem=pafs.LocalFileSystem()))
+    return dst
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """A run's files: written into `local`, published to `remote` when the run lives in storage.
+
+    Args:
+        local: the local folder every file is written to first.
+        remote: `{storage}/{run name}` (a local path or URI), or `None` when the run folder is
+            `local` itself.
+    """
+
+    local: Path
+    remote: str | None = None
+
+    @classmethod
+    def create(cls, out: str | None, name: str, storage: str | None) -> RunFolder:
+        """A new run folder named `name`: `out` (or `runs/<name>`) without storage; with
+        storage, `{storage}/{name}` staged in `out` (or a new temporary folder).
+
+        Raises:
+            ValueError: `out` exists and is not empty, or `{storage}/{name}` already exists.
+        """
+        local = Path(out) if out else None
+        if local is not None and local.exists() and (not local.is_dir() or any(local.iterdir())):
+            raise ValueError(f"output folder {str(local)!r} exists and is not empty; choose another --out")
+        if storage is None:
+            return cls(local or Path("runs") / name)
+        remote = join(storage, name)
+        if exists(remote):
+            raise ValueError(f"{remote!r} already exists in storage; choose another --out name")
+        return cls(local or Path(tempfile.mkdtemp(prefix=f"advtrain-{name}-")), remote)
+
+    @classmethod
+    def open(cls, location: str) -> RunFolder:
+        """An existing run folder: a local path, or a location in storage copied (but Ray's
+        folders) into a new local staging folder.
+
+        Raises:
+            ValueError: nothing at `location`.
+        """
+        if not is_uri(location):
+            return cls(Path(location))
+        staging = Path(tempfile.mkdtemp(prefix=f"advtrain-{basename(location)}-"))
+        if not download(location, staging):
+            raise ValueError(f"{location!r} holds no advtrain run (nothing found there)")
+        return cls(staging, location)
+
+    @property
+    def name(self) -> str:
+        return basename(self.remote) if self.remote else self.local.resolve().name
+
+    @property
+    def ray_location(self) -> str:
+        """Where Ray's Tune experiment and Train runs of this folder go: beside the results."""
+        return self.remote if self.remote else str(self.local.resolve())
+
+    def publish(self) -> list[str]:
+        """Uploads the local files to `remote` (nothing to do without one); returns what it copied."""
+        return upload(self.local, self.remote) if self.remote else []
+
+    def __str__(self) -> str:
+        return self.remote or str(self.local)
