@@ -72,12 +72,6 @@ def test_unlimited_node_type():
     assert "any number of nodes" in capacity.check(cap, 64, GPU1)
 
 
-def test_autoscaler_without_published_node_types_waits_and_counts_what_is_up():
-    cap = Capacity(nodes=(HEAD0,), autoscaler=True)
-    assert "node types are not in the GCS" in capacity.check(cap, 2, GPU1)
-    assert capacity.max_concurrent(cap, 2, GPU1, trials=5) == 1
-
-
 def test_cluster_config_of_cluster_yaml_holds_its_gpu_node_type():
     # What `python -m workflows.capacity publish` reports for the shipped cluster.yaml.
     from pathlib import Path

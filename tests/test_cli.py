@@ -266,5 +266,5 @@ def test_train_more_workers_than_cluster_cpus_fails_with_one_line(ray_cluster, t
     finally:
         ray.shutdown()  # the CLI connected this test process; later tests connect their own way
     assert code == 2 and len(err) == 1, err
-    assert "needs 64 CPUs but the cluster has 2" in err[0]
+    assert "64 worker(s) x {CPU: 1} (in all {CPU: 64}) do not fit the cluster's nodes ({CPU: 2};" in err[0]
     assert not out.exists()

@@ -46,12 +46,11 @@ class Capacity:
 
     nodes: tuple[Mapping[str, float], ...]
     node_types: tuple[NodeType, ...] = ()
-    autoscaler: bool = False
 
     @property
     def autoscaling(self) -> bool:
-        """Nodes can be added: node types are known, or an autoscaler runs (limits unknown)."""
-        return self.autoscaler or any(t.max_count != 0 for t in self.node_types)
+        """The autoscaler can add nodes of a published node type."""
+        return any(t.max_count != 0 for t in self.node_types)
 
     def slots_now(self, per_worker: Mapping[str, float]) -> int:
         """Workers the live nodes hold (all idle)."""
@@ -92,7 +91,7 @@ def read() -> Capacity:
     import ray
 
     nodes = tuple({k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive"))
-    return Capacity(nodes=nodes, node_types=_node_types(), autoscaler=_autoscaler_running())
+    return Capacity(nodes=nodes, node_types=_node_types())
 
 
 def _node_types() -> tuple[NodeType, ...]:
@@ -110,14 +109,6 @@ def _node_types() -> tuple[NodeType, ...]:
         return ()
     return tuple(NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
                  for g in config.node_group_configs if g.max_count != 0)
-
-
-def _autoscaler_running() -> bool:
-    # Ray's autoscaler (v1 monitor) writes its status under this key on every update.
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
-    return bool(_internal_kv_initialized() and _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
 
 
 def cluster_config(autoscaling_config: Mapping) -> bytes:
@@ -168,11 +159,11 @@ def check(capacity: Capacity, workers: int, per_worker: Mapping[str, float]) -> 
         return None
     if not capacity.autoscaling:
         have = _describe(_total(capacity.nodes))
+        # `ray start --head` runs Ray's autoscaler monitor on every cluster, so its presence says
+        # nothing; node types the autoscaler can add are known only when published.
         raise ValueError(f"{workers} worker(s) x {one} (in all {need}) do not fit the cluster's nodes ({have}; "
-                         f"each worker must fit on one node). Received: workers={workers}")
-    if not capacity.node_types:
-        return (f"waiting for the autoscaler: {workers} worker(s) x {one} (its node types are not in the GCS, so "
-                "the request is not checked against them: see `python -m workflows.capacity publish`)")
+                         f"each worker must fit on one node; an autoscaling cluster must publish its node types: "
+                         f"python -m workflows.capacity publish CONFIG). Received: workers={workers}")
     holding = [t for t in capacity.node_types if _fits(t.resources, per_worker) > 0]
     if not holding and capacity.slots_now(per_worker) == 0:
         kinds = ", ".join(f"{t.name} {_describe(t.resources)}" for t in capacity.node_types)
@@ -192,8 +183,7 @@ def _total(nodes) -> dict[str, float]:
 
 
 def max_concurrent(capacity: Capacity, workers: int, per_worker: Mapping[str, float], *, trials: int) -> int:
-    """Trials that fit at once on what the cluster can scale to (at least 1, at most `trials`);
-    with an autoscaler whose node types are unknown, what the live nodes hold."""
+    """Trials that fit at once on what the cluster can scale to (at least 1, at most `trials`)."""
     reach = capacity.slots_max(per_worker)
     if math.isinf(reach):
         return trials
