@@ -175,7 +175,7 @@ def device_info(tf, model) -> dict[str, Any]:
     weights = model.weights[0]
     device = getattr(weights, "device", "") or getattr(getattr(weights, "value", None), "device", "")
     return {"gpu_ids": ",".join(gpu_ids), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            "tf_gpus": len(gpus), "weights_device": str(device).rsplit("/", 1)[-1] or "?", "device_name": name}
+            "tf_gpus": len(gpus), "weights_device": str(device).rsplit("/", 1)[-1].removeprefix("device:") or "?", "device_name": name}
 
 
 def _digest(indices) -> str:
