@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
-from advtrain.files import write_atomic
+from advtrain.files import copy_file, write_atomic
 
 __all__ = [
     "RunFolder",
@@ -100,7 +99,7 @@ def _put(src: Path, fs, dst: str) -> None:
     import pyarrow.fs as pafs
 
     if _is_local(fs):
-        write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+        copy_file(src, dst)
         return
     # An object store publishes the object when the upload stream closes (a multipart upload
     # completes then); an error before that aborts it and leaves no object behind.
