@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from advtrain.checks import check_attack_inputs
-from advtrain.config import AttackConfig
+from advtrain.config import AttackConfig, check_eps_fits
 from advtrain.graphs import compiled
 from advtrain.square import square
 
@@ -563,6 +563,8 @@ def run_attack(name, model, x, y, *, batch_size=256, y_target=None, on_batch=Non
     seed = kwargs.pop("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
+    if "eps" in kwargs and x.ndim == 4:
+        check_eps_fits("eps", kwargs["eps"], kwargs.get("norm", "linf"), x.shape[1:])
     attack = ATTACKS[name]
     n = len(x)
     bs = min(batch_size, max(n, 1))

@@ -141,6 +141,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def _strip_softmax(model, x_sample: np.ndarray):
     """A model with the same weights whose output is the logits of `model`'s final softmax."""
+    from advtrain.models import strip_softmax
+
     refuse = (
         "The model outputs probabilities (non-negative rows summing to 1), and its last "
         "layer is not a softmax that can be removed; attacks and checks need logits. "
@@ -149,32 +151,19 @@ def _strip_softmax(model, x_sample: np.ndarray):
     layers = getattr(model, "layers", None)
     if not isinstance(model, keras.Model) or not layers:
         raise ValueError(refuse.format(type(model).__name__))
-    last = layers[-1]
-    act = getattr(last, "activation", None)
-    is_softmax_act = getattr(act, "__name__", "") == "softmax"
-    if not is_softmax_act and not isinstance(last, keras.layers.Softmax):
-        raise ValueError(refuse.format(last.name))
-
-    def linear_last(layer):
-        cfg = layer.get_config()
-        if layer is last:
-            cfg["activation"] = "linear"
-        return layer.__class__.from_config(cfg)
-
     try:
-        if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
-            logits_model = keras.Model(model.inputs, last.input)  # the same layers, minus the last
-        else:  # e.g. Dense(10, activation="softmax"): a copy whose last layer is linear
-            logits_model = keras.models.clone_model(model, clone_function=linear_last)
-            logits_model.set_weights(model.get_weights())
-    except Exception as e:  # subclassed models, custom layers: keras raises assorted errors
-        raise ValueError(refuse.format(last.name) + f" (removing it failed: {e})") from None
+        stripped = strip_softmax(model)
+    except ValueError as e:
+        raise ValueError(refuse.format(layers[-1].name) + f" ({e})") from None
+    if stripped is None:
+        raise ValueError(refuse.format(layers[-1].name))
+    logits_model, name = stripped
     z = predict_logits(logits_model, x_sample)
     if not np.allclose(_softmax(z), predict_logits(model, x_sample), atol=1e-4):
-        raise ValueError(refuse.format(last.name))
+        raise ValueError(refuse.format(name))
     return (
         logits_model,
-        f"the final softmax (layer {last.name!r}) was removed; logits were attacked",
+        f"the final softmax (layer {name!r}) was removed; logits were attacked",
     )
 
 

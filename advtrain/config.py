@@ -25,6 +25,9 @@ __all__ = [
     "EvalConfig",
     "ThreatModel",
     "check_bool",
+    "check_eps_fits",
+    "check_model_spec",
+    "max_eps",
     "check_choice",
     "check_number",
     "load_yaml",
@@ -34,7 +37,7 @@ NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
 ATTACK_NAMES = ("fgsm", "pgd", "apgd", "square")
 METHODS = ("clean", "fgsm", "pgd", "trades")
-MODELS = ("mlp", "cnn", "madry")
+MODELS = ("mlp", "cnn", "madry", "resnet")
 SCHEDULES = ("constant", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "sgd")
 SUITES = ("fgsm", "quick", "standard")
@@ -78,13 +81,44 @@ def check_number(
     return int(value) if integer else float(value)
 
 
-# The largest useful radius per norm: the diameter of [0, 1]^784 is 1 in linf and 28 in l2.
-MAX_EPS = {"linf": 1.0, "l2": 28.0}
+def max_eps(norm: str, input_shape=None) -> float:
+    """The largest useful radius: the diameter of [0, 1]^(H*W*C), 1 in linf and sqrt(H*W*C) in l2
+    (28 for MNIST). Without a shape, l2 has no bound yet: `check_eps_fits` applies it once the
+    data is known."""
+    if norm == "linf":
+        return 1.0
+    return math.sqrt(math.prod(input_shape)) if input_shape is not None else math.inf
 
 
 def _check_eps(value: Any, norm: str) -> float:
-    """eps in [0, 1] for linf, [0, 28] for l2 (checked after `norm`)."""
-    return check_number("eps", value, low=0.0, high=MAX_EPS.get(norm, 1.0))
+    """eps in [0, 1] for linf, >= 0 for l2 (checked after `norm`; `check_eps_fits` bounds l2 by the data)."""
+    high = max_eps(norm) if norm in NORMS else 1.0
+    return check_number("eps", value, low=0.0, high=None if math.isinf(high) else high)
+
+
+def check_eps_fits(name: str, eps: float, norm: str, input_shape) -> None:
+    """Refuses an eps beyond the diameter of the data's image space, naming the bound.
+
+    Raises:
+        ValueError: `eps` larger than `max_eps(norm, input_shape)`.
+    """
+    high = max_eps(norm, input_shape)
+    if eps > high + 1e-9:
+        dims = "x".join(str(d) for d in input_shape)
+        raise ValueError(f"`{name}` must be in [0.0, {high:.4g}] for {dims} images ({norm} diameter of [0, 1]^"
+                         f"{math.prod(input_shape)}). Received: {name}={eps!r}")
+
+
+def check_model_spec(value: Any) -> str:
+    """A built-in model name, a `.keras` file or `package.module:function`."""
+    import re
+
+    if isinstance(value, str) and value.lower() in MODELS:
+        return value.lower()
+    if isinstance(value, str) and (value.endswith(".keras") or re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value)):
+        return value
+    raise ValueError(f"`model` must be one of {', '.join(repr(m) for m in MODELS)}, a .keras file or "
+                     f"package.module:function. Received: model={value!r}")
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -127,7 +161,7 @@ class AttackConfig(_Config):
 
     Args:
         name: `"fgsm"`, `"pgd"` or `"apgd"`. Defaults to `"pgd"`.
-        eps: radius of the perturbation ball, in [0, 1] for linf, [0, 28] for l2 (pixels are in
+        eps: radius of the perturbation ball, in [0, 1] for linf, [0, sqrt(H*W*C)] for l2 (28 on MNIST) (pixels are in
             [0, 1]). Defaults to `0.3`.
         steps: gradient steps, >= 1 (FGSM always takes one). Defaults to `40`.
         step_size: step length, > 0; `None` means 2.5 * eps / steps (Madry et al. 2018).
@@ -169,10 +203,12 @@ class TrainConfig(_Config):
     """Adversarial training of one model: method, attack, optimisation and data.
 
     Args:
-        model: registry name, `"mlp"`, `"cnn"` or `"madry"`. Defaults to `"cnn"`.
+        model: a built-in model (`"mlp"`, `"cnn"`, `"madry"`, `"resnet"`), a `.keras` file to
+            fine-tune, or `package.module:function` returning an uncompiled Keras model.
+            Defaults to `"cnn"`.
         method: `"clean"`, `"fgsm"` (FGSM-RS, Wong et al. 2020), `"pgd"` (Madry et al. 2018) or
             `"trades"` (Zhang et al. 2019). Defaults to `"pgd"`.
-        eps: training perturbation radius, in [0, 1] (linf) or [0, 28] (l2). Defaults to `0.3`.
+        eps: training perturbation radius, in [0, 1] (linf) or [0, sqrt(H*W*C)] (l2, 28 on MNIST). Defaults to `0.3`.
         steps: PGD steps in training, >= 1 (ignored by `clean` and `fgsm`). Defaults to `10`.
         step_size: PGD step, > 0; `None` = 2.5 * eps / steps (FGSM-RS uses 1.25 * eps).
         norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
@@ -191,7 +227,9 @@ class TrainConfig(_Config):
         probe_size: validation examples attacked by the per-epoch probe. Defaults to `500`.
         probe_steps: PGD steps of the probe. Defaults to `10`.
         guard: stop and restore the best epoch on catastrophic overfitting. Defaults to `True`.
-        data: MNIST source for `advtrain.data.load_mnist`. Defaults to `"bundled"`.
+        data: the dataset, a source of `advtrain.data.load_data`: `"bundled"` (MNIST),
+            `"keras:fashion_mnist"`, `"keras:cifar10"`, an .npz, a folder, or a file dataset
+            (folder or URI) streamed to Ray Train workers by Ray Data. Defaults to `"bundled"`.
         seed: seed of initialisation, shuffling and attacks. Defaults to `0`.
     """
 
@@ -218,7 +256,7 @@ class TrainConfig(_Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _set(self, "model", check_choice("model", self.model, MODELS))
+        _set(self, "model", check_model_spec(self.model))
         _set(self, "method", check_choice("method", self.method, METHODS))
         _set(self, "norm", check_choice("norm", self.norm, NORMS))
         _set(self, "eps", _check_eps(self.eps, self.norm))
@@ -237,7 +275,7 @@ class TrainConfig(_Config):
         _set(self, "optimizer", check_choice("optimizer", self.optimizer, OPTIMIZERS))
         _set(self, "schedule", check_choice("schedule", self.schedule, SCHEDULES))
         _set(self, "eps_ramp_epochs", check_number("eps_ramp_epochs", self.eps_ramp_epochs, low=0, integer=True))
-        _set(self, "val_size", check_number("val_size", self.val_size, low=1, high=59999, integer=True))
+        _set(self, "val_size", check_number("val_size", self.val_size, low=1, integer=True))
         if self.train_size is not None:
             _set(self, "train_size", check_number("train_size", self.train_size, low=1, integer=True))
         _set(self, "probe_size", check_number("probe_size", self.probe_size, low=1, integer=True))
@@ -261,7 +299,7 @@ class EvalConfig(_Config):
 
     Args:
         norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
-        eps: radius (or radii, a sweep) judged, each in [0, 1] (linf) or [0, 28] (l2).
+        eps: radius (or radii, a sweep) judged, each in [0, 1] (linf) or [0, sqrt(H*W*C)] (l2, 28 on MNIST).
             Defaults to `(0.3,)`.
         suite: `"fgsm"` (weak reference), `"quick"` (PGD-20) or `"standard"` (PGD-100 x 5
             restarts, then AutoAttack's APGD-CE, APGD-T and Square). Defaults to `"standard"`.
@@ -320,7 +358,7 @@ class ThreatModel(_Config):
 
     Args:
         norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
-        eps: the judged radius, in [0, 1] (linf) or [0, 28] (l2). Defaults to `0.3`.
+        eps: the judged radius, in [0, 1] (linf) or [0, sqrt(H*W*C)] (l2, 28 on MNIST). Defaults to `0.3`.
         suite: the final evaluation's suite (`"fgsm"`, `"quick"`, `"standard"`). Defaults to
             `"standard"`.
         n: examples of the final evaluation, >= 1, or `None` for the whole split.

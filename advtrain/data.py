@@ -1,8 +1,17 @@
-"""MNIST: the bundled copy, user files, checks, the validation split, worker shards and tf.data.
+"""Image datasets: the bundled MNIST, user files, Keras' loaders, checks, splits, shards, tf.data.
 
-Images come out float32 in [0, 1] shaped (N, 28, 28, 1); labels int32 in [0, 9]. Every bad file
-raises `DataError` naming the file and what is wrong with it: nothing downstream ever sees a
-half-read array.
+Images come out float32 in [0, 1] shaped (N, H, W, C); labels int32 in [0, classes - 1]. Height,
+width, channels and the class count come from the data. Every bad file raises `DataError`
+naming the file and what is wrong with it: nothing downstream ever sees a half-read array.
+
+Sources (`load_data`):
+    "bundled"                 MNIST as shipped in the package, sha256-verified (the default)
+    "keras:mnist", "keras:fashion_mnist", "keras:cifar10"
+                              Keras' own loaders: they download once into ~/.keras (internet)
+    FILE.npz                  x_train, y_train, x_test, y_test (and optionally x_val, y_val)
+    FOLDER of IDX files       the MNIST file layout (train-images-idx3-ubyte[.gz], ...)
+    FOLDER or URI with train/, val/, test/   a file dataset (`FILE_FORMATS`), the layout Ray Data
+                              streams to the workers (workflows.stream); read whole here
 """
 
 from __future__ import annotations
@@ -11,6 +20,8 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import io
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -19,9 +30,16 @@ import numpy as np
 
 __all__ = [
     "DataError",
-    "MNIST",
-    "load_mnist",
+    "ImageData",
+    "KERAS_DATASETS",
+    "FILE_FORMATS",
+    "load_data",
     "read_idx",
+    "read_split_files",
+    "split_files",
+    "count_split_rows",
+    "write_file_dataset",
+    "is_file_dataset",
     "shard",
     "make_dataset",
     "check_arrays",
@@ -44,6 +62,12 @@ BUNDLED_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+# A file dataset's split folder holds one kind of file: Parquet (an `image` tensor column as Ray
+# Data writes it, and `label`), .npz shards (`x`, `y`), or one image subfolder per class.
+FILE_FORMATS = ("parquet", "npz", "images")
+FILE_SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class DataError(ValueError):
@@ -51,8 +75,13 @@ class DataError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class MNIST:
-    """The three splits. The validation split is carved from train and never overlaps it."""
+class ImageData:
+    """The three splits of an image classification dataset. The validation split never overlaps
+    train; `num_classes` covers every label of every split.
+
+    A file dataset loaded with `include_train=False` (a Ray Data run, whose training split streams
+    to the workers) holds an empty (0, H, W, C) training split and its size in `n_train`.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -61,11 +90,24 @@ class MNIST:
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
+    num_classes: int
+    n_train: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image."""
+        return tuple(int(d) for d in self.x_val.shape[1:])  # type: ignore[return-value]
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in ("train", "val", "test"):
             raise ValueError(f"`split` must be one of 'train', 'val', 'test'. Received: split={name!r}")
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def describe(self) -> dict:
+        """What a report says about the data: source, shape, classes, split sizes."""
+        h, w, c = self.input_shape
+        return {"source": self.source, "input_shape": [h, w, c], "num_classes": self.num_classes,
+                "train": self.n_train, "val": len(self.y_val), "test": len(self.y_test)}
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -86,11 +128,11 @@ def read_idx(path: str | Path, *, expected_sha256: str | None = None) -> np.ndar
         expected_sha256: when given, the decompressed bytes must hash to it.
 
     Returns:
-        uint8 array, (N, 28, 28) for images or (N,) for labels.
+        uint8 array, (N, rows, cols) for images or (N,) for labels.
 
     Raises:
-        DataError: unreadable file, wrong magic number, wrong image size, truncated or
-            overlong data, or a checksum mismatch; the message names the file.
+        DataError: unreadable file, wrong magic number, truncated or overlong data, or a
+            checksum mismatch; the message names the file.
     """
     path = Path(path)
     raw = _read_bytes(path)
@@ -109,8 +151,8 @@ def read_idx(path: str | Path, *, expected_sha256: str | None = None) -> np.ndar
         if len(raw) < header:
             raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
         n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-        if (rows, cols) != (28, 28):
-            raise DataError(f"{path}: images are {rows}x{cols}, expected 28x28")
+        if rows < 1 or cols < 1:
+            raise DataError(f"{path}: images are {rows}x{cols}, expected at least 1x1")
         shape: tuple[int, ...] = (n, rows, cols)
     elif magic == LABEL_MAGIC:
         header = 8
@@ -137,13 +179,25 @@ def _find_idx(folder: Path, stem: str) -> Path:
 
 
 def check_arrays(x: np.ndarray, y: np.ndarray, where: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Converts to float32 [0, 1] images (N, 28, 28, 1) and int32 labels, or raises DataError."""
+    """Converts one split to float32 [0, 1] images (N, H, W, C) and int32 labels >= 0.
+
+    Args:
+        x: images (N, H, W) or (N, H, W, C), uint8 in [0, 255] or float in [0, 1].
+        y: integer class labels (N,) (floats holding whole numbers are accepted).
+        where: the file or source, for the error message.
+        split: the split's name, for the error message.
+
+    Raises:
+        DataError: a wrong shape or dtype, NaNs, values out of range, or mismatched lengths.
+    """
     x = np.asarray(x)
     y = np.asarray(y)
-    if x.ndim == 4 and x.shape[-1] == 1:
-        x = x[..., 0]
-    if x.ndim != 3 or x.shape[1:] != (28, 28):
-        raise DataError(f"{where}: x_{split} has shape {x.shape}, expected (N, 28, 28) or (N, 28, 28, 1)")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or min(x.shape[1:], default=0) < 1:
+        raise DataError(f"{where}: x_{split} has shape {x.shape}, expected (N, H, W) or (N, H, W, C)")
+    if y.ndim == 2 and y.shape[1] == 1:  # Keras' CIFAR-10 labels are (N, 1)
+        y = y[:, 0]
     if y.ndim != 1:
         raise DataError(f"{where}: y_{split} has shape {y.shape}, expected (N,)")
     if len(x) != len(y):
@@ -152,24 +206,26 @@ def check_arrays(x: np.ndarray, y: np.ndarray, where: str, split: str) -> tuple[
         raise DataError(f"{where}: the {split} split is empty")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
-    else:
+    elif np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
         if not np.all(np.isfinite(x)):
             raise DataError(f"{where}: x_{split} holds NaN or infinite values")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise DataError(f"{where}: x_{split} values span [{lo}, {hi}], expected [0, 1] (or uint8)")
+    else:
+        raise DataError(f"{where}: x_{split} has dtype {x.dtype}, expected uint8 in [0, 255] or float in [0, 1]")
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
             y = y.astype(np.int64)
         else:
             raise DataError(f"{where}: y_{split} must hold integer class labels, found dtype {y.dtype}")
-    if y.min() < 0 or y.max() > 9:
-        raise DataError(f"{where}: y_{split} labels span [{y.min()}, {y.max()}], expected [0, 9]")
-    return x[..., None], y.astype(np.int32)
+    if y.min() < 0:
+        raise DataError(f"{where}: y_{split} labels span [{y.min()}, {y.max()}], expected class indices >= 0")
+    return x, y.astype(np.int32)
 
 
-def _load_folder(folder: Path, checksums: dict[str, str] | None) -> dict[str, np.ndarray]:
+def _load_idx_folder(folder: Path, checksums: dict[str, str] | None) -> dict[str, np.ndarray]:
     out = {}
     for key, stem in FILES.items():
         path = _find_idx(folder, stem)
@@ -187,17 +243,19 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
             missing = [k for k in FILES if k not in f.files]
             if missing:
                 raise DataError(f"{path}: missing key(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'})")
-            return {k: f[k] for k in FILES}
+            if ("x_val" in f.files) != ("y_val" in f.files):
+                raise DataError(f"{path}: holds only one of x_val, y_val (found: {', '.join(f.files)})")
+            return {k: f[k] for k in (*FILES, "x_val", "y_val") if k in f.files}
     except (OSError, ValueError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"{path}: cannot be read as .npz ({e})") from None
 
 
-def _load_keras() -> dict[str, np.ndarray]:
+def _load_keras(name: str) -> dict[str, np.ndarray]:
     import keras  # Keras downloads and caches under ~/.keras; only on explicit request.
 
-    (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+    (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, name).load_data()
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
@@ -205,70 +263,387 @@ def _bundled_dir() -> Path:
     return Path(str(resources.files("advtrain.datasets.mnist")))
 
 
+# --------------------------------------------------------------------------- file datasets
+
+
+def is_file_dataset(source: str) -> bool:
+    """True when `source` is a URI, or a folder with train/, val/ and test/ subfolders."""
+    if "://" in source:
+        return True
+    path = Path(os.path.expanduser(source))
+    return path.is_dir() and any((path / s).is_dir() for s in FILE_SPLITS)
+
+
+def _filesystem(source: str):
+    """(pyarrow filesystem, path within it) of a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in source:
+        try:
+            return pafs.FileSystem.from_uri(source)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes
+            raise DataError(f"{source}: cannot be opened ({e})") from None
+    return pafs.LocalFileSystem(), str(Path(os.path.expanduser(source)).resolve())
+
+
+_LAYOUT = "a split holds only *.parquet, only *.npz, or one folder of images per class"
+
+
+def split_files(source: str, split: str) -> tuple[str, list[str], list[str] | None]:
+    """The format of one split folder of a file dataset, its files and its class folders.
+
+    Hidden and underscore names (.DS_Store, _SUCCESS) are skipped, as Ray Data's readers skip them.
+
+    Returns:
+        (format, files, classes): one of `FILE_FORMATS`; the files' paths on the source's
+        filesystem, sorted; the class folder names, sorted, for images (else `None`).
+
+    Raises:
+        DataError: the folder is missing, empty, holds files of another kind, images outside
+            class folders, class folders without images, or several kinds at once; the message
+            names the folder.
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(source)
+    path = f"{root.rstrip('/')}/{split}"
+    folder = f"{source.rstrip('/')}/{split}"
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        raise DataError(f"{folder}: missing (a file dataset needs train/, val/ and test/ folders; {_LAYOUT})")
+    if kind != pafs.FileType.Directory:
+        raise DataError(f"{folder}: is a file, expected a folder ({_LAYOUT})")
+    visible = [e for e in fs.get_file_info(pafs.FileSelector(path)) if not e.base_name.startswith((".", "_"))]
+    kinds: dict[str, list[str]] = {}
+    for entry in visible:
+        ext = entry.extension.lower()
+        if entry.type == pafs.FileType.Directory:
+            found = "class folders"
+        elif ext in ("parquet", "npz"):
+            found = ext
+        elif "." + ext in IMAGE_SUFFIXES:
+            raise DataError(f"{folder}: image {entry.base_name!r} outside a class folder ({_LAYOUT})")
+        else:
+            raise DataError(f"{folder}: unexpected file {entry.base_name!r} ({_LAYOUT})")
+        kinds.setdefault(found, []).append(entry.base_name)
+    if not kinds:
+        raise DataError(f"{folder}: empty ({_LAYOUT})")
+    if len(kinds) > 1:
+        listed = "; ".join(f"{k} ({', '.join(sorted(v)[:2])}{', ...' if len(v) > 2 else ''})"
+                           for k, v in sorted(kinds.items()))
+        raise DataError(f"{folder}: mixes {listed} ({_LAYOUT})")
+    found = next(iter(kinds))
+    if found != "class folders":
+        return found, sorted(e.path for e in visible), None
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))
+                   and "." + i.extension.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: its class folders hold no *.png, *.jpg or *.jpeg images")
+    return "images", files, sorted(kinds[found])
+
+
+def count_split_rows(source: str, split: str) -> int:
+    """The rows of a split of a file dataset from file metadata alone: parquet footers, the
+    headers of the arrays in each npz, or the number of image files.
+
+    Raises:
+        DataError: as `split_files`, or an npz shard without `x`/`y` or with unequal lengths.
+    """
+    import zipfile
+
+    import pyarrow.parquet as pq
+
+    kind, files, _ = split_files(source, split)
+    fs, _ = _filesystem(source)
+    if kind == "images":
+        return len(files)
+    total = 0
+    for p in files:
+        if kind == "parquet":
+            with fs.open_input_file(p) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+            continue
+        with fs.open_input_file(p) as f, zipfile.ZipFile(f) as z:
+            lengths = {}
+            for key in ("x", "y"):
+                if f"{key}.npy" not in z.namelist():
+                    raise DataError(f"{p}: missing array {key!r} (found: {', '.join(z.namelist()) or 'none'})")
+                with z.open(f"{key}.npy") as member:
+                    # Only the header is read; format 3.0 (utf-8 field names) has 2.0's layout.
+                    version = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape = read(member)[0]
+                    lengths[key] = shape[0] if shape else 0
+        if lengths["x"] != lengths["y"]:
+            raise DataError(f"{p}: {lengths['x']} images but {lengths['y']} labels")
+        total += lengths["y"]
+    return total
+
+
+def _tensor_column(table, name: str, where: str) -> np.ndarray:
+    """An (N, ...) array from a Ray Data tensor column, read with or without Ray imported."""
+    import pyarrow as pa
+
+    if name not in table.column_names:
+        raise DataError(f"{where}: no `{name}` column (found: {', '.join(table.column_names)})")
+    col = table.column(name)
+    field = table.schema.field(name)
+    shape = getattr(field.type, "shape", None)
+    if shape is None and field.metadata and b"ARROW:extension:metadata" in field.metadata:
+        meta = json.loads(field.metadata[b"ARROW:extension:metadata"])
+        shape = meta.get("shape") if isinstance(meta, dict) else meta
+    if not shape:
+        if pa.types.is_integer(field.type) or pa.types.is_floating(field.type):
+            return col.to_numpy()
+        raise DataError(f"{where}: column `{name}` ({field.type}) is not a fixed-shape tensor column "
+                        "(write it with ray.data.from_numpy(...).write_parquet or as Ray Data's tensor type)")
+    chunks = [c.storage if isinstance(c, pa.ExtensionArray) else c for c in col.chunks]
+    values = np.concatenate([np.asarray(c.flatten()) for c in chunks]) if chunks else np.zeros(0)
+    return values.reshape(-1, *shape)
+
+
+def read_split_files(source: str, split: str, classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one split of a file dataset whole: (images as stored, labels).
+
+    Image folders are labelled by `classes` (the training split's class folders, so a class
+    missing from one split cannot shift the labels of the others); a folder not among them is
+    an error."""
+    kind, files, own = split_files(source, split)
+    if kind == "images":
+        classes = classes or own
+        extra = sorted(set(own) - set(classes))
+        if extra:
+            raise DataError(f"{source.rstrip('/')}/{split}: class folder(s) {', '.join(extra)} are not in the "
+                            f"training split's classes ({', '.join(classes)})")
+    fs, _ = _filesystem(source)
+    xs, ys = [], []
+    for f in files:
+        where = f if "://" not in source else source.split("://", 1)[0] + "://" + f
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(f, filesystem=fs, columns=["image", "label"])
+            except Exception as e:  # ArrowInvalid on a damaged file or a missing column
+                raise DataError(f"{where}: cannot be read as Parquet with `image` and `label` columns ({e})") from None
+            xs.append(_tensor_column(table, "image", where))
+            ys.append(table.column("label").to_numpy())
+        elif kind == "npz":
+            with fs.open_input_file(f) as fh:
+                raw = fh.read()
+            try:
+                with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                    if "x" not in z.files or "y" not in z.files:
+                        raise DataError(f"{where}: needs arrays 'x' and 'y' (found: {', '.join(z.files) or 'none'})")
+                    xs.append(z["x"])
+                    ys.append(z["y"])
+            except (OSError, ValueError) as e:
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"{where}: cannot be read as .npz ({e})") from None
+        else:
+            xs.append(_read_image(fs, f, where)[None])
+            ys.append(np.array([classes.index(f.rsplit("/", 2)[-2])]))
+    shapes = {x.shape[1:] for x in xs}
+    if len(shapes) > 1 and kind == "images":
+        modes = {s[-1] if len(s) == 3 else 1 for s in shapes}
+        if len(modes) > 1:  # mixed greyscale and colour: colour wins, as image_dataset_from_directory
+            xs = [np.repeat(x[..., None] if x.ndim == 3 else x, 3, -1) if (x.ndim == 3 or x.shape[-1] == 1) else x
+                  for x in xs]
+            shapes = {x.shape[1:] for x in xs}
+    if len(shapes) > 1:
+        raise DataError(f"{source.rstrip('/')}/{split}: images of different shapes {sorted(shapes)}; "
+                        "every image of a dataset must share one (H, W, C)")
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _read_image(fs, path: str, where: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    with fs.open_input_file(path) as fh:
+        raw = fh.read()
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img = img.convert("L") if img.mode in ("L", "1", "I;16", "I", "F") else img.convert("RGB")
+        return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{where}: cannot be read as an image ({e})") from None
+
+
+def write_file_dataset(root: str | Path, splits: dict, *, fmt: str = "parquet", rows_per_file: int = 8192) -> Path:
+    """Writes arrays as a file dataset that `load_data` reads and Ray Data streams.
+
+    Args:
+        root: the folder to create; it must not exist yet.
+        splits: {"train": (x, y), "val": (x, y), "test": (x, y)}, images (N, H, W[, C]) uint8 or
+            float in [0, 1], integer labels; a split may also be an iterable of (x, y) chunks,
+            so a split larger than memory is written piece by piece.
+        fmt: `"parquet"` (an `image` column in Ray Data's tensor encoding, and `label`) or `"npz"`
+            (shards with `x` and `y`). Defaults to `"parquet"`.
+        rows_per_file: rows per file, >= 1: the unit Ray Data reads and shuffles. Defaults to `8192`.
+
+    Returns:
+        `root`. Each file is written atomically.
+    """
+    from advtrain.files import write_atomic
+
+    if fmt not in ("parquet", "npz"):
+        raise ValueError(f"`fmt` must be one of 'parquet', 'npz'. Received: fmt={fmt!r}")
+    if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
+        raise ValueError(f"`rows_per_file` must be an integer >= 1. Received: rows_per_file={rows_per_file!r}")
+    root = Path(root)
+    if root.exists():
+        raise ValueError(f"`root` must not exist yet. Received: root={str(root)!r}")
+    missing = [s for s in FILE_SPLITS if s not in splits]
+    if missing:
+        raise ValueError(f"`splits` must hold {', '.join(FILE_SPLITS)}. Missing: {', '.join(missing)}")
+    for split in FILE_SPLITS:
+        value = splits[split]
+        # (x, y) arrays, or an iterable of (x, y) chunks: a large split written piece by piece.
+        chunks = [value] if isinstance(value, tuple) and len(value) == 2 and hasattr(value[0], "shape") else value
+        k = 0
+        for x, y in chunks:
+            x, y = np.asarray(x), np.asarray(y)
+            for lo in range(0, len(x), rows_per_file):
+                xs, ys = x[lo : lo + rows_per_file], y[lo : lo + rows_per_file].astype(np.int64)
+                path = root / split / f"part-{k:05d}.{fmt}"
+                write = _write_npz if fmt == "npz" else _write_parquet
+                write_atomic(path, lambda tmp, xs=xs, ys=ys, write=write: write(tmp, xs, ys))
+                k += 1
+    return root
+
+
+def _write_npz(path: str, x: np.ndarray, y: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a bare name
+        np.savez(f, x=x, y=y)
+
+
+def _write_parquet(path: str, x: np.ndarray, y: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.ascontiguousarray(x)
+    per = int(np.prod(x.shape[1:]))
+    storage = pa.LargeListArray.from_arrays(np.arange(0, len(x) * per + 1, per, dtype=np.int64), pa.array(x.reshape(-1)))
+    # Ray Data's tensor column, as `Dataset.write_parquet` writes it: large_list storage and the
+    # shape in the extension metadata, so Ray reads (N, H, W, C) arrays back without Ray here.
+    field = pa.field("image", storage.type, metadata={b"ARROW:extension:name": b"ray.data.arrow_tensor_v2",
+                                                      b"ARROW:extension:metadata": json.dumps(list(x.shape[1:])).encode()})
+    table = pa.Table.from_arrays([storage, pa.array(y)], schema=pa.schema([field, pa.field("label", pa.int64())]))
+    pq.write_table(table, path)
+
+
+def _load_file_dataset(source: str, include_train: bool) -> tuple[dict[str, np.ndarray], list[str] | None, int]:
+    arrays: dict[str, np.ndarray] = {}
+    names = split_files(source, "train")[2]
+    for split in FILE_SPLITS:
+        if split == "train" and not include_train:
+            continue
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = read_split_files(source, split, names)
+    return arrays, names, len(arrays["y_train"]) if include_train else count_split_rows(source, "train")
+
+
 @functools.lru_cache(maxsize=4)
-def _load_raw(source: str) -> tuple[str, tuple[tuple[str, np.ndarray], ...]]:
+def _load_raw(source: str, include_train: bool = True) -> tuple[str, tuple[tuple[str, np.ndarray], ...], int, int]:
+    n_classes = None
+    n_train = None
     if source == "bundled":
         folder = _bundled_dir()
-        arrays = _load_folder(folder, BUNDLED_SHA256)
+        arrays = _load_idx_folder(folder, BUNDLED_SHA256)
         where = str(folder)
-    elif source == "keras":
-        arrays, where = _load_keras(), "keras.datasets.mnist"
+    elif source.startswith("keras:"):
+        name = source.split(":", 1)[1]
+        if name not in KERAS_DATASETS:
+            raise DataError(f"Keras dataset {name!r} is not one of {', '.join(KERAS_DATASETS)}. Received: data={source!r}")
+        arrays, where = _load_keras(name), f"keras.datasets.{name}"
+    elif is_file_dataset(source):
+        arrays, names, n_train = _load_file_dataset(source, include_train)
+        n_classes = len(names) if names else None
+        where = source
     else:
         path = Path(os.path.expanduser(source))
         if path.is_dir():
-            arrays = _load_folder(path, None)
+            arrays = _load_idx_folder(path, None)
         elif path.suffix == ".npz" and path.is_file():
             arrays = _load_npz(path)
         else:
             raise DataError(
-                f"MNIST source {source!r} is neither 'bundled', 'keras', a folder of IDX files nor an "
-                ".npz file"
+                f"data {source!r} is neither 'bundled', keras:{{{','.join(KERAS_DATASETS)}}}, an .npz file, a "
+                "folder of MNIST IDX files nor a file dataset (a folder or URI with train/, val/ and test/)"
             )
         where = str(path)
     checked = {}
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
+        if f"x_{split}" not in arrays:
+            continue
         x, y = check_arrays(arrays[f"x_{split}"], arrays[f"y_{split}"], where, split)
         x.setflags(write=False)
         y.setflags(write=False)
         checked[f"x_{split}"], checked[f"y_{split}"] = x, y
-    return where, tuple(checked.items())
+    shapes = {k: v.shape[1:] for k, v in checked.items() if k.startswith("x_")}
+    if len(set(shapes.values())) > 1:
+        detail = ", ".join(f"{k} {v}" for k, v in shapes.items())
+        raise DataError(f"{where}: the splits' images differ in shape ({detail}); every split must share one (H, W, C)")
+    # The classes are the image folders, else those the training labels name (a val or test
+    # label beyond them is a mislabelled file, not a new class).
+    ref = "y_train" if "y_train" in checked else next(k for k in checked if k.startswith("y_"))
+    if n_classes is None:
+        n_classes = max(2, 1 + int(checked[ref].max()))
+    for k, v in checked.items():
+        if k.startswith("y_") and int(v.max()) >= n_classes:
+            raise DataError(f"{where}: {k} labels span [{int(v.min())}, {int(v.max())}] but the {ref[2:]} labels "
+                            f"name {n_classes} classes [0, {n_classes - 1}]")
+    if n_train is None:
+        n_train = len(checked["y_train"])
+    return where, tuple(checked.items()), n_classes, n_train
 
 
-def load_mnist(source: str = "bundled", *, val_size: int = 5000, seed: int = 0) -> MNIST:
-    """Loads MNIST and carves a deterministic validation split out of train.
+def load_data(source: str = "bundled", *, val_size: int | None = 5000, seed: int = 0,
+              include_train: bool = True) -> ImageData:
+    """Loads a dataset and, unless it brings its own validation split, carves one out of train.
 
     Args:
-        source: `"bundled"` (the copy shipped in the package, sha256-verified), `"keras"`
-            (Keras' download and cache; needs internet once), a folder of IDX files (.gz or
-            raw) or a `.npz` with `x_train`, `y_train`, `x_test`, `y_test`. Defaults to
-            `"bundled"`.
-        val_size: examples moved from train to validation, in [1, n_train - 1]. Defaults to `5000`.
+        source: see the module docstring: `"bundled"` (MNIST, the default), `"keras:NAME"`, an
+            `.npz`, a folder of MNIST IDX files, or a file dataset (folder or URI with train/,
+            val/, test/). Defaults to `"bundled"`.
+        val_size: examples moved from train to validation, in [1, n_train - 1] (ignored when
+            the source has its own validation split); `None` takes 5000 or a tenth of train,
+            whichever is smaller (for evaluating a model on the test split). Defaults to `5000`.
         seed: seed of the permutation choosing the validation examples. Defaults to `0`.
+        include_train: read the training split; a file dataset streamed by Ray Data leaves it
+            out (only its validation and test splits are read). Defaults to `True`.
 
     Returns:
-        `MNIST` with float32 images in [0, 1], (N, 28, 28, 1), and int32 labels. Arrays are
-        read-only and shared between calls (the files are parsed once per process).
+        `ImageData` with float32 images in [0, 1], (N, H, W, C), and int32 labels. Arrays are
+        read-only and shared between calls (a source is parsed once per process).
 
     Raises:
         DataError: a missing, damaged or malformed source, naming the file and the problem.
         ValueError: `val_size` out of range.
     """
-    where, items = _load_raw(str(source))
+    source = str(source)
+    where, items, n_classes, n_train = _load_raw(source, include_train or not is_file_dataset(source))
     a = dict(items)
-    n = len(a["x_train"])
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 1 <= val_size < n:
-        raise ValueError(f"`val_size` must be an integer in [1, {n - 1}]. Received: val_size={val_size!r}")
-    perm = np.random.default_rng(seed).permutation(n)
-    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
-    return MNIST(
-        x_train=a["x_train"][train_idx],
-        y_train=a["y_train"][train_idx],
-        x_val=a["x_train"][val_idx],
-        y_val=a["y_train"][val_idx],
-        x_test=a["x_test"],
-        y_test=a["y_test"],
-        source=where,
-    )
+    if "x_val" in a:
+        x_train, y_train, x_val, y_val = a.get("x_train"), a.get("y_train"), a["x_val"], a["y_val"]
+        if x_train is None or not include_train:
+            x_train = np.zeros((0, *a["x_val"].shape[1:]), np.float32)
+            y_train = np.zeros((0,), np.int32)
+    else:
+        n = len(a["x_train"])
+        if val_size is None:
+            val_size = max(1, min(5000, n // 10))
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or not 1 <= val_size < n:
+            raise ValueError(f"`val_size` must be an integer in [1, {n - 1}]. Received: val_size={val_size!r}")
+        perm = np.random.default_rng(seed).permutation(n)
+        val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+        x_train, y_train = a["x_train"][train_idx], a["y_train"][train_idx]
+        x_val, y_val = a["x_train"][val_idx], a["y_train"][val_idx]
+        n_train = len(train_idx)
+    return ImageData(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=a["x_test"],
+                     y_test=a["y_test"], source=where, num_classes=n_classes, n_train=n_train)
 
 
 def shard(n: int, rank: int, world_size: int, *, seed: int = 0) -> np.ndarray:
@@ -309,7 +684,7 @@ def make_dataset(
     seed: int = 0,
     repeat: bool = False,
 ):
-    """A tf.data pipeline of fixed-size (batch_size, 28, 28, 1) batches.
+    """A tf.data pipeline of fixed-size (batch_size, H, W, C) batches.
 
     The last partial batch is dropped so every step has the same static shape (no retracing,
     and equal step counts across workers).

@@ -273,7 +273,7 @@ def evaluate_split(model, config: EvalConfig, data, **kwargs) -> RobustnessRepor
     Args:
         model: see `evaluate_robustness`.
         config: the threat model and sample.
-        data: an object with `split(name) -> (x, y)`, such as `advtrain.data.MNIST`.
+        data: an object with `split(name) -> (x, y)`, such as `advtrain.data.ImageData`.
         **kwargs: passed to `evaluate_robustness` (`reference_model`, `steps_scale`,
             `keep_adversarial`, `progress`).
 
@@ -281,7 +281,9 @@ def evaluate_split(model, config: EvalConfig, data, **kwargs) -> RobustnessRepor
         A `RobustnessReport`.
     """
     x, y = data.split(config.split)
-    return evaluate_robustness(model, x, y, config, split=config.split, **kwargs)
+    rep = evaluate_robustness(model, x, y, config, split=config.split, **kwargs)
+    describe = getattr(data, "describe", None)
+    return dataclasses.replace(rep, data=describe()) if describe else rep
 
 
 def evaluate_model_file(
@@ -292,18 +294,18 @@ def evaluate_model_file(
     Args:
         path: the `.keras` file.
         config: the threat model and sample (see `evaluate_robustness`).
-        data: an `advtrain.data.MNIST`; defaults to `load_mnist()` (bundled, default val split).
+        data: an `advtrain.data.ImageData`; defaults to `load_data()` (bundled MNIST, default val split).
         reference_model: a model or a `.keras` path for the transfer check, or None.
         **kwargs: passed to `evaluate_robustness` (`steps_scale`, `progress`, ...).
 
     Returns:
         A `RobustnessReport`.
     """
-    from advtrain.data import load_mnist
+    from advtrain.data import load_data
     from advtrain.models import load_model
 
     model = load_model(path)
     if isinstance(reference_model, (str, Path)):
         reference_model = load_model(reference_model)
-    data = load_mnist() if data is None else data
+    data = load_data() if data is None else data
     return evaluate_split(model, config, data, reference_model=reference_model, **kwargs)

@@ -224,7 +224,8 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, path, n: int = 16) 
     row of adversarial images titled `adv pred=3`; a title is red when the prediction is wrong.
 
     Args:
-        x, x_adv: images in [0, 1], (m, 28, 28, 1) or (m, 28, 28).
+        x, x_adv: images in [0, 1], (m, H, W), (m, H, W, 1) (drawn in grey) or (m, H, W, 3)
+            (drawn in colour).
         y, pred_clean, pred_adv: int labels and predictions, (m,).
         path: the PNG to write (atomically).
         n: examples shown (the first n), >= 1. Defaults to `16`.
@@ -255,7 +256,10 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, path, n: int = 16) 
             (2 * g + 1, x_adv[i], f"adv pred={pa[i]}", pa[i] != y[i]),
         ):
             ax = axes[row, c]
-            ax.imshow(np.squeeze(img), cmap="gray", vmin=0.0, vmax=1.0)
+            if img.ndim == 3 and img.shape[-1] == 3:
+                ax.imshow(np.clip(img, 0.0, 1.0))
+            else:
+                ax.imshow(img.reshape(img.shape[:2]), cmap="gray", vmin=0.0, vmax=1.0)
             ax.set_title(text, fontsize=8, color="red" if wrong else "black")
     fig.tight_layout()
     return _save(fig, path)

@@ -73,6 +73,8 @@ class RobustnessReport:
         flags: `advtrain.sanity.Flag`s (empty when sanity checks were off).
         notes: plain-language notes (softmax removed, sample choice, reduced suite, ...).
         seconds: total wall time.
+        data: the dataset described (`advtrain.data.ImageData.describe()`: source, input shape,
+            classes, split sizes), or `None`.
     """
 
     norm: str
@@ -88,6 +90,7 @@ class RobustnessReport:
     flags: tuple = ()
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    data: dict | None = None
 
     # -- access ---------------------------------------------------------------------------
 
@@ -227,6 +230,7 @@ class RobustnessReport:
             },
             "notes": list(self.notes),
             "seconds": self.seconds,
+            "data": self.data,
         }
 
     def metrics(self, eps: float | None = None) -> dict[str, Any]:
@@ -283,6 +287,7 @@ class RobustnessReport:
                 else " (not part of the worst case)."
             ),
             f"- Examples: n = {self.n} from the `{self.split}` split; seed {self.seed}",
+            *([_data_line(self.data)] if self.data else []),
             "",
             markdown_table(rows, columns),
             "",
@@ -315,6 +320,12 @@ class RobustnessReport:
         write_text(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         write_text(md_path, self.to_markdown())
         return json_path, md_path
+
+
+def _data_line(d: dict) -> str:
+    h, w, c = d["input_shape"]
+    return (f"- Data: {d['source']}, {h}x{w}x{c} images, {d['num_classes']} classes "
+            f"({d['train']} train / {d['val']} val / {d['test']} test)")
 
 
 def _broken(broken: dict[str, int]) -> str:

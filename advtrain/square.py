@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from advtrain.checks import check_attack_inputs
-from advtrain.config import AttackConfig
+from advtrain.config import AttackConfig, check_eps_fits
 from advtrain.graphs import compiled
 
 __all__ = ["square", "square_graph"]
@@ -353,6 +353,7 @@ def square(model, x, y, *, eps, queries=5000, norm="linf", p_init=0.8, y_target=
     cfg = AttackConfig(name="square", eps=eps, steps=queries, norm=norm, seed=seed)
     p_init = _check_p_init(p_init)
     x, y, y_target = check_attack_inputs(x, y, y_target, images=True)
+    check_eps_fits("eps", cfg.eps, cfg.norm, x.shape[1:])
     # The image shape is static in the graph (the l2 tiles depend on it): part of the key.
     key = ("square", cfg.norm, y_target is not None, tuple(x.shape[1:]))
 

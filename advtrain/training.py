@@ -31,7 +31,7 @@ import tensorflow as tf
 from advtrain import attacks
 from advtrain.config import ThreatModel, TrainConfig
 from advtrain.files import write_json
-from advtrain.models import build_model, save_model
+from advtrain.models import MNIST_SHAPE, make_model, save_model
 
 __all__ = [
     "STEPS_PER_CALL",
@@ -133,13 +133,19 @@ class AdversarialTraining:
         steps_per_call: optimizer steps per compiled call, >= 1: a loop inside the graph, so the
             Python dispatch of a call is paid once per call. Any value gives the same weights;
             the epoch's last call runs the remainder. Defaults to `STEPS_PER_CALL`.
+        input_shape: (H, W, C) of the data's images. Defaults to MNIST's `(28, 28, 1)`.
+        num_classes: the data's class count. Defaults to `10`.
+        model_paths: folders searched first for an imported model (`cfg.model` given as
+            `package.module:function`). Defaults to `()`.
 
     Raises:
         ValueError: `steps_per_epoch` or `steps_per_call` below 1.
+        advtrain.models.ModelError: a model that does not fit the data.
     """
 
     def __init__(self, cfg: TrainConfig, *, steps_per_epoch: int, strategy=None, rank: int = 0,
-                 threat_model: ThreatModel | None = None, steps_per_call: int = STEPS_PER_CALL):
+                 threat_model: ThreatModel | None = None, steps_per_call: int = STEPS_PER_CALL,
+                 input_shape=MNIST_SHAPE, num_classes: int = 10, model_paths=()):
         if steps_per_epoch < 1:
             raise ValueError(
                 f"`steps_per_epoch` must be >= 1 (is the training split smaller than one batch?). "
@@ -155,7 +161,8 @@ class AdversarialTraining:
         self.threat_model = threat_model or ThreatModel(norm=cfg.norm, eps=cfg.eps)
         # Variables must be created in the strategy's scope to be mirrored across workers.
         with self.strategy.scope():
-            self.model = build_model(cfg.model, seed=cfg.seed)
+            self.model, self.model_notes = make_model(cfg.model, input_shape=input_shape, num_classes=num_classes,
+                                                      seed=cfg.seed, extra_paths=model_paths)
             self.optimizer = make_optimizer(cfg, steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
             self.metrics = {
@@ -350,15 +357,16 @@ def fit(cfg: TrainConfig, *, on_epoch: Callable[[dict], None] | None = None,
     """
     import time
 
-    from advtrain.data import load_mnist, make_dataset
+    from advtrain.data import load_data, make_dataset
 
-    data = load_mnist(cfg.data, val_size=cfg.val_size, seed=cfg.seed)
+    data = load_data(cfg.data, val_size=cfg.val_size, seed=cfg.seed)
     x_train, y_train = data.x_train, data.y_train
     if cfg.train_size is not None:
         x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
     steps = len(x_train) // cfg.batch_size
     run = AdversarialTraining(cfg, steps_per_epoch=steps, threat_model=threat_model,
-                              steps_per_call=steps_per_call)
+                              steps_per_call=steps_per_call, input_shape=data.input_shape,
+                              num_classes=data.num_classes)
     def dataset_for(epoch: int):
         return without_autotune(make_dataset(x_train, y_train, cfg.batch_size, seed=cfg.seed * 1000 + epoch))
 

@@ -316,9 +316,9 @@ def main(argv=None) -> int:
     tf.random.set_seed(0)
     import keras
 
-    from advtrain.data import load_mnist
+    from advtrain.data import load_data
 
-    data = load_mnist()
+    data = load_data()
     x, y = np.array(data.x_test[:n]), np.array(data.y_test[:n])
     versions = {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                 "numpy": np.__version__}

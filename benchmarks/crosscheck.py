@@ -328,7 +328,7 @@ def main(argv=None) -> int:
 
     from advtrain.checks import verify_adversarial
     from advtrain.config import EvalConfig
-    from advtrain.data import load_mnist
+    from advtrain.data import load_data
     from advtrain.evaluation import evaluate_robustness
     from advtrain.models import load_model
     from advtrain.suites import suite_attacks
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     bs, eps = args.batch_size, args.eps
 
     model = load_model(args.model)
-    x, y = load_mnist().split("test")
+    x, y = load_data().split("test")
     x, y = x[: args.n], y[: args.n].astype(np.int64)
     n = len(y)
     label = args.model.stem

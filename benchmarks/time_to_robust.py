@@ -47,12 +47,12 @@ def grad_throughput(model_name: str, batch_size: int, repeats: int = 30) -> floa
     import keras
     import tensorflow as tf
 
-    from advtrain.data import load_mnist
+    from advtrain.data import load_data
     from advtrain.models import build_model
 
     model = build_model(model_name, seed=0)
     opt = keras.optimizers.Adam(1e-4)
-    data = load_mnist()
+    data = load_data()
     x = tf.constant(data.x_train[:batch_size])
     y = tf.constant(data.y_train[:batch_size])
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     from advtrain import training
     from advtrain.config import EvalConfig, TrainConfig
-    from advtrain.data import load_mnist
+    from advtrain.data import load_data
     from advtrain.evaluation import evaluate_robustness
     from advtrain.models import save_model
     from advtrain.robustness_report import per_eps
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     save_model(model, RESULTS / f"time_to_robust_{args.target}.keras")
 
-    data = load_mnist()
+    data = load_data()
     x, y = data.x_test, data.y_test
     if args.n:
         x, y = x[: args.n], y[: args.n]

@@ -17,7 +17,7 @@ import tensorflow as tf
 from advtrain import attacks, graphs
 from advtrain.attacks import ATTACKS, apgd, apgd_checkpoints, fgsm, objective, pgd, run_attack
 from advtrain.config import LOSSES, NORMS, TrainConfig
-from advtrain.data import load_mnist
+from advtrain.data import load_data
 from advtrain.training import fit
 
 N = 256
@@ -34,7 +34,7 @@ BALL = {"linf": 0.3, "l2": 2.0}
 
 @pytest.fixture(scope="module")
 def test_data():
-    d = load_mnist()
+    d = load_data()
     return np.array(d.x_test[:N]), np.array(d.y_test[:N])
 
 

@@ -36,7 +36,8 @@ def tiny_config(tmp_path):
         (["--steps", "0"], r"`steps` must be in \[1, 1000\]. Received: steps=0"),
         (["--mix", "1.5"], r"`mix` must be in \[0.0, 1.0\]. Received: mix=1.5"),
         (["--learning-rate", "-1"], r"`learning_rate` must be in \(0.0, 10.0\]. Received: learning_rate=-1.0"),
-        (["--model", "resnet"], r"`model` must be one of 'mlp', 'cnn', 'madry'. Received: model='resnet'"),
+        (["--model", "resnet50"], r"`model` must be one of 'mlp', 'cnn', 'madry', 'resnet', a .keras file or "
+                                  r"package.module:function. Received: model='resnet50'"),
         (["--method", "free"], r"`method` must be one of .* Received: method='free'"),
         (["--steps", "three"], r"argument --steps: invalid int value: 'three'"),
     ],

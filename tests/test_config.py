@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from advtrain.config import AttackConfig, EvalConfig, TrainConfig, load_yaml
+from advtrain.config import AttackConfig, EvalConfig, TrainConfig, check_eps_fits, load_yaml
 
 # --------------------------------------------------------------------------------------------
 # AttackConfig
@@ -21,8 +21,11 @@ def test_attack_config_defaults_valid_and_normalized():
 
 def test_attack_config_l2_eps_range_wider_than_linf():
     assert AttackConfig(norm="l2", eps=2.0).eps == 2.0
-    with pytest.raises(ValueError, match=r"`eps` must be in \[0.0, 28.0\]. Received: eps=29.0"):
-        AttackConfig(norm="l2", eps=29.0)
+    # l2's bound is the diameter of the data's image space, known once the data is: 28 on MNIST.
+    assert AttackConfig(norm="l2", eps=29.0).eps == 29.0
+    with pytest.raises(ValueError, match=r"`eps` must be in \[0.0, 28\] for 28x28x1 images \(l2 diameter of \[0, 1\]\^784\). Received: eps=29.0"):
+        check_eps_fits("eps", 29.0, "l2", (28, 28, 1))
+    check_eps_fits("eps", 55.0, "l2", (32, 32, 3))
     with pytest.raises(ValueError, match=r"`eps` must be in \[0.0, 1.0\]. Received: eps=2.0"):
         AttackConfig(norm="linf", eps=2.0)
 
@@ -84,15 +87,16 @@ def test_train_config_defaults_valid():
          r"`learning_rate` must be in \(0.0, 10.0\]. Received: learning_rate=-0.001"),
         ("method", "mart", ValueError,
          r"`method` must be one of 'clean', 'fgsm', 'pgd', 'trades'. Received: method='mart'"),
-        ("model", "resnet", ValueError,
-         r"`model` must be one of 'mlp', 'cnn', 'madry'. Received: model='resnet'"),
+        ("model", "resnet50", ValueError,
+         r"`model` must be one of 'mlp', 'cnn', 'madry', 'resnet', a .keras file or package.module:function. "
+         r"Received: model='resnet50'"),
         ("norm", "l1", ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l1'"),
         ("schedule", "step", ValueError, r"`schedule` must be one of .*Received: schedule='step'"),
         ("optimizer", "rmsprop", ValueError, r"`optimizer` must be one of 'adam', 'sgd'. Received: optimizer='rmsprop'"),
         ("epochs", True, TypeError, r"`epochs` must be an integer. Received: epochs=True"),
         ("batch_size", 0, ValueError, r"`batch_size` must be in \[1, 65536\]. Received: batch_size=0"),
         ("beta", -1.0, ValueError, r"`beta` must be in \[0.0, inf\]. Received: beta=-1.0"),
-        ("val_size", 60000, ValueError, r"`val_size` must be in \[1, 59999\]. Received: val_size=60000"),
+        ("val_size", 0, ValueError, r"`val_size` must be in \[1, inf\]. Received: val_size=0"),
         ("train_size", 0, ValueError, r"`train_size` must be in \[1, inf\]. Received: train_size=0"),
         ("guard", 0, TypeError, r"`guard` must be true or false. Received: guard=0"),
         ("data", "", TypeError, r"`data` must be a non-empty string. Received: data=''"),

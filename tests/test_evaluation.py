@@ -20,7 +20,7 @@ from advtrain import flags, training
 from advtrain.attacks import run_attack
 from advtrain.checks import AttackOutputError, check_model, verify_adversarial
 from advtrain.config import EvalConfig, TrainConfig
-from advtrain.data import load_mnist
+from advtrain.data import load_data
 from advtrain.evaluation import evaluate_model_file, evaluate_robustness
 from advtrain.models import save_model
 from advtrain.robustness_report import per_eps, summary_lines
@@ -32,7 +32,7 @@ CONTEXT = ("norm", "eps", "split", "n", "suite")
 
 @pytest.fixture(scope="module")
 def data():
-    return load_mnist()
+    return load_data()
 
 
 @pytest.fixture(scope="module")

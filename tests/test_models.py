@@ -36,8 +36,8 @@ def test_build_model_seed_reproducible(batch):
 
 
 def test_build_model_unknown_name_raises_listing_known():
-    with pytest.raises(ValueError, match=r"Unknown model 'resnet'. Expected one of: mlp, cnn, madry\."):
-        build_model("resnet")
+    with pytest.raises(ValueError, match=r"Unknown model 'resnet50'. Expected one of: mlp, cnn, madry, resnet\."):
+        build_model("resnet50")
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])

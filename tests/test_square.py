@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from advtrain import square as square_module
 from advtrain.config import NORMS, TrainConfig
-from advtrain.data import load_mnist
+from advtrain.data import load_data
 from advtrain.square import square, square_graph
 from advtrain.training import fit
 
@@ -40,7 +40,7 @@ def dense():
 
 @pytest.fixture(scope="module")
 def batch():
-    d = load_mnist()
+    d = load_data()
     return np.array(d.x_test[:16], np.float32), np.array(d.y_test[:16], np.int32)
 
 
@@ -53,7 +53,7 @@ def trained():
 
 @pytest.fixture(scope="module")
 def test_data():
-    d = load_mnist()
+    d = load_data()
     return np.array(d.x_test[:128], np.float32), np.array(d.y_test[:128], np.int32)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from advtrain import attacks, training
 from advtrain.config import ThreatModel, TrainConfig
-from advtrain.data import load_mnist
+from advtrain.data import load_data
 from advtrain.models import load_model
 
 EPS = 0.1
@@ -19,7 +19,7 @@ BASE = dict(model="cnn", eps=EPS, steps=3, epochs=2, batch_size=128, train_size=
 
 
 def _pgd_accuracy(model, n=500):
-    data = load_mnist()
+    data = load_data()
     x, y = data.x_val[-n:], data.y_val[-n:]  # not the probe batch (first probe_size of val)
     x_adv = attacks.run_attack("pgd", model, x, y, eps=EPS, steps=10, batch_size=n, seed=3)
     return float(np.mean(np.argmax(model(x_adv), -1) == y))
@@ -155,14 +155,14 @@ def test_save_run_round_trip_gives_identical_outputs(tmp_path, clean_run):
     assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == history and metrics["epochs_run"] == summary["epochs_run"]
-    x = load_mnist().x_test[:64]
+    x = load_data().x_test[:64]
     np.testing.assert_allclose(load_model(tmp_path / "model.keras")(x), model(x), atol=1e-6)
 
 
 def test_probe_reports_threat_model_separately():
     cfg = TrainConfig(method="pgd", eps=0.2, epochs=1, train_size=1280, batch_size=128, probe_size=64)
     run = training.AdversarialTraining(cfg, steps_per_epoch=10, threat_model=ThreatModel(eps=0.0))
-    data = load_mnist()
+    data = load_data()
     out = run.probe(data.x_val[:256], data.y_val[:256])
     # At eps 0 the threat model's "robust" accuracy is the clean accuracy of the probe batch.
     clean_probe = float(np.mean(np.argmax(run.model(data.x_val[:64]), -1) == data.y_val[:64]))
@@ -187,7 +187,7 @@ def test_train_epoch_several_steps_per_call_gives_the_weights_of_one_step_per_ca
     # SGD (not Adam) so a step applied twice or skipped would show in the weights.
     cfg = TrainConfig(model="mlp", method="pgd", eps=0.3, steps=2, epochs=1, eps_ramp_epochs=1,
                       batch_size=32, optimizer="sgd", learning_rate=0.1, schedule="constant", seed=4)
-    data = load_mnist()
+    data = load_data()
     x, y = data.x_train[:7 * 32], data.y_train[:7 * 32]
     reference, ref_metrics = _train_one_epoch(cfg, 1, x, y)
     calls = []

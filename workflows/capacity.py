@@ -178,16 +178,49 @@ def check(capacity: Capacity, workers: int, per_worker: Mapping[str, float]) -> 
     return f"waiting for the autoscaler: {workers} worker(s) x {one}, {types}"
 
 
+# CPUs a streamed run's Ray Data tasks need beside its Train workers (see `check_stream`).
+STREAM_CPUS = 1.0
+
+
 def _total(nodes) -> dict[str, float]:
     return {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
 
 
-def max_concurrent(capacity: Capacity, workers: int, per_worker: Mapping[str, float], *, trials: int) -> int:
-    """Trials that fit at once on what the cluster can scale to (at least 1, at most `trials`)."""
+def max_concurrent(capacity: Capacity, workers: int, per_worker: Mapping[str, float], *, trials: int,
+                   streamed: bool = False) -> int:
+    """Trials that fit at once on what the cluster can scale to (at least 1, at most `trials`).
+
+    A streamed trial also needs `STREAM_CPUS` for its Ray Data tasks; on a fixed-size cluster
+    that bounds the trials at once by the CPUs."""
     reach = capacity.slots_max(per_worker)
     if math.isinf(reach):
         return trials
-    return max(1, min(trials, int(reach // workers)))
+    fit = int(reach // workers)
+    if streamed and not capacity.autoscaling:
+        fit = min(fit, int(_total(capacity.nodes)["CPU"] // (workers * per_worker.get("CPU", 0.0) + STREAM_CPUS)))
+    return max(1, min(trials, fit))
+
+
+def check_stream(capacity: Capacity, workers: int, per_worker: Mapping[str, float]) -> None:
+    """Fails when a streamed run's Ray Data tasks could never get a CPU beside its workers.
+
+    Ray Data reads outside the Train workers' placement group, and its tasks (and the Parquet
+    reader's per-epoch file listing) each take a whole CPU: on a cluster whose workers hold
+    every CPU nothing is ever read and the run hangs. An autoscaling cluster adds nodes, so only
+    a fixed-size one is judged.
+
+    Raises:
+        ValueError: fewer than `STREAM_CPUS` CPUs left beside the workers, naming the numbers.
+    """
+    if capacity.autoscaling:
+        return
+    total = _total(capacity.nodes)["CPU"]
+    used = workers * per_worker.get("CPU", 0.0)
+    if total - used < STREAM_CPUS:
+        raise ValueError(f"a file dataset streams through Ray Data, whose tasks need {STREAM_CPUS:g} CPU beside the "
+                         f"Train workers: {workers} worker(s) x {_describe(per_worker)} leave {total - used:g} of the "
+                         f"cluster's {total:g} CPUs. Use fewer workers, or in-memory data (an .npz). "
+                         f"Received: workers={workers}")
 
 
 def main(argv=None) -> int:

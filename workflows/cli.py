@@ -40,7 +40,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _add_train_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training overrides (on top of --config's `train` section)")
-    g.add_argument("--model", help="mlp, cnn or madry")
+    g.add_argument("--model", help="mlp, cnn, madry, resnet, a .keras file to fine-tune, or package.module:function")
+    g.add_argument("--data", help="bundled (MNIST), keras:fashion_mnist, keras:cifar10, an .npz, a folder, or a file "
+                                  "dataset (folder or URI with train/ val/ test/)")
     g.add_argument("--method", help="clean, fgsm, pgd or trades")
     g.add_argument("--eps", type=float, help="training eps in [0, 1]")
     g.add_argument("--steps", type=int, help="PGD steps in training (>= 1)")
@@ -55,11 +57,12 @@ def _add_train_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", help="constant, cosine or onecycle")
     g.add_argument("--eps-ramp-epochs", type=int)
     g.add_argument("--train-size", type=int, help="train on the first N examples only")
+    g.add_argument("--val-size", type=int, help="validation examples held out of train (data without its own val split)")
     g.add_argument("--seed", type=int)
 
 
-TRAIN_KEYS = ("model", "method", "eps", "steps", "step_size", "norm", "mix", "beta", "epochs", "batch_size",
-              "learning_rate", "optimizer", "schedule", "eps_ramp_epochs", "train_size", "seed")
+TRAIN_KEYS = ("model", "data", "method", "eps", "steps", "step_size", "norm", "mix", "beta", "epochs", "batch_size",
+              "learning_rate", "optimizer", "schedule", "eps_ramp_epochs", "train_size", "val_size", "seed")
 
 
 def _add_ray_options(p: argparse.ArgumentParser) -> None:
@@ -105,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="test or val")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="bundled",
+                   help="the images: bundled (MNIST), keras:NAME, an .npz, a folder or a file dataset (default: bundled)")
     p.add_argument("--out", help="folder or storage URI for report.json, report.md and plots (default: beside the model)")
 
     p = sub.add_parser("attack", help="adversarial examples for given images")
@@ -117,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--loss", default="ce", help="ce, margin or dlr")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input", help=".npz with x (N, 28, 28[, 1]) in [0, 1] and y; default: MNIST --split")
+    p.add_argument("--input", help=".npz with x (N, H, W[, C]) in [0, 1] (or uint8) and y; default: --data's --split")
+    p.add_argument("--data", default="bundled", help="dataset the images come from without --input (default: bundled)")
     p.add_argument("--n", type=int, default=100, help="images from --split when no --input")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="output .npz (x, y, x_adv, pred, pred_adv)")
@@ -177,9 +183,9 @@ def _scaling_overrides(args) -> dict[str, Any]:
 
 
 def _cmd_train(args) -> int:
-    from workflows.spec import load_spec
+    from workflows.spec import load_spec, with_absolute_paths
 
-    spec = load_spec(args.config, train=_train_overrides(args), scaling=_scaling_overrides(args))
+    spec = with_absolute_paths(load_spec(args.config, train=_train_overrides(args), scaling=_scaling_overrides(args)))
     if args.local and (args.workers not in (None, 1) or args.gpu or args.address):
         raise UsageError("advtrain train: --local runs one process; drop --workers/--gpu/--address or --local")
     folder = _run_folder(args.out, "train", args.storage)
@@ -195,9 +201,9 @@ def _cmd_tune(args) -> int:
         if args.config or args.out:
             raise UsageError("advtrain tune: --resume DIR takes the config stored in DIR; drop --config/--out")
         return commands.resume(args.resume, address=args.address, storage_base=args.storage)
-    from workflows.spec import load_spec
+    from workflows.spec import load_spec, with_absolute_paths
 
-    spec = load_spec(args.config, scaling=_scaling_overrides(args))
+    spec = with_absolute_paths(load_spec(args.config, scaling=_scaling_overrides(args)))
     search = tune.SearchSpec.from_dict(spec.search, base=spec.train.to_dict(), samples=args.samples)
     folder = _run_folder(args.out, "tune", args.storage)
     return commands.tune(spec, search, folder, address=args.address, storage_base=args.storage)
@@ -210,7 +216,7 @@ def _cmd_evaluate(args) -> int:
                      batch_size=args.batch_size, seed=args.seed)
     from workflows import commands
 
-    return commands.evaluate(args.model, cfg, args.out)
+    return commands.evaluate(args.model, cfg, args.out, args.data)
 
 
 def _cmd_attack(args) -> int:
@@ -222,7 +228,7 @@ def _cmd_attack(args) -> int:
         raise UsageError(f"advtrain attack: --out must end in .npz. Received: {args.out!r}")
     from workflows import commands
 
-    return commands.attack(Path(args.model), cfg, args.input, args.n, args.split, Path(args.out))
+    return commands.attack(Path(args.model), cfg, args.input, args.n, args.split, Path(args.out), args.data)
 
 
 def _cmd_report(args) -> int:

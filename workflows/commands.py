@@ -66,12 +66,11 @@ class _AttackProgress:
         self.bar = self.label = None
 
 
-def write_evaluation(model, cfg: EvalConfig, out: Path, data=None) -> dict:
-    """Evaluates `model` under `cfg` on its split and writes report.json/.md and plots into `out`."""
+def write_evaluation(model, cfg: EvalConfig, out: Path, data) -> dict:
+    """Evaluates `model` under `cfg` on its split of `data` and writes report.json/.md and plots
+    into `out`."""
     from advtrain import attacks, evaluation, report
-    from advtrain.data import load_mnist
 
-    data = data or load_mnist()
     progress = _AttackProgress()
     try:
         rep = evaluation.evaluate_split(model, cfg, data, progress=progress)
@@ -101,6 +100,30 @@ def _published(folder: RunFolder) -> None:
         _say(f"Stored {len(copied)} file(s) in {folder.remote}")
 
 
+def check_run(spec: RunSpec, *, include_train: bool):
+    """Before any training: the data loads, every eps fits its image space and the model takes
+    its images and outputs one logit per class. Returns the loaded `advtrain.data.ImageData`
+    (without a streamed file dataset's training split unless `include_train`).
+
+    Raises:
+        advtrain.data.DataError, advtrain.models.ModelError, ValueError: one line each.
+    """
+    from advtrain.config import MODELS, check_eps_fits
+    from advtrain.data import load_data
+
+    t = spec.train
+    data = load_data(t.data, val_size=t.val_size, seed=t.seed, include_train=include_train)
+    shape = data.input_shape
+    check_eps_fits("eps", t.eps, t.norm, shape)
+    for eps in spec.eval.eps:
+        check_eps_fits("eval.eps", eps, spec.eval.norm, shape)
+    if t.model not in MODELS:
+        from advtrain.models import make_model
+
+        make_model(t.model, input_shape=shape, num_classes=data.num_classes)
+    return data
+
+
 def _connect_and_check(spec: RunSpec, address: str | None) -> None:
     """Joins (or starts) Ray, then fails at once if the cluster can never hold one run's workers;
     on an autoscaling cluster whose nodes are not up yet, says what the run waits for."""
@@ -108,8 +131,13 @@ def _connect_and_check(spec: RunSpec, address: str | None) -> None:
     from workflows.connect import connect
     from workflows.tune import per_worker
 
+    from advtrain.data import is_file_dataset
+
     connect(address)
-    waiting = capacity.check(capacity.read(), spec.scaling.workers, per_worker(spec))
+    cap = capacity.read()
+    waiting = capacity.check(cap, spec.scaling.workers, per_worker(spec))
+    if is_file_dataset(spec.train.data):
+        capacity.check_stream(cap, spec.scaling.workers, per_worker(spec))
     if waiting:
         _say(f"advtrain: {waiting}")
 
@@ -123,6 +151,7 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
     from advtrain.models import load_model
     from advtrain.training import fit, save_run
 
+    data = check_run(spec, include_train=local)
     t0 = time.perf_counter()
     if local:
         from tqdm import tqdm
@@ -168,7 +197,7 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
         _say(f"WARNING: {summary['stop_reason']}: stopped after epoch {summary['epochs_run']}, "
              f"restored epoch {summary['restored_epoch']}")
     _say(f"Evaluating ({spec.eval.suite} suite, {spec.eval.norm} eps {list(spec.eval.eps)}, split {spec.eval.split}) ...")
-    d = write_evaluation(model, spec.eval, folder.local)
+    d = write_evaluation(model, spec.eval, folder.local, data)
     _print_report_summary(d)
     _published(folder)
     _say(f"Run folder: {folder}")
@@ -184,6 +213,7 @@ def tune(spec: RunSpec, search, folder: RunFolder, *, address: str | None, stora
 
     if warning := schedule_warning(spec, search):
         _say(f"warning: {warning}")
+    check_run(spec, include_train=False)
     _connect_and_check(spec, address)
     folder.local.mkdir(parents=True, exist_ok=True)
     write_spec(folder, spec, search, storage_base)
@@ -205,30 +235,31 @@ def resume(location: str, *, address: str | None, storage_base: str | None) -> i
 
     if storage.is_uri(location):
         folder = RunFolder.open(location)
-        spec, search, _saved = read_spec(folder.local)
+        spec, search, saved = read_spec(folder.local)
     else:
         local = Path(location)
         spec, search, saved = read_spec(local)
         base = storage_base or saved.get("storage")
         folder = RunFolder(local, storage.join(base, saved.get("name") or local.resolve().name) if base else None)
     _connect_and_check(spec, address)
-    return _search_and_finish(spec, search, folder, restore=True)
+    return _search_and_finish(spec, search, folder, restore=True, origin=saved.get("origin"))
 
 
-def _search_and_finish(spec: RunSpec, search, folder: RunFolder, *, restore: bool) -> int:
-    from advtrain.data import load_mnist
+def _search_and_finish(spec: RunSpec, search, folder: RunFolder, *, restore: bool, origin: str | None = None) -> int:
     from workflows import results  # noqa: F401 - imported before the chdir below
+    from workflows.spec import eval_data
     from workflows.tune import run_search
 
+    origin = origin or os.getcwd()
     # Inside `ray job submit --working-dir`, the driver's working directory is Ray's unpacked
     # package, which Ray may garbage-collect while a long search runs (seen with Ray 2.60: Tune
     # then fails in os.getcwd()). Everything after this point uses absolute paths, the modules
     # the results stage needs are imported above, and the driver works from the run folder.
     folder = dataclasses.replace(folder, local=folder.local.resolve())
     os.chdir(folder.local)
-    load_mnist(spec.train.data)  # parsed once per process: the results stage reuses it
+    eval_data(spec)  # parsed once per process: the results stage reuses it
     try:
-        grid, interrupted = run_search(spec, search, folder, restore=restore)
+        grid, interrupted = run_search(spec, search, folder, restore=restore, origin=origin)
     except KeyboardInterrupt:
         interrupted = True
     if interrupted:
@@ -271,12 +302,15 @@ def report(location: str) -> int:
 # --------------------------------------------------------------------------- evaluate, attack
 
 
-def evaluate(model_location: str, cfg: EvalConfig, out: str | None) -> int:
+def evaluate(model_location: str, cfg: EvalConfig, out: str | None, data_source: str = "bundled") -> int:
     """`advtrain evaluate MODEL`: loads with safe_mode, evaluates, writes the report folder.
 
     `MODEL` and `--out` may be local paths or storage URIs; without `--out` the report goes
-    beside the model (`eval-<model name>`)."""
-    from advtrain.models import load_model
+    beside the model (`eval-<model name>`). `data_source` is any `advtrain.data.load_data`
+    source; the model must take its images."""
+    from advtrain.config import check_eps_fits
+    from advtrain.data import load_data
+    from advtrain.models import check_input, load_model
 
     name = storage.basename(model_location)
     if not name.endswith(".keras"):
@@ -291,25 +325,31 @@ def evaluate(model_location: str, cfg: EvalConfig, out: str | None) -> int:
                      else str(model_path.parent / f"eval-{name[:-6]}"))
     folder = (RunFolder(Path(tempfile.mkdtemp(prefix="advtrain-eval-")), target) if storage.is_uri(target)
               else RunFolder(Path(target)))
+    data = load_data(data_source, val_size=None, include_train=False)
+    for eps in cfg.eps:
+        check_eps_fits("eps", eps, cfg.norm, data.input_shape)
     model = load_model(model_path)
-    d = write_evaluation(model, cfg, folder.local)
+    check_input(model, name, data.input_shape)
+    d = write_evaluation(model, cfg, folder.local, data)
     _print_report_summary(d)
     _published(folder)
     _say(f"Report: {storage.join(str(folder), 'report.md')}")
     return 0
 
 
-def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, split: str, out: Path) -> int:
+def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, split: str, out: Path,
+           data_source: str = "bundled") -> int:
     """`advtrain attack`: adversarial examples for given images, saved atomically as .npz."""
     from advtrain import attacks
-    from advtrain.data import DataError, check_arrays, load_mnist
+    from advtrain.config import check_eps_fits
+    from advtrain.data import DataError, check_arrays, load_data
     from advtrain.files import write_atomic
-    from advtrain.models import load_model
+    from advtrain.models import check_input, load_model
 
     if input_path is None:
         if n < 1:
             raise ValueError(f"`n` must be >= 1. Received: n={n}")
-        x, y = load_mnist().split(split)
+        x, y = load_data(data_source, val_size=None, include_train=False).split(split)
         x, y = x[:n], y[:n]
     else:
         try:
@@ -319,7 +359,9 @@ def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, 
                 x, y = check_arrays(f["x"], f["y"], input_path, "input")
         except OSError as e:
             raise DataError(f"{input_path}: cannot be read as .npz ({e})") from None
+    check_eps_fits("eps", cfg.eps, cfg.norm, x.shape[1:])
     model = load_model(model_path)
+    check_input(model, model_path.name, x.shape[1:])
     kw = {"eps": cfg.eps, "norm": cfg.norm, "seed": cfg.seed}
     if cfg.name == "square":
         kw.update(queries=cfg.steps)

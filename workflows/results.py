@@ -17,10 +17,9 @@ from typing import Any
 from ray.train import Checkpoint
 
 from advtrain import evaluation, report
-from advtrain.data import load_mnist
 from advtrain.files import copy_file, write_json, write_text
 from advtrain.models import load_model
-from workflows.spec import RunSpec
+from workflows.spec import RunSpec, eval_data
 
 __all__ = ["evaluate_trial", "collect", "write_all", "rank", "COLUMNS"]
 
@@ -102,7 +101,7 @@ def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict
     data = None
     for row in rows:
         if row["stopped"] == scheduler and row["_train_checkpoint"]:
-            data = data or load_mnist(spec.train.data)
+            data = data or eval_data(spec)
             _evaluate_stopped(row, spec, data, filesystem)
             row["evaluated_by"] = "driver (last checkpoint)"
     ranked = rank(rows)

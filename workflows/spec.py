@@ -12,12 +12,13 @@ Every section is optional; unknown keys anywhere are an error naming them.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from advtrain.config import EvalConfig, ThreatModel, TrainConfig, check_bool, check_number, load_yaml
+from advtrain.config import MODELS, EvalConfig, ThreatModel, TrainConfig, check_bool, check_number, load_yaml
 
-__all__ = ["Scaling", "RunSpec", "load_spec"]
+__all__ = ["Scaling", "RunSpec", "eval_data", "load_spec", "locate", "with_absolute_paths"]
 
 SECTIONS = ("train", "eval", "search", "scaling")
 
@@ -103,3 +104,46 @@ def load_spec(path: str | Path | None = None, *, train: Mapping[str, Any] | None
         search=_section(data, "search"),
         source=str(path) if path is not None else "<defaults>",
     )
+
+
+def _is_local_path(value: str) -> bool:
+    # Built-in names, keras:NAME datasets, import paths and URIs are not files on this machine.
+    return "://" not in value and ":" not in value and value not in ("bundled", *MODELS)
+
+
+def with_absolute_paths(spec: RunSpec) -> RunSpec:
+    """The spec with its data and model files made absolute, when they exist from here.
+
+    The driver of a search works from its run folder and a local Ray's workers from Ray's own
+    folders, so a path relative to where the user typed the command must be fixed first."""
+    changes = {}
+    for key in ("data", "model"):
+        value = getattr(spec.train, key)
+        if _is_local_path(value) and not os.path.isabs(value) and os.path.exists(os.path.expanduser(value)):
+            changes[key] = os.path.abspath(os.path.expanduser(value))
+    return dataclasses.replace(spec, train=spec.train.replace(**changes)) if changes else spec
+
+
+def locate(value: str, origin: str | None) -> str:
+    """`value` as a worker finds it: unchanged if it exists here (or is no file), else the same
+    path relative to the driver's folder `origin`, rebased on this process's working folder (a
+    job's working_dir is unpacked under a different root on each node)."""
+    if not _is_local_path(value) or os.path.exists(value) or not origin:
+        return value
+    try:
+        rel = os.path.relpath(value, origin)
+    except ValueError:
+        return value
+    if rel.startswith(".."):
+        return value
+    moved = os.path.join(os.getcwd(), rel)
+    return moved if os.path.exists(moved) else value
+
+
+def eval_data(spec: RunSpec):
+    """The run's validation and test splits (`advtrain.data.ImageData`), as its training saw
+    them (same val_size and seed); a streamed file dataset's training split is not read."""
+    from advtrain.data import load_data
+
+    t = spec.train
+    return load_data(t.data, val_size=t.val_size, seed=t.seed, include_train=False)

@@ -1,4 +1,10 @@
-"""Ray Train: advtrain's adversarial training on N workers, each with its own MNIST shard.
+"""Ray Train: advtrain's adversarial training on N workers, each with its own shard of the data.
+
+Data in memory (MNIST, an .npz) is loaded whole by each worker, which keeps its shard by index
+(`advtrain.data.shard`). A file dataset (Parquet, .npz shards or image folders; local or in
+storage) is streamed instead: Ray Data splits its training split across the workers
+(`ray.train.get_dataset_shard`, `workflows.stream`), so a worker holds its share of the batches
+in flight and never the whole set; its validation and test splits are read in memory.
 
 Each worker runs `train_loop_per_worker`: under MultiWorkerMirroredStrategy with two or more
 workers (TF_CONFIG is set by Ray's TensorflowTrainer), under TensorFlow's default strategy with
@@ -46,7 +52,9 @@ MODEL_FILE = "model.keras"
 STRATEGIES = ("auto", "mwms")
 # MWMS collective implementation (tf.distribute.experimental.CommunicationImplementation).
 COMMUNICATIONS = ("auto", "ring", "nccl")
-
+# Rows each streaming worker shuffles locally on top of Ray Data's per-epoch file order: a few
+# batches of images, so a worker's memory stays bounded by its buffer, not by the dataset.
+STREAM_SHUFFLE_BUFFER = 2048
 
 
 def configure_tensorflow(cpus: float, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
@@ -109,7 +117,7 @@ def make_strategy(world_size: int, *, strategy: str = "auto", communication: str
 
 
 def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, autotune: bool = False,
-                   distributed: bool | None = None):
+                   distributed: bool | None = None, stream_rows: int | None = None):
     """This worker's shard of the training split and a factory of its per-epoch datasets.
 
     With one replica per worker (one CPU share or one GPU, as Ray Train places them) the epoch's
@@ -130,30 +138,45 @@ def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, au
             benchmarks). Defaults to `False`.
         distributed: wrap the pipeline with `distribute_datasets_from_function` (for benchmarks);
             `None` does so only when a worker holds several replicas. Defaults to `None`.
+        stream_rows: the training rows Ray Data streams to the workers (a file dataset, see
+            `build_trainer`), or `None` for data in memory. Defaults to `None`.
 
     Returns:
         (idx, dataset_for, steps, data): the shard's indices into the (train_size-cut) training
-        split, `dataset_for(epoch)` giving that epoch's dataset of per-worker batches of
-        `cfg.batch_size` (shuffle seeded by epoch and rank), the steps per epoch (equal on every
-        rank) and the loaded `advtrain.data.MNIST`.
+        split (`None` when streamed), `dataset_for(epoch)` giving that epoch's dataset of
+        per-worker batches of `cfg.batch_size` (shuffle seeded by epoch and rank), the steps per
+        epoch (equal on every rank) and the loaded `advtrain.data.ImageData`.
     """
-    from advtrain.data import load_mnist, make_dataset, shard
+    from advtrain.data import load_data, make_dataset, shard
     from advtrain.training import without_autotune
 
-    data = load_mnist(cfg.data, val_size=cfg.val_size, seed=cfg.seed)
-    x_train, y_train = data.x_train, data.y_train
-    if cfg.train_size is not None:
-        x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
-    idx = shard(len(x_train), rank, world_size, seed=cfg.seed)
-    x_shard, y_shard = x_train[idx], y_train[idx]
-    steps = len(idx) // cfg.batch_size  # equal shards: every rank runs the same step count
+    data = load_data(cfg.data, val_size=cfg.val_size, seed=cfg.seed, include_train=stream_rows is None)
     if distributed is None:
         distributed = strategy.num_replicas_in_sync > world_size
+    if stream_rows is not None:
+        from workflows import stream
 
-    def pipeline(epoch: int):
-        # Per-replica batches as written: cfg.batch_size is the per-worker batch.
-        ds = make_dataset(x_shard, y_shard, cfg.batch_size, seed=(cfg.seed * 1000 + epoch) * 97 + rank)
-        return ds if autotune else without_autotune(ds)
+        iterator = ray.train.get_dataset_shard("train")
+        # Ray Data's equal split gives every worker rows // world_size rows.
+        steps = (stream_rows // world_size) // cfg.batch_size
+
+        def pipeline(epoch: int):
+            return stream.epoch_dataset(iterator, batch_size=cfg.batch_size, input_shape=data.input_shape,
+                                        steps=steps, seed=(cfg.seed * 1000 + epoch) * 97 + rank,
+                                        shuffle_buffer=STREAM_SHUFFLE_BUFFER)
+        idx = None
+    else:
+        x_train, y_train = data.x_train, data.y_train
+        if cfg.train_size is not None:
+            x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
+        idx = shard(len(x_train), rank, world_size, seed=cfg.seed)
+        x_shard, y_shard = x_train[idx], y_train[idx]
+        steps = len(idx) // cfg.batch_size  # equal shards: every rank runs the same step count
+
+        def pipeline(epoch: int):
+            # Per-replica batches as written: cfg.batch_size is the per-worker batch.
+            ds = make_dataset(x_shard, y_shard, cfg.batch_size, seed=(cfg.seed * 1000 + epoch) * 97 + rank)
+            return ds if autotune else without_autotune(ds)
 
     def dataset_for(epoch: int):
         if distributed:
@@ -161,6 +184,22 @@ def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, au
         return pipeline(epoch)
 
     return idx, dataset_for, steps, data
+
+
+def stream_source(cfg: TrainConfig) -> tuple[dict, Any, int] | None:
+    """Ray Data's side of a file dataset: (datasets, DataConfig, training rows) for
+    `TensorflowTrainer`, or `None` when the data is loaded in memory."""
+    from advtrain.data import is_file_dataset
+
+    if not is_file_dataset(cfg.data):
+        return None
+    from workflows import stream
+
+    datasets, data_config = stream.trainer_datasets(cfg.data, seed=cfg.seed)
+    rows = stream.count_rows(cfg.data, "train")
+    if cfg.train_size is not None and cfg.train_size < rows:
+        datasets["train"], rows = datasets["train"].limit(cfg.train_size), cfg.train_size
+    return datasets, data_config, rows
 
 
 def device_info(tf, model) -> dict[str, Any]:
@@ -179,6 +218,8 @@ def device_info(tf, model) -> dict[str, Any]:
 
 
 def _digest(indices) -> str:
+    if indices is None:
+        return "streamed"
     return hashlib.sha256(indices.astype("int64").tobytes()).hexdigest()[:16]
 
 
@@ -186,11 +227,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: shard, model in the strategy's scope, resume, epochs, reports.
 
     `config` holds `train` (a TrainConfig dict), `cpus_per_worker`, `steps_per_call` (None: the
-    default of `AdversarialTraining`) and `threat_model` (the search's fixed `ThreatModel` as a
-    dict, or None). Everything the worker needs comes through it: the loop never reads the
-    driver's globals or sys.argv.
+    default of `AdversarialTraining`), `threat_model` (the search's fixed `ThreatModel` as a
+    dict, or None), `origin` (the driver's working folder: relative data and model paths and
+    imported models are found from it) and `stream_rows` (the training rows Ray Data streams,
+    or None). Everything the worker needs comes through it: the loop never reads the driver's
+    globals or sys.argv.
     """
+    from workflows.spec import locate
+
+    origin = config.get("origin")
     cfg = TrainConfig.from_dict(config["train"])
+    cfg = cfg.replace(data=locate(cfg.data, origin), model=locate(cfg.model, origin))
     tf = configure_tensorflow(config["cpus_per_worker"])
     # Ray Train logs every checkpoint and report at INFO; the epoch lines are what users read.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -202,11 +249,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     strategy = make_strategy(world)
-    idx, dataset_for, steps, data = shard_datasets(cfg, strategy, rank, world)
+    idx, dataset_for, steps, data = shard_datasets(cfg, strategy, rank, world, stream_rows=config.get("stream_rows"))
 
     threat_model = ThreatModel.from_dict(config["threat_model"]) if config["threat_model"] else None
     run = AdversarialTraining(cfg, steps_per_epoch=steps, strategy=strategy, rank=rank,
-                              threat_model=threat_model, steps_per_call=config["steps_per_call"] or STEPS_PER_CALL)
+                              threat_model=threat_model, steps_per_call=config["steps_per_call"] or STEPS_PER_CALL,
+                              input_shape=data.input_shape, num_classes=data.num_classes,
+                              model_paths=[origin] if origin else ())
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -215,7 +264,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history = json.loads(Path(d, HISTORY_FILE).read_text())
         log.info("rank %d resumed after epoch %d", rank, len(history))
 
-    shard_info = {"shard_digest": _digest(idx), "shard_size": len(idx), "world_size": world, "rank": rank,
+    shard_info = {"shard_digest": _digest(idx), "shard_size": steps * cfg.batch_size if idx is None else len(idx),
+                  "world_size": world, "rank": rank,
                   "global_batch": cfg.batch_size * world, "node_id": ray.get_runtime_context().get_node_id(),
                   **device_info(tf, run.model)}
     # One line per worker in the job's log: which run, where it runs and on which accelerator.
@@ -259,8 +309,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per_worker: float = 1,
                   storage_path: str, name: str, max_failures: int = 1, callbacks=None,
                   threat_model: ThreatModel | None = None, placement_strategy: str = "PACK",
-                  steps_per_call: int | None = None):
+                  steps_per_call: int | None = None, origin: str | None = None):
     """A Train V2 TensorflowTrainer for one adversarial training run.
+
+    A file dataset (`advtrain.data.is_file_dataset`) is streamed to the workers by Ray Data;
+    other data is loaded in each worker. `origin` is the folder the user's relative data and
+    model paths are relative to (the driver's working folder, the default).
 
     `steps_per_call` is the optimizer steps per compiled call in each worker (see
     `advtrain.training.AdversarialTraining`; `None`: its default, `STEPS_PER_CALL`, read in the
@@ -268,14 +322,18 @@ def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per
     """
     from ray.train.tensorflow import TensorflowTrainer
 
+    streamed = stream_source(cfg)
+    datasets, data_config, rows = streamed if streamed else (None, None, None)
     if steps_per_call is not None and (isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int)
                                        or steps_per_call < 1):
         raise ValueError(f"`steps_per_call` must be an integer >= 1. Received: steps_per_call={steps_per_call!r}")
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "cpus_per_worker": cpus_per_worker,
-                           "steps_per_call": steps_per_call,
+                           "steps_per_call": steps_per_call, "origin": origin or os.getcwd(), "stream_rows": rows,
                            "threat_model": threat_model.to_dict() if threat_model else None},
+        datasets=datasets,
+        **({"dataset_config": data_config} if data_config is not None else {}),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})},
                                      placement_strategy=placement_strategy),

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -177,11 +178,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     """One Tune trial: a Ray Train run, then the test-split evaluation of its final model."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from advtrain.data import load_mnist
     from advtrain.files import write_json
-    from advtrain.models import load_model, save_model
+    from advtrain.models import import_model_module, is_import_path, load_model, save_model
     from workflows.results import evaluate_trial
-    from workflows.spec import load_spec
+    from workflows.spec import eval_data, load_spec
     from workflows.train import build_trainer, read_final
 
     cfg = TrainConfig.from_dict({**base["train"], **_round_params(params)})
@@ -192,15 +192,17 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         cfg, workers=scaling.workers, gpu=scaling.gpu, cpus_per_worker=scaling.cpus_per_worker,
         storage_path=base["train_storage"], name=f"train_{trial_id}", max_failures=scaling.max_failures,
         callbacks=[TuneReportCallback()], threat_model=spec.threat_model,
-        placement_strategy=scaling.placement_strategy,
+        placement_strategy=scaling.placement_strategy, origin=base["origin"],
     )
     result = trainer.fit()
+    if is_import_path(cfg.model):  # registers the user's custom Keras objects before loading
+        import_model_module(cfg.model, [base["origin"]])
     model_path, history, summary = read_final(result)
     model = load_model(model_path)
     # The delivered model is the restored epoch's when the overfitting guard fired.
     delivered = history[summary["restored_epoch"] - 1] if summary.get("restored_epoch") else history[-1]
     with tempfile.TemporaryDirectory() as tmp:
-        test = evaluate_trial(model, spec, load_mnist(cfg.data), Path(tmp))
+        test = evaluate_trial(model, spec, eval_data(spec), Path(tmp))
         final = {**delivered, "epoch": history[-1]["epoch"],
                  **{k: summary[k] for k in ("stopped_early", "stop_reason", "epochs_run")},
                  **test, "evaluated": True, "config": cfg.to_dict()}
@@ -220,7 +222,10 @@ def _max_concurrent(spec: RunSpec, search: SearchSpec) -> int:
 
     if search.max_concurrent is not None:
         return search.max_concurrent
-    return capacity.max_concurrent(capacity.read(), spec.scaling.workers, per_worker(spec), trials=search.num_trials)
+    from advtrain.data import is_file_dataset
+
+    return capacity.max_concurrent(capacity.read(), spec.scaling.workers, per_worker(spec), trials=search.num_trials,
+                                   streamed=is_file_dataset(spec.train.data))
 
 
 def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
@@ -243,7 +248,7 @@ def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
             f"models. Use `schedule: cosine`, or grace_period >= {math.ceil(warmup)}.")
 
 
-def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool):
+def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool, origin: str):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from workflows.halving import RunningLimit, SuccessiveHalving
@@ -252,7 +257,7 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
     # folder, or under {storage}/{run name} (every node reaches it, and it outlives the cluster).
     tune_storage = folder.ray_location
     sha = search.scheduler == "sha"
-    base = {**spec.to_dict(), "train_storage": storage.join(tune_storage, "train")}
+    base = {**spec.to_dict(), "train_storage": storage.join(tune_storage, "train"), "origin": origin}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
                                     {"cpu": 0, "memory": 256 * 1024 * 1024})
     if restore:
@@ -298,8 +303,12 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
     )
 
 
-def run_search(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool = False):
+def run_search(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool = False,
+               origin: str | None = None):
     """Runs (or resumes) the search on the connected Ray cluster.
+
+    `origin` is the folder the search was started from (imported models are found there);
+    defaults to the working folder.
 
     Returns:
         (ResultGrid, interrupted): Tune ends gracefully on Ctrl-C, saving its state, and returns
@@ -312,7 +321,7 @@ def run_search(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore:
     import signal
     import threading
 
-    tuner = _tuner(spec, search, folder, restore=restore)
+    tuner = _tuner(spec, search, folder, restore=restore, origin=origin or os.getcwd())
     if threading.current_thread() is not threading.main_thread():
         return tuner.fit(), False
 
@@ -345,7 +354,7 @@ def write_spec(folder: RunFolder, spec: RunSpec, search: SearchSpec, storage_bas
     from advtrain.files import write_json
 
     write_json(folder.local / SPEC_FILE, {"spec": spec.to_dict(), "search": search.to_dict(), "storage": storage_base,
-                                          "name": folder.name})
+                                          "name": folder.name, "origin": os.getcwd()})
 
 
 def read_spec(local_dir: Path) -> tuple[RunSpec, SearchSpec, dict[str, Any]]:
