@@ -33,6 +33,7 @@ __all__ = [
     "ImageData",
     "KERAS_DATASETS",
     "FILE_FORMATS",
+    "GRAY_MODES",
     "load_data",
     "read_idx",
     "read_split_files",
@@ -68,6 +69,8 @@ KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 FILE_FORMATS = ("parquet", "npz", "images")
 FILE_SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# PIL modes with one channel: such a dataset is read as "L", every other as "RGB".
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 class DataError(ValueError):
@@ -418,7 +421,7 @@ def read_split_files(source: str, split: str, classes: list[str] | None = None) 
             raise DataError(f"{source.rstrip('/')}/{split}: class folder(s) {', '.join(extra)} are not in the "
                             f"training split's classes ({', '.join(classes)})")
     fs, _ = _filesystem(source)
-    xs, ys = [], []
+    xs, ys, mode = [], [], None
     for f in files:
         where = f if "://" not in source else source.split("://", 1)[0] + "://" + f
         if kind == "parquet":
@@ -444,32 +447,38 @@ def read_split_files(source: str, split: str, classes: list[str] | None = None) 
                     raise
                 raise DataError(f"{where}: cannot be read as .npz ({e})") from None
         else:
-            xs.append(_read_image(fs, f, where)[None])
-            ys.append(np.array([classes.index(f.rsplit("/", 2)[-2])]))
+            # The class is the first folder under the split; every image is read in the channel
+            # mode of the first (as Ray Data's read_images is given one mode).
+            mode = mode or _image_mode(fs, f, where)
+            xs.append(_read_image(fs, f, where, mode)[None])
+            ys.append(np.array([classes.index(f.split(f"/{split}/", 1)[-1].split("/", 1)[0])]))
     shapes = {x.shape[1:] for x in xs}
-    if len(shapes) > 1 and kind == "images":
-        modes = {s[-1] if len(s) == 3 else 1 for s in shapes}
-        if len(modes) > 1:  # mixed greyscale and colour: colour wins, as image_dataset_from_directory
-            xs = [np.repeat(x[..., None] if x.ndim == 3 else x, 3, -1) if (x.ndim == 3 or x.shape[-1] == 1) else x
-                  for x in xs]
-            shapes = {x.shape[1:] for x in xs}
     if len(shapes) > 1:
         raise DataError(f"{source.rstrip('/')}/{split}: images of different shapes {sorted(shapes)}; "
                         "every image of a dataset must share one (H, W, C)")
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _read_image(fs, path: str, where: str) -> np.ndarray:
+def _open_image(fs, path: str, where: str):
     from PIL import Image, UnidentifiedImageError
 
     with fs.open_input_file(path) as fh:
         raw = fh.read()
     try:
         img = Image.open(io.BytesIO(raw))
-        img = img.convert("L") if img.mode in ("L", "1", "I;16", "I", "F") else img.convert("RGB")
-        return np.asarray(img, dtype=np.uint8)
+        img.load()
+        return img
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{where}: cannot be read as an image ({e})") from None
+
+
+def _image_mode(fs, path: str, where: str) -> str:
+    """"L" for a one-channel image, else "RGB"."""
+    return "L" if _open_image(fs, path, where).mode in GRAY_MODES else "RGB"
+
+
+def _read_image(fs, path: str, where: str, mode: str) -> np.ndarray:
+    return np.asarray(_open_image(fs, path, where).convert(mode), dtype=np.uint8)
 
 
 def write_file_dataset(root: str | Path, splits: dict, *, fmt: str = "parquet", rows_per_file: int = 8192) -> Path:

@@ -26,7 +26,7 @@ import ray
 import ray.data
 import ray.train
 
-from advtrain.data import DataError, count_split_rows, split_files
+from advtrain.data import GRAY_MODES, DataError, count_split_rows, split_files
 from workflows.storage import filesystem, join
 
 __all__ = [
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "npz", "images")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
-# PIL modes with one channel: read as "L" so every image has the same channel count.
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def split_format(source: str, split: str) -> str:
@@ -120,7 +118,7 @@ def _image_mode(fs, path: str) -> str:
     from PIL import Image
 
     with fs.open_input_file(path) as f, Image.open(f) as image:
-        return "L" if image.mode in _GRAY_MODES else "RGB"
+        return "L" if image.mode in GRAY_MODES else "RGB"
 
 
 def read_split(source: str, split: str, *, shuffle_files: bool = False, seed: int | None = None,
