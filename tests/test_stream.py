@@ -213,7 +213,8 @@ def test_two_workers_stream_disjoint_equal_shards_covering_the_split_each_epoch(
     # Ray's equal split gives each worker floor(N / workers) = 62 rows (1 row left out), and
     # drop_last leaves each worker's last 62 mod 12 = 2 rows out: 5 steps, 120 rows seen.
     steps = N // workers // batch
-    datasets, data_config = stream.trainer_datasets(sources["parquet"], seed=3, num_cpus=0.5)
+    datasets, data_config, rows = stream.trainer_datasets(sources["parquet"], seed=3, num_cpus=0.5)
+    assert rows == N
     out = tmp_path / "seen"
     out.mkdir()
     # Workers take half a CPU each, so Ray Data's read tasks have CPUs left on the 2 x 1-CPU cluster.

@@ -282,11 +282,12 @@ def trainer_datasets(source: str, *, seed: int | None, shuffle_files: bool = Tru
         num_cpus: CPUs per Ray Data task (see `read_split`). Defaults to `None`.
 
     Returns:
-        (`{"train": Dataset}`, `ray.train.DataConfig(datasets_to_split=["train"])`).
+        (`{"train": Dataset}`, `ray.train.DataConfig(datasets_to_split=["train"])`, rows): the
+        rows come from `count_rows`, run first so a bad shard fails here, not in a worker.
 
     Raises:
-        DataError: as `count_rows`, run first so a bad shard fails here, not in a worker.
+        DataError: as `count_rows`.
     """
-    count_rows(source, "train")
+    rows = count_rows(source, "train")
     train = read_split(source, "train", shuffle_files=shuffle_files, seed=seed, num_cpus=num_cpus)
-    return {"train": train}, ray.train.DataConfig(datasets_to_split=["train"])
+    return {"train": train}, ray.train.DataConfig(datasets_to_split=["train"]), rows

@@ -195,8 +195,7 @@ def stream_source(cfg: TrainConfig) -> tuple[dict, Any, int] | None:
         return None
     from workflows import stream
 
-    datasets, data_config = stream.trainer_datasets(cfg.data, seed=cfg.seed)
-    rows = stream.count_rows(cfg.data, "train")
+    datasets, data_config, rows = stream.trainer_datasets(cfg.data, seed=cfg.seed)
     if cfg.train_size is not None and cfg.train_size < rows:
         datasets["train"], rows = datasets["train"].limit(cfg.train_size), cfg.train_size
     return datasets, data_config, rows
