@@ -34,6 +34,7 @@ __all__ = [
     "KERAS_DATASETS",
     "FILE_FORMATS",
     "GRAY_MODES",
+    "IMAGE_SUFFIXES",
     "load_data",
     "read_idx",
     "read_split_files",
@@ -637,7 +638,7 @@ def load_data(source: str = "bundled", *, val_size: int | None = 5000, seed: int
     a = dict(items)
     if "x_val" in a:
         x_train, y_train, x_val, y_val = a.get("x_train"), a.get("y_train"), a["x_val"], a["y_val"]
-        if x_train is None or not include_train:
+        if x_train is None:  # a file dataset whose training split was left to Ray Data
             x_train = np.zeros((0, *a["x_val"].shape[1:]), np.float32)
             y_train = np.zeros((0,), np.int32)
     else:

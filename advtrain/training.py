@@ -161,7 +161,7 @@ class AdversarialTraining:
         self.threat_model = threat_model or ThreatModel(norm=cfg.norm, eps=cfg.eps)
         # Variables must be created in the strategy's scope to be mirrored across workers.
         with self.strategy.scope():
-            self.model, self.model_notes = make_model(cfg.model, input_shape=input_shape, num_classes=num_classes,
+            self.model, _notes = make_model(cfg.model, input_shape=input_shape, num_classes=num_classes,
                                                       seed=cfg.seed, extra_paths=model_paths)
             self.optimizer = make_optimizer(cfg, steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)

@@ -340,16 +340,21 @@ def test_tune_searches_a_user_model_on_user_data(ray_cluster, in_project, tmp_pa
 
 
 @pytest.mark.slow
-def test_readme_own_model_and_data_command(tmp_path, monkeypatch, capsys):
-    """README's first "Your model and your data" command, typed as written, with README's own
-    mymodels.py and an .npz of generated images."""
+@pytest.mark.timeout(900)
+def test_readme_own_model_and_data_commands(tmp_path, monkeypatch, capsys):
+    """README's "Your model and your data" commands, typed as written, in order, with README's own
+    mymodels.py, an .npz and a Parquet file dataset of generated images. The Ray commands start
+    Ray locally, as on a user's machine. Not typed: the CIFAR-10 search (Keras downloads the data
+    from the internet, and it is sized for GPUs)."""
     import re
     import shutil
+
+    import ray
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     section = readme[readme.index("## Your model and your data"):]
-    command = next(line for line in section.splitlines() if line.startswith("advtrain train --local"))
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines()
     module = re.search(r"```python\n# mymodels.py.*?\n(.*?)```", section, re.S).group(1)
     (tmp_path / "configs").mkdir()
     shutil.copy(root / "configs" / "quick.yaml", tmp_path / "configs" / "quick.yaml")
@@ -357,12 +362,23 @@ def test_readme_own_model_and_data_command(tmp_path, monkeypatch, capsys):
     x_train, y_train = make_images(3000, 0)
     x_test, y_test = make_images(500, 1)  # quick.yaml evaluates the first 500
     np.savez(tmp_path / "mydata.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    write_file_dataset(tmp_path / "mydata", "parquet", {"train": (x_train[1000:], y_train[1000:]),
+                                                        "val": (x_train[:1000], y_train[:1000]), "test": (x_test, y_test)})
     monkeypatch.chdir(tmp_path)
-    argv = command.split("#")[0].split()[1:]
-    code, err = _run([*argv, "--out", tmp_path / "run"], capsys)
-    assert code == 0, err[-3:]
-    rep = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert rep["data"]["input_shape"] == [16, 16, 3] and rep["data"]["val"] == 1000
+    typed = [c.split("#")[0].split() for c in commands if c.startswith("advtrain ") and "cifar10" not in c]
+    assert [c[1] for c in typed] == ["train", "train", "train", "evaluate"]
+    for argv in typed:
+        try:
+            code, err = _run(argv[1:], capsys)
+        finally:
+            ray.shutdown()
+        assert code == 0, (argv, err[-3:])
+    for run in ("runs/mine", "runs/mine-ft", "runs/mine-streamed"):
+        rep = json.loads((tmp_path / run / "report.json").read_text())
+        assert rep["data"]["input_shape"] == [16, 16, 3] and rep["data"]["val"] == 1000, run
+    assert json.loads((tmp_path / "runs/mine-ft/config.json").read_text())["train"]["model"] == str(
+        tmp_path / "runs/mine/model.keras")
+    assert json.loads((tmp_path / "runs/mine/eval-model/report.json").read_text())["n"] == 100
 
 
 @pytest.mark.slow

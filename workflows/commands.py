@@ -109,10 +109,10 @@ def check_run(spec: RunSpec, *, include_train: bool):
         advtrain.data.DataError, advtrain.models.ModelError, ValueError: one line each.
     """
     from advtrain.config import MODELS, check_eps_fits
-    from advtrain.data import load_data
+    from workflows.spec import eval_data
 
     t = spec.train
-    data = load_data(t.data, val_size=t.val_size, seed=t.seed, include_train=include_train)
+    data = eval_data(spec, include_train=include_train)
     shape = data.input_shape
     check_eps_fits("eps", t.eps, t.norm, shape)
     for eps in spec.eval.eps:
@@ -120,7 +120,9 @@ def check_run(spec: RunSpec, *, include_train: bool):
     if t.model not in MODELS:
         from advtrain.models import make_model
 
-        make_model(t.model, input_shape=shape, num_classes=data.num_classes)
+        _model, notes = make_model(t.model, input_shape=shape, num_classes=data.num_classes)
+        for note in notes:  # e.g. the final softmax removed: said once, by the driver
+            _say(f"model {t.model}: {note}")
     return data
 
 

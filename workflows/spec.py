@@ -140,10 +140,11 @@ def locate(value: str, origin: str | None) -> str:
     return moved if os.path.exists(moved) else value
 
 
-def eval_data(spec: RunSpec):
-    """The run's validation and test splits (`advtrain.data.ImageData`), as its training saw
-    them (same val_size and seed); a streamed file dataset's training split is not read."""
+def eval_data(spec: RunSpec, *, include_train: bool = False):
+    """The run's data (`advtrain.data.ImageData`) split as its training splits it (same
+    val_size and seed); a file dataset's training split is read only with `include_train`
+    (a streamed run leaves it to Ray Data)."""
     from advtrain.data import load_data
 
     t = spec.train
-    return load_data(t.data, val_size=t.val_size, seed=t.seed, include_train=False)
+    return load_data(t.data, val_size=t.val_size, seed=t.seed, include_train=include_train)

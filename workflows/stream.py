@@ -26,7 +26,7 @@ import ray
 import ray.data
 import ray.train
 
-from advtrain.data import GRAY_MODES, DataError, count_split_rows, split_files
+from advtrain.data import FILE_FORMATS, GRAY_MODES, IMAGE_SUFFIXES, DataError, count_split_rows, split_files
 from workflows.storage import filesystem, join
 
 __all__ = [
@@ -42,8 +42,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("parquet", "npz", "images")
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+FORMATS = FILE_FORMATS
+IMAGE_EXTENSIONS = tuple(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)
 
 
 def split_format(source: str, split: str) -> str:
