@@ -149,11 +149,11 @@ def _connect_and_check(spec: RunSpec, address: str | None) -> None:
 
 def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None) -> int:
     """`advtrain train`: trains (locally or on Ray Train), saves the run folder, evaluates."""
+    data = check_run(spec, include_train=local)  # before TensorFlow loads: a data error is one clean line
     from advtrain.files import write_json
     from advtrain.models import load_model
     from advtrain.training import fit, save_run
 
-    data = check_run(spec, include_train=local)
     t0 = time.perf_counter()
     if local:
         from tqdm import tqdm
