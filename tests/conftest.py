@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -95,3 +98,47 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-bkt"
     boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+
+def reserved_placement_groups(cluster, wait_s: float = 30.0) -> list[dict]:
+    """Placement groups still reserving resources on `cluster` (not removed, not detached), after
+    up to `wait_s` for Ray's asynchronous removals; each as the state API's detailed record."""
+    from workflows import local_cluster
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        groups = local_cluster.query_state(cluster, "placement_groups")
+        held = [g for g in groups or [] if g["state"] != "REMOVED" and not g.get("is_detached")]
+        if groups is not None and not held or time.monotonic() > deadline:
+            return held
+        time.sleep(1.0)
+
+
+def check_nothing_reserved(cluster) -> None:
+    """Fails the test that left placement groups reserving the cluster's resources, after
+    removing them (from a driver of its own: this process may hold another connection, or none)
+    so the tests after it still find the cluster whole."""
+    from workflows import local_cluster
+
+    held = reserved_placement_groups(cluster)
+    if not held:
+        return
+    code = ("import sys, ray\nfrom ray._raylet import PlacementGroupID\n"
+            "from ray.util.placement_group import PlacementGroup, remove_placement_group\n"
+            "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+            "for h in sys.argv[2:]:\n    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(h)))\n")
+    subprocess.run([sys.executable, "-c", code, cluster.address, *(g["placement_group_id"] for g in held)],
+                   env={**os.environ, **local_cluster.env_for(cluster)}, capture_output=True, timeout=120, check=False)
+    pytest.fail(f"{len(held)} placement group(s) still reserve the cluster's resources after the test (removed "
+                f"now): " + "; ".join(f"{g['placement_group_id'][:8]} of job {g['creator_job_id']}, {g['state']}, "
+                                      f"{[b.get('unit_resources') for b in g.get('bundles') or []]}" for g in held))
+
+
+@pytest.fixture(autouse=True)
+def _ray_cluster_left_unreserved(request):
+    """After each test on `ray_cluster`: nothing of it may still hold the cluster's CPUs (a run
+    waiting for resources that a finished test keeps reserved would wait forever)."""
+    yield
+    if "ray_cluster" in request.fixturenames:
+        check_nothing_reserved(request.getfixturevalue("ray_cluster"))

@@ -47,6 +47,16 @@ def autoscaling_cluster(s3_server, tmp_path_factory):
         local_cluster.down(root, purge=True)
 
 
+@pytest.fixture(autouse=True)
+def _cluster_left_unreserved(autoscaling_cluster):
+    """A stopped or failed job's placement group left behind would hold a node that the next
+    test's trial needs (the autoscaler counts it toward max_workers)."""
+    yield
+    from conftest import check_nothing_reserved
+
+    check_nothing_reserved(autoscaling_cluster)
+
+
 class NodeCount(threading.Thread):
     """Live node count of the cluster, sampled every second while a job runs."""
 

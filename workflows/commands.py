@@ -144,6 +144,17 @@ def _connect_and_check(spec: RunSpec, address: str | None) -> None:
         _say(f"advtrain: {waiting}")
 
 
+def _release_placement_groups() -> None:
+    """Frees what Ray left reserved for this driver's stopped trials (see
+    `workflows.placement_groups`), saying so: the run's trials and trainers have all ended."""
+    from workflows import placement_groups
+
+    released = placement_groups.release_own()
+    if released:
+        _say(f"advtrain: released {len(released)} placement group(s) Ray left reserved after the run's "
+             f"trials ended: {'; '.join(released)}")
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -184,7 +195,10 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
         trainer = build_trainer(spec.train, workers=s.workers, gpu=s.gpu, cpus_per_worker=s.cpus_per_worker,
                                 max_failures=s.max_failures, storage_path=ray_storage, name=folder.name,
                                 threat_model=spec.threat_model, placement_strategy=s.placement_strategy)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            _release_placement_groups()
         if result.error is not None:
             raise RuntimeError(f"Ray Train run failed: {result.error}")
         model_path, history, summary = read_final(result)
@@ -264,6 +278,8 @@ def _search_and_finish(spec: RunSpec, search, folder: RunFolder, *, restore: boo
         grid, interrupted = run_search(spec, search, folder, restore=restore, origin=origin)
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        _release_placement_groups()
     if interrupted:
         folder.publish()
         _say(f"advtrain: search interrupted (state saved); continue with: advtrain tune --resume {folder}")

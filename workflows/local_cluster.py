@@ -584,7 +584,7 @@ def autoscaling_config(node_types: Mapping[str, Mapping[str, Any]], *, address: 
 def _wait_for_nodes(cluster: LocalCluster, expected: int, timeout_s: float) -> None:
     deadline, seen = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        seen = _query_nodes(cluster)
+        seen = query_state(cluster)
         if seen is not None and sum(n["state"] == "ALIVE" for n in seen) >= expected:
             return
         time.sleep(0.5)
@@ -593,10 +593,12 @@ def _wait_for_nodes(cluster: LocalCluster, expected: int, timeout_s: float) -> N
                        f"within {timeout_s:.0f} s ({count}); logs under {cluster.temp_dir}")
 
 
-def _query_nodes(cluster: LocalCluster) -> list[dict] | None:
-    """Nodes from the dashboard's state API, or `None` when it does not answer."""
+def query_state(cluster: LocalCluster, resource: str = "nodes") -> list[dict] | None:
+    """One listing of the dashboard's state API (`nodes`, `actors`, `placement_groups`, ...),
+    detailed, as dicts; `None` when it does not answer. Needs no Ray connection in this process.
+    """
     request = urllib.request.Request(  # our own http://127.0.0.1 URL
-        f"{cluster.dashboard_url}/api/v0/nodes?limit=1000&detail=1",
+        f"{cluster.dashboard_url}/api/v0/{resource}?limit=1000&detail=1",
         headers={"Authorization": "Bearer " + cluster.token_path.read_text().strip()})
     try:
         with urllib.request.urlopen(request, timeout=3) as response:
@@ -662,7 +664,7 @@ def status(root: str | os.PathLike | None = None) -> dict[str, Any]:
     out.update(address=cluster.address, dashboard_url=cluster.dashboard_url,
                token_path=str(cluster.token_path), temp_dir=str(cluster.temp_dir),
                alive=tcp_open(host, int(port)))
-    nodes = _query_nodes(cluster) if out["alive"] else None
+    nodes = query_state(cluster) if out["alive"] else None
     if nodes is not None:
         live = [n for n in nodes if n.get("state") == "ALIVE"]
         out.update(nodes=len(live),
