@@ -94,16 +94,8 @@ def _submit_cmd(env, bucket, *extra, config=CONFIG):
             "--storage", f"{bucket}/advtrain"]
 
 
-def _keys(uri):
-    import pyarrow.fs as pafs
-
-    fs, root = storage.filesystem(uri)
-    return sorted(i.path[len(root):].lstrip("/") for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                  if i.type == pafs.FileType.File)
-
-
 def _run_name(bucket):
-    runs = sorted({k.split("/", 1)[0] for k in _keys(f"{bucket}/advtrain")})
+    runs = sorted({k.split("/", 1)[0] for k in storage.list_files(f"{bucket}/advtrain")})
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -147,7 +139,7 @@ def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores
     # Every result is in the bucket, under {storage}/{run name}.
     name = _run_name(s3_bucket)
     run = f"{s3_bucket}/advtrain/{name}"
-    keys = _keys(run)
+    keys = storage.list_files(run)
     for key in ("spec.json", "trials.json", "results.csv", "results.md", "report.md", "report.html", "pareto.png",
                 "best_model.keras"):
         assert key in keys, keys
@@ -161,7 +153,7 @@ def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores
     report = subprocess.run([sys.executable, "-m", "workflows.cli", "report", run], env=env, capture_output=True,
                             text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
-    assert "report.md" in _keys(run)
+    assert "report.md" in storage.list_files(run)
 
     # And back down: idle worker nodes are removed.
     assert _wait_nodes(autoscaling_cluster, 1, 120), local_cluster.status(autoscaling_cluster.root)
@@ -251,7 +243,7 @@ def test_a_node_failure_mid_trial_resumes_from_the_last_checkpoint_on_another_no
     while time.monotonic() < deadline:
         time.sleep(2)
         assert _job_status(env, job) in ("PENDING", "RUNNING"), _logs(env, job)[-4000:]
-        keys = _keys(f"{s3_bucket}/advtrain") if storage.exists(f"{s3_bucket}/advtrain") else []
+        keys = storage.list_files(f"{s3_bucket}/advtrain") if storage.exists(f"{s3_bucket}/advtrain") else []
         if any(re.search(r"/train/train_\w+/checkpoint_[^/]+/model\.keras$", k) for k in keys):
             node = WORKER_LINE.search(_logs(env, job)).group(5)
             break

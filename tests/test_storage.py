@@ -24,14 +24,6 @@ def _trial(trial_id, val_robust, test_clean, test_robust):
             "epochs_run": 2, "stopped": "no", "wall_s": 10.0, "rank": 1}
 
 
-def _keys(uri: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    fs, root = storage.filesystem(uri)
-    return sorted(i.path[len(root):].lstrip("/") for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                  if i.type == pafs.FileType.File)
-
-
 def test_join_parent_basename_keep_a_uri_query():
     uri = "s3://bkt/runs?endpoint_override=127.0.0.1:9000&scheme=http"
     assert storage.join(uri, "tune-1", "train") == "s3://bkt/runs/tune-1/train?endpoint_override=127.0.0.1:9000&scheme=http"
@@ -56,7 +48,7 @@ def test_publish_and_open_round_trip_through_the_bucket(s3_bucket, tmp_path):
     folder = RunFolder(local, storage.join(s3_bucket, "advtrain", "tune-x"))
     assert folder.name == "tune-x" and folder.ray_location == f"{s3_bucket}/advtrain/tune-x"
     assert folder.publish() == ["spec.json", "trials/t1/report.json"]
-    assert _keys(folder.remote) == ["spec.json", "trials/t1/report.json"]
+    assert storage.list_files(folder.remote) == ["spec.json", "trials/t1/report.json"]
     back = RunFolder.open(folder.remote)
     assert back.remote == folder.remote and back.local != local
     assert json.loads((back.local / "spec.json").read_text()) == {"a": 1}
@@ -92,7 +84,7 @@ def test_report_rebuilds_from_the_bucket_alone(s3_bucket, tmp_path, capsys):
     assert main(["report", uri]) == 0
     err = capsys.readouterr().err
     assert f"in {uri}" in err
-    keys = _keys(uri)
+    keys = storage.list_files(uri)
     for name in ("results.csv", "results.md", "report.md", "report.html", "pareto.png", "trials.json"):
         assert name in keys, keys
 
@@ -112,7 +104,7 @@ def test_evaluate_a_model_in_the_bucket_writes_its_report_beside_it(s3_bucket, t
     RunFolder(tmp_path, run).publish()
     code = main(["evaluate", storage.join(run, "best_model.keras"), "--suite", "fgsm", "--eps", "0.1", "--n", "32"])
     assert code == 0, capsys.readouterr().err
-    keys = _keys(run)
+    keys = storage.list_files(run)
     assert "eval-best_model/report.json" in keys and "eval-best_model/report.md" in keys
     assert main(["evaluate", storage.join(run, "missing.keras"), "--suite", "fgsm"]) == 2
     assert "no file at" in capsys.readouterr().err

@@ -156,6 +156,18 @@ def test_l2_eps_beyond_the_image_space_diameter_exits_2(in_project, tmp_path, ca
                                  "[0, 1]^768). Received: eps=30.0"], err
 
 
+def test_tune_refuses_a_search_space_l2_eps_beyond_the_image_space_diameter(in_project, tmp_path, capsys):
+    (in_project / "l2.yaml").write_text(textwrap.dedent("""
+        train: {data: shapes.npz, model: mlp, norm: l2, eps: 1.0, epochs: 1, val_size: 64}
+        eval: {norm: l2, eps: [1.0], suite: quick, n: 32}
+        search: {samples: 2, space: {eps: {uniform: [0.5, 30.0]}}}
+        """))
+    code, err = _run(["tune", "--config", "l2.yaml", "--out", tmp_path / "search"], capsys)
+    assert code == 2 and err[-1:] == ["advtrain: error: `search.space.eps` must be in [0.0, 27.71] for 16x16x3 images "
+                                      "(l2 diameter of [0, 1]^768). Received: search.space.eps=30.0"], err
+    assert not (tmp_path / "search").exists()
+
+
 # ----------------------------------------------------------------------------- data
 
 

@@ -229,7 +229,8 @@ def tune(spec: RunSpec, search, folder: RunFolder, *, address: str | None, stora
 
     if warning := schedule_warning(spec, search):
         _say(f"warning: {warning}")
-    check_run(spec, include_train=False)
+    data = check_run(spec, include_train=False)
+    _check_search_eps(spec, search, data.input_shape)
     _connect_and_check(spec, address)
     folder.local.mkdir(parents=True, exist_ok=True)
     write_spec(folder, spec, search, storage_base)
@@ -259,6 +260,20 @@ def resume(location: str, *, address: str | None, storage_base: str | None) -> i
         folder = RunFolder(local, storage.join(base, saved.get("name") or local.resolve().name) if base else None)
     _connect_and_check(spec, address)
     return _search_and_finish(spec, search, folder, restore=True, origin=saved.get("origin"))
+
+
+def _check_search_eps(spec: RunSpec, search, input_shape) -> None:
+    """Every eps the search may sample fits the data's images (an l2 radius beyond their
+    diameter would fail only inside its trial): the listed values, or a range's bounds."""
+    from advtrain.config import check_eps_fits
+
+    if "eps" not in search.space:
+        return
+    (_kind, values), = search.space["eps"].items()
+    norms = next(iter(search.space["norm"].values())) if "norm" in search.space else [spec.train.norm]
+    for norm in norms:
+        for eps in values:
+            check_eps_fits("search.space.eps", eps, norm, input_shape)
 
 
 def _search_and_finish(spec: RunSpec, search, folder: RunFolder, *, restore: bool, origin: str | None = None) -> int:

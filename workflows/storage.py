@@ -129,6 +129,19 @@ def upload(local_dir: Path, location: str, *, skip: tuple[str, ...] = RAY_FOLDER
     return copied
 
 
+def list_files(location: str) -> list[str]:
+    """Relative paths of every file under `location`, sorted; empty when it is not a folder."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(location)
+    root = root.rstrip("/")
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    return sorted(entry.path[len(root):].lstrip("/")
+                  for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                  if entry.type == pafs.FileType.File)
+
+
 def download(location: str, local_dir: Path, *, skip: tuple[str, ...] = RAY_FOLDERS) -> list[str]:
     """Copies every file under `location` (but `skip`'s top-level folders) into `local_dir`.
 
@@ -139,21 +152,11 @@ def download(location: str, local_dir: Path, *, skip: tuple[str, ...] = RAY_FOLD
 
     fs, root = filesystem(location)
     root = root.rstrip("/")
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
-        return []
-    copied = []
-    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if entry.type != pafs.FileType.File:
-            continue
-        rel = entry.path[len(root):].lstrip("/")
-        if rel.split("/", 1)[0] in skip:
-            continue
-        dst = Path(local_dir, rel)
-        write_atomic(dst, lambda tmp, path=entry.path: pafs.copy_files(
+    copied = [rel for rel in list_files(location) if rel.split("/", 1)[0] not in skip]
+    for rel in copied:
+        write_atomic(Path(local_dir, rel), lambda tmp, path=f"{root}/{rel}": pafs.copy_files(
             path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()))
-        copied.append(rel)
-    return sorted(copied)
+    return copied
 
 
 def exists(location: str) -> bool:
