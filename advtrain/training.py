@@ -162,7 +162,7 @@ class AdversarialTraining:
         # Variables must be created in the strategy's scope to be mirrored across workers.
         with self.strategy.scope():
             self.model, _notes = make_model(cfg.model, input_shape=input_shape, num_classes=num_classes,
-                                                      seed=cfg.seed, extra_paths=model_paths)
+                                            seed=cfg.seed, extra_paths=model_paths)
             self.optimizer = make_optimizer(cfg, steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
             self.metrics = {

@@ -100,7 +100,6 @@ def s3_bucket(s3_server, request):
     return f"s3://{name}"
 
 
-
 def reserved_placement_groups(cluster, wait_s: float = 30.0) -> list[dict]:
     """Placement groups still reserving resources on `cluster` (not removed, not detached), after
     up to `wait_s` for Ray's asynchronous removals; each as the state API's detailed record."""

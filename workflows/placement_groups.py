@@ -17,21 +17,16 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-def held(job_id: str | None = None, *, address: str | None = None) -> list:
-    """Placement groups that still reserve resources (state not REMOVED, not detached).
-
-    Args:
-        job_id: Only those created by this job (hex, as `ray.get_runtime_context().get_job_id()`).
-            Defaults to every job's.
-        address: The dashboard's address; defaults to the connected cluster's.
+def held(job_id: str) -> list:
+    """The placement groups `job_id` (hex, as `ray.get_runtime_context().get_job_id()`) created
+    that still reserve resources: state not REMOVED, not detached; read through Ray's state API.
 
     Returns:
         `ray.util.state.common.PlacementGroupState` records.
     """
     from ray.util import state
 
-    filters = [("creator_job_id", "=", job_id)] if job_id else []
-    groups = state.list_placement_groups(address=address, filters=filters, detail=True, timeout=10,
+    groups = state.list_placement_groups(filters=[("creator_job_id", "=", job_id)], detail=True, timeout=10,
                                          raise_on_missing_output=False)
     return [g for g in groups if g.state != "REMOVED" and not g.is_detached]
 
