@@ -20,11 +20,13 @@ __all__ = [
     "MODELS",
     "SCHEDULES",
     "SUITES",
+    "CERTIFY_METHODS",
     "AttackConfig",
     "TrainConfig",
     "EvalConfig",
     "ThreatModel",
     "check_bool",
+    "check_methods",
     "check_eps_fits",
     "check_model_spec",
     "max_eps",
@@ -36,12 +38,17 @@ __all__ = [
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
 ATTACK_NAMES = ("fgsm", "pgd", "apgd", "square")
-METHODS = ("clean", "fgsm", "pgd", "trades")
+METHODS = ("clean", "fgsm", "pgd", "trades", "ibp", "crown-ibp")
+CERTIFIED_METHODS = ("ibp", "crown-ibp")
 MODELS = ("mlp", "cnn", "madry", "resnet")
 SCHEDULES = ("constant", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "sgd")
 SUITES = ("fgsm", "quick", "standard")
 SPLITS = ("val", "test")
+# The bound methods of `advtrain.bounds` (its METHODS equals this tuple; kept here so that config
+# imports no TensorFlow): interval bounds, CROWN-IBP (IBP inside, CROWN from the margin back) and
+# CROWN (backward linear relaxation at every layer).
+CERTIFY_METHODS = ("ibp", "crown-ibp", "crown")
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -119,6 +126,27 @@ def check_model_spec(value: Any) -> str:
         return value
     raise ValueError(f"`model` must be one of {', '.join(repr(m) for m in MODELS)}, a .keras file or "
                      f"package.module:function. Received: model={value!r}")
+
+
+def check_methods(name: str, value: Any) -> tuple[str, ...]:
+    """Bound methods as a tuple of distinct names of `CERTIFY_METHODS`, in the order given.
+
+    Accepts a list or tuple, or a string: comma-separated names, or `"none"` (and `""`) for no
+    method at all.
+    """
+    if isinstance(value, str):
+        value = () if value.strip().lower() in ("", "none") else tuple(v.strip() for v in value.split(","))
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"`{name}` must be a list of bound methods ({', '.join(CERTIFY_METHODS)}) or 'none'. "
+                        f"Received: {name}={value!r}")
+    out: list[str] = []
+    for v in value:
+        if not isinstance(v, str) or v.lower() not in CERTIFY_METHODS:
+            raise ValueError(f"`{name}` must list methods among {', '.join(repr(m) for m in CERTIFY_METHODS)} "
+                             f"(or be 'none'). Received: {name}={v!r}")
+        if v.lower() not in out:
+            out.append(v.lower())
+    return tuple(out)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -206,8 +234,10 @@ class TrainConfig(_Config):
         model: a built-in model (`"mlp"`, `"cnn"`, `"madry"`, `"resnet"`), a `.keras` file to
             fine-tune, or `package.module:function` returning an uncompiled Keras model.
             Defaults to `"cnn"`.
-        method: `"clean"`, `"fgsm"` (FGSM-RS, Wong et al. 2020), `"pgd"` (Madry et al. 2018) or
-            `"trades"` (Zhang et al. 2019). Defaults to `"pgd"`.
+        method: `"clean"`, `"fgsm"` (FGSM-RS, Wong et al. 2020), `"pgd"` (Madry et al. 2018),
+            `"trades"` (Zhang et al. 2019), or certified training: `"ibp"` (Gowal et al. 2018) and
+            `"crown-ibp"` (Zhang et al. 2020), whose loss bounds the worst case over the eps-ball
+            instead of attacking it. Defaults to `"pgd"`.
         eps: training perturbation radius, in [0, 1] (linf) or [0, sqrt(H*W*C)] (l2, 28 on MNIST). Defaults to `0.3`.
         steps: PGD steps in training, >= 1 (ignored by `clean` and `fgsm`). Defaults to `10`.
         step_size: PGD step, > 0; `None` = 2.5 * eps / steps (FGSM-RS uses 1.25 * eps).
@@ -215,12 +245,19 @@ class TrainConfig(_Config):
         mix: weight of the adversarial loss, in [0, 1]: loss = (1 - mix) CE(x) + mix CE(x_adv).
             1 is Madry training, 0.5 is Goodfellow et al. 2015. Defaults to `1.0`.
         beta: TRADES trade-off, >= 0. Defaults to `6.0`.
+        kappa_end: certified training (`ibp`, `crown-ibp`): weight of the natural loss at the end
+            of the eps ramp, in [0, 1]; it falls linearly from 1 over `eps_ramp_epochs`:
+            loss = kappa CE(x) + (1 - kappa) CE(worst-case logits). Defaults to `0.5` (Gowal et al.).
+        beta_end: `crown-ibp` only: weight of the CROWN-IBP bound at the end of the eps ramp, in
+            [0, 1]; it falls linearly from 1, the rest of the bound being IBP's (Zhang et al.
+            2020 end at 0, pure IBP). Defaults to `0.0`.
         epochs: passes over the training split, >= 1. Defaults to `5`.
         batch_size: examples per step on each worker, >= 1. Defaults to `128`.
         learning_rate: peak learning rate, > 0. Defaults to `1e-3`.
         optimizer: `"adam"` or `"sgd"` (momentum 0.9). Defaults to `"adam"`.
         schedule: `"constant"`, `"cosine"` or `"onecycle"`. Defaults to `"onecycle"`.
-        eps_ramp_epochs: epochs over which eps grows linearly from 0, >= 0. Defaults to `0`.
+        eps_ramp_epochs: epochs over which eps grows linearly from 0, >= 0 (>= 1 for `ibp` and
+            `crown-ibp`, whose kappa and beta follow the same ramp). Defaults to `0`.
         val_size: validation examples held out of the training split, >= 1. Defaults to `5000`.
         train_size: use only the first n training examples (after the validation split), or
             `None` for all. Defaults to `None`.
@@ -241,6 +278,8 @@ class TrainConfig(_Config):
     norm: str = "linf"
     mix: float = 1.0
     beta: float = 6.0
+    kappa_end: float = 0.5
+    beta_end: float = 0.0
     epochs: int = 5
     batch_size: int = 128
     learning_rate: float = 1e-3
@@ -265,6 +304,8 @@ class TrainConfig(_Config):
             _set(self, "step_size", check_number("step_size", self.step_size, low=0.0, low_open=True))
         _set(self, "mix", check_number("mix", self.mix, low=0.0, high=1.0))
         _set(self, "beta", check_number("beta", self.beta, low=0.0))
+        _set(self, "kappa_end", check_number("kappa_end", self.kappa_end, low=0.0, high=1.0))
+        _set(self, "beta_end", check_number("beta_end", self.beta_end, low=0.0, high=1.0))
         _set(self, "epochs", check_number("epochs", self.epochs, low=1, high=10000, integer=True))
         _set(self, "batch_size", check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
         _set(
@@ -275,6 +316,11 @@ class TrainConfig(_Config):
         _set(self, "optimizer", check_choice("optimizer", self.optimizer, OPTIMIZERS))
         _set(self, "schedule", check_choice("schedule", self.schedule, SCHEDULES))
         _set(self, "eps_ramp_epochs", check_number("eps_ramp_epochs", self.eps_ramp_epochs, low=0, integer=True))
+        if self.method in CERTIFIED_METHODS and self.eps > 0 and self.eps_ramp_epochs < 1:
+            # The bound loss at full eps from the first step drives the model to a constant
+            # (Gowal et al. 2018 ramp eps from 0); kappa and beta follow the same ramp.
+            raise ValueError(f"`eps_ramp_epochs` must be >= 1 for method {self.method!r} (eps, kappa and beta ramp "
+                             f"over it; e.g. half the epochs). Received: eps_ramp_epochs={self.eps_ramp_epochs}")
         _set(self, "val_size", check_number("val_size", self.val_size, low=1, integer=True))
         if self.train_size is not None:
             _set(self, "train_size", check_number("train_size", self.train_size, low=1, integer=True))
@@ -308,6 +354,10 @@ class EvalConfig(_Config):
         batch_size: examples per attack batch (the last one is padded). Defaults to `500`.
         sanity: run the gradient-masking sanity checks. Defaults to `True`.
         seed: seed of random starts and sample choice. Defaults to `0`.
+        certify: bound methods (`"ibp"`, `"crown-ibp"`, `"crown"`) run beside the attacks at
+            every eps, on the same examples; the certified accuracy is the per-example union.
+            `()` (or `"none"`) turns certification off; a comma-separated string is split.
+            Defaults to `("ibp", "crown-ibp")`.
     """
 
     norm: str = "linf"
@@ -318,6 +368,7 @@ class EvalConfig(_Config):
     batch_size: int = 500
     sanity: bool = True
     seed: int = 0
+    certify: tuple[str, ...] = ("ibp", "crown-ibp")
 
     def __post_init__(self) -> None:
         _set(self, "norm", check_choice("norm", self.norm, NORMS))
@@ -334,10 +385,12 @@ class EvalConfig(_Config):
         _set(self, "batch_size", check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
         check_bool("sanity", self.sanity)
         _set(self, "seed", check_number("seed", self.seed, low=0, integer=True))
+        _set(self, "certify", check_methods("certify", self.certify))
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["eps"] = list(self.eps)
+        d["certify"] = list(self.certify)
         return d
 
     @property

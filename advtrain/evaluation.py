@@ -12,7 +12,11 @@ eps, suite), on n examples of a named split. `evaluate_robustness` reads top to 
    finite). The standard suite ends with Square, which needs no gradient: on a model that masks
    its gradients it is the attack that finds the true figure;
 4. FGSM as a weak reference, run on every clean-correct example and reported apart;
-5. the sanity flags (`advtrain.flags`, DESIGN.md section 4);
+5. the bound methods of `config.certify` (`advtrain.certification`, `advtrain.bounds`) on the
+   same examples: the certified accuracy, a proven lower bound beside the attacked upper bound,
+   checked per example (a certified example that is misclassified or that any attack broke
+   raises `CertificationError`); a layer the bounds cannot cover makes it "not available";
+6. the sanity flags (`advtrain.flags`, DESIGN.md section 4);
 
 and returns a `RobustnessReport` (`advtrain.robustness_report`), in which a robust accuracy
 whose flags failed is marked as an upper bound wherever it is shown.
@@ -29,12 +33,13 @@ from typing import Any, Callable
 import numpy as np
 
 from advtrain import attacks, flags
+from advtrain.certification import CertificationError, certify_at
 from advtrain.checks import check_model, predict_logits, verify_adversarial
 from advtrain.config import EvalConfig
 from advtrain.robustness_report import EpsResult, RobustnessReport
 from advtrain.suites import FGSM_REFERENCE, SuiteAttack, suite_attacks
 
-__all__ = ["Progress", "evaluate_robustness", "evaluate_split", "evaluate_model_file"]
+__all__ = ["CertificationError", "Progress", "evaluate_robustness", "evaluate_split", "evaluate_model_file"]
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +143,10 @@ def _evaluate_eps(ev: _Eval, eps: float, suite, config: EvalConfig):
         per_attack[attack.name] = float(robust.mean())
         broken[attack.name] = before - int(robust.sum())
     if config.suite == "fgsm":
-        return per_attack, broken, per_attack["fgsm"], seconds, robust, adv_out
+        return per_attack, broken, per_attack["fgsm"], seconds, robust, adv_out, robust
     fgsm_robust, label = correct.copy(), "fgsm (reference)"
     seconds[label] = _timed(ev, FGSM_REFERENCE, label, eps, fgsm_robust, ev.x.copy(), config.seed)
-    return per_attack, broken, float(fgsm_robust.mean()), seconds, robust, adv_out
+    return per_attack, broken, float(fgsm_robust.mean()), seconds, robust, adv_out, fgsm_robust
 
 
 def _eps_flags(ev: _Eval, eps, config, suite, per_attack, fgsm_acc, robust, reference):
@@ -181,11 +186,14 @@ def evaluate_robustness(
     keep_adversarial: bool = False,
     progress: Progress | None = None,
 ) -> RobustnessReport:
-    """Robust accuracy of `model` under `config`'s threat model, with sanity checks.
+    """Robust accuracy of `model` under `config`'s threat model, with sanity checks and, beside
+    it, the certified accuracy.
 
     For each eps of `config.eps` (a sweep when several): clean pass, then the suite's attacks in
     order on the still-robust examples (robust accuracy = per-example worst case), FGSM as a
-    weak reference, and, when `config.sanity`, the checks of `advtrain.flags`.
+    weak reference, the bound methods of `config.certify` on the same examples (certified
+    accuracy = per-example union; `certified <= robust <= clean` holds per example), and, when
+    `config.sanity`, the checks of `advtrain.flags`.
 
     Args:
         model: a Keras model (or callable) mapping (n, H, W, C) float32 in [0, 1] to logits.
@@ -210,6 +218,8 @@ def evaluate_robustness(
     Raises:
         ValueError: bad inputs or a model that cannot be evaluated (see `check_model`).
         AttackOutputError: an attack produced points outside the threat model.
+        CertificationError: a certified example was misclassified or broken by an attack (or
+            by the FGSM reference): the bound or the attack is wrong.
 
     Example:
         >>> report = evaluate_robustness(model, x, y, EvalConfig(eps=(0.1, 0.3), suite="quick"))
@@ -239,17 +249,21 @@ def evaluate_robustness(
                          f"Received: max label={int(y.max())}")
     ev = _Eval(model, x, y, clean_logits, config.norm, config.batch_size, progress)
     found = [flags.check_zero_gradients(grads)] if config.sanity else []
-    results = []
+    results, unavailable = [], {}  # {bound method: why it cannot bound this model}, for every eps
     for eps in config.eps:
         t0 = time.perf_counter()
-        per_attack, broken, fgsm_acc, seconds, robust, adv = _evaluate_eps(ev, eps, suite, config)
+        per_attack, broken, fgsm_acc, seconds, robust, adv, fgsm_robust = _evaluate_eps(ev, eps, suite, config)
+        # Every attack run here, the FGSM reference included, must leave certified examples alone.
+        certified = certify_at(model, x, y, robust & fgsm_robust, eps=eps, norm=config.norm,
+                               methods=config.certify, unavailable=unavailable, progress=progress)
         if config.sanity:
             found += _eps_flags(ev, eps, config, suite, per_attack, fgsm_acc, robust,
                                 reference_model)
         results.append(EpsResult(
             eps=eps, clean_acc=per_attack["clean"], robust_acc=list(per_attack.values())[-1],
             fgsm_acc=fgsm_acc, per_attack=per_attack, broken=broken, attack_seconds=seconds,
-            seconds=time.perf_counter() - t0, adversarial=adv if keep_adversarial else None))
+            seconds=time.perf_counter() - t0, adversarial=adv if keep_adversarial else None,
+            **certified))
     if config.sanity:
         found.append(flags.check_eps_monotone([(r.eps, r.robust_acc) for r in results], len(x)))
         found.append(flags.check_large_eps(model, x[:m], y[:m], norm=config.norm,
@@ -261,7 +275,7 @@ def evaluate_robustness(
         attacks=tuple(a.describe() for a in suite), reference_attack=FGSM_REFERENCE.describe(),
         steps_scale=float(steps_scale), n=len(x), split=split, seed=config.seed,
         results=tuple(results), flags=tuple(found), notes=tuple(notes),
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, certify=tuple(config.certify))
 
 
 def evaluate_split(model, config: EvalConfig, data, **kwargs) -> RobustnessReport:

@@ -17,6 +17,8 @@ import numpy as np
 from advtrain.files import write_atomic
 
 __all__ = [
+    "bracket",
+    "certified_cell",
     "robust_cell",
     "markdown_table",
     "pareto_front",
@@ -38,6 +40,46 @@ def robust_cell(acc: float | None, failed: Sequence[str] = ()) -> str:
     if not failed:
         return f"{acc:.4f}"
     return f"<= {acc:.4f} (upper bound: {', '.join(failed)})"
+
+
+def certified_cell(acc: float | None, method: str | None = None, note: str | None = None) -> str:
+    """A certified accuracy as shown to people: `0.9120 (crown-ibp)` (the method that certified
+    most), `not available (layer 'lstm')` when no bound method could bound the model (never 0),
+    or `-` when certification did not run.
+    """
+    if acc is None:
+        return note or "-"
+    return f"{acc:.4f}" + (f" ({method})" if method else "")
+
+
+def bracket(clean: float, robust: float, failed: Sequence[str] = (), certified: float | None = None,
+            method: str | None = None, note: str | None = None) -> str:
+    """The honest bracket at one eps: `certified 0.912 (crown-ibp) <= robust 0.934 <= clean 0.991`.
+
+    The certified accuracy is proven (a lower bound on the true robust accuracy), the robust one
+    found by attacks (an upper bound): the truth lies between them. With failed sanity flags the
+    robust figure reads `robust <= 0.934 (upper bound: zero-gradients)`, as in `robust_cell`.
+    Unavailable bounds read `certified not available (layer 'lstm'); robust ...`; without
+    certification (switched off, or an older report) the bracket is `robust ... <= clean ...`.
+
+    Args:
+        clean: clean accuracy. robust: the per-example worst case over the attacks.
+        failed: ids of the failed sanity flags bearing on `robust`. Defaults to none.
+        certified: the certified accuracy, or None. method: the method named beside it.
+        note: why `certified` is None (`"not available (layer 'lstm')"`), or None.
+
+    Example:
+        >>> bracket(0.991, 0.934, certified=0.912, method="crown-ibp")
+        'certified 0.912 (crown-ibp) <= robust 0.934 <= clean 0.991'
+    """
+    rob = f"robust {robust:.3f}" if not failed else (
+        f"robust <= {robust:.3f} (upper bound: {', '.join(failed)})")
+    upper = f"{rob} <= clean {clean:.3f}"
+    if certified is not None:
+        return f"certified {certified:.3f}" + (f" ({method})" if method else "") + f" <= {upper}"
+    if note:
+        return f"certified {note}; {upper}"
+    return upper
 
 
 def _cell(v: Any) -> str:
@@ -147,13 +189,14 @@ def _series(results) -> list[tuple[str, list[Mapping]]]:
 
 def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
     """Accuracy against eps: one line per attack (cumulative, as in the report), the worst case
-    in bold, the FGSM reference dashed; one colour per model when several are given.
+    in bold, the FGSM reference dashed, and the certified accuracy (a proven lower bound)
+    dash-dotted where it was computed; one colour per model when several are given.
 
     Args:
         results: a `RobustnessReport.to_dict()` dict, or a list of `(label, per_eps)` where
             per_eps is that dict's `"per_eps"` list (or the dict itself). Each per-eps entry
-            needs `eps`, `per_attack` (with `clean`), `robust_acc`, and optionally `fgsm_acc`
-            and `norm`.
+            needs `eps`, `per_attack` (with `clean`), `robust_acc`, and optionally `fgsm_acc`,
+            `certified_acc` (None where not available) and `norm`.
         path: the PNG to write (atomically).
         title: figure title. Defaults to the norm and split of the first result.
 
@@ -193,6 +236,11 @@ def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
             color=color,
             label=f"{prefix}worst case ({names[-1]})",
         )
+        certified = [(r["eps"], r["certified_acc"]) for r in rows if r.get("certified_acc") is not None]
+        if certified:
+            ce, ca = zip(*certified, strict=True)
+            ax.plot(ce, ca, marker="D", lw=2, linestyle="-.", color=color if several else "tab:green",
+                    label=f"{prefix}certified (lower bound)")
         if rows[0].get("fgsm_acc") is not None and "fgsm" not in names:
             ax.plot(
                 eps,

@@ -15,14 +15,16 @@ from typing import Any
 
 import numpy as np
 
+from advtrain.certification import certified_by
 from advtrain.files import write_text
-from advtrain.report import markdown_table, robust_cell
+from advtrain.report import bracket, certified_cell, markdown_table, robust_cell
 
-__all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "per_eps", "summary_lines"]
+__all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "bracket_of", "per_eps", "summary_lines"]
 
-# /2 added the upper-bound marking and the examples each attack broke; /1 files still read.
-SCHEMA = "advtrain.robustness_report/2"
-READABLE = (SCHEMA, "advtrain.robustness_report/1")
+# /3 added the certified accuracy (per bound method, with per-example masks) and the bracket;
+# /2 the upper-bound marking and the examples each attack broke. /2 and /1 files still read.
+SCHEMA = "advtrain.robustness_report/3"
+READABLE = (SCHEMA, "advtrain.robustness_report/2", "advtrain.robustness_report/1")
 WORST_CASE = "worst-case"
 
 
@@ -41,9 +43,17 @@ class EpsResult:
         broken: `{attack name: examples that attack broke}` (among those still robust before it),
             as AutoAttack lists them.
         attack_seconds: seconds per attack (the reference as `"fgsm (reference)"`).
-        seconds: seconds for this eps, sanity checks included.
+        seconds: seconds for this eps, sanity checks and certification included.
         adversarial: worst-case inputs (the clean input where no attack succeeded), only with
             `keep_adversarial=True`; never serialised.
+        certified_acc: share of the examples certified by at least one bound method (each is
+            sound, so the per-example union is), or None when none ran or none could bound the
+            model (`certified_note` says why): never 0 for "could not".
+        certified: `{method: certified accuracy}` for the methods that ran, in config order.
+        certified_masks: `{method: hex mask}` (`mask_hex`): bit i = example i certified.
+        certified_note: why a method did not run (`"not available (layer 'lstm')"`, or
+            `"crown not available (layer 'max_pooling2d')"` when others did), or None.
+        certify_seconds: seconds per bound method.
     """
 
     eps: float
@@ -55,6 +65,24 @@ class EpsResult:
     attack_seconds: dict[str, float]
     seconds: float
     adversarial: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    certified_acc: float | None = None
+    certified: dict[str, float] = dataclasses.field(default_factory=dict)
+    certified_masks: dict[str, str] = dataclasses.field(default_factory=dict)
+    certified_note: str | None = None
+    certify_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def certified_mask(self) -> str | None:
+        """The union of `certified_masks` as hex (`mask_hex`), or None when no method ran."""
+        if self.certified_acc is None or not self.certified_masks:
+            return None
+        raw = [bytes.fromhex(h) for h in self.certified_masks.values()]
+        return bytes(np.bitwise_or.reduce([np.frombuffer(b, np.uint8) for b in raw])).hex()
+
+    @property
+    def certified_method(self) -> str | None:
+        """The method named beside the certified accuracy (`certified_by`)."""
+        return certified_by(self.certified, self.certified_masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +103,7 @@ class RobustnessReport:
         seconds: total wall time.
         data: the dataset described (`advtrain.data.ImageData.describe()`: source, input shape,
             classes, split sizes), or `None`.
+        certify: the bound methods asked for (`EvalConfig.certify`); `()` when switched off.
     """
 
     norm: str
@@ -91,6 +120,7 @@ class RobustnessReport:
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
     data: dict | None = None
+    certify: tuple[str, ...] = ()
 
     # -- access ---------------------------------------------------------------------------
 
@@ -199,6 +229,7 @@ class RobustnessReport:
                 "per_attack": dict(r.per_attack),
                 "broken": dict(r.broken),
                 "seconds": r.seconds,
+                **self._certified_entry(r),
             }
             for r in self.results
         ]
@@ -215,6 +246,7 @@ class RobustnessReport:
                 "attacks": [dict(a) for a in self.attacks],
                 "reference_attack": dict(self.reference_attack),
                 "steps_scale": self.steps_scale,
+                "certify": list(self.certify),
                 "clip": [0.0, 1.0],
             },
             "n": self.n,
@@ -233,6 +265,27 @@ class RobustnessReport:
             "data": self.data,
         }
 
+    def _certified_entry(self, r: EpsResult) -> dict[str, Any]:
+        """The certified part of a per-eps entry, and the bracket."""
+        method = r.certified_method
+        return {
+            "certified_acc": r.certified_acc,
+            "certified": dict(r.certified),
+            "certified_by": method,
+            "certified_mask": r.certified_mask,
+            "certified_masks": dict(r.certified_masks),
+            "certified_note": r.certified_note,
+            "certified_display": self._certified_display(r),
+            "certify_seconds": dict(r.certify_seconds),
+            "bracket": bracket(r.clean_acc, r.robust_acc, self.failed_at(r.eps), r.certified_acc, method,
+                               r.certified_note),
+        }
+
+    def _certified_display(self, r: EpsResult) -> str:
+        if r.certified_acc is None and not r.certified_note:
+            return "not run"
+        return certified_cell(r.certified_acc, r.certified_method, r.certified_note)
+
     def metrics(self, eps: float | None = None) -> dict[str, Any]:
         """Flat metrics for `ray.train.report` / Tune at one eps (the first by default), with the
         threat model and the sanity outcome as fields."""
@@ -244,6 +297,8 @@ class RobustnessReport:
             "robust_upper_bound": bool(self.failed_at(r.eps)),
             "robust_display": robust_cell(r.robust_acc, self.failed_at(r.eps)),
             "fgsm_acc": r.fgsm_acc,
+            "certified_acc": r.certified_acc,
+            "certified_display": self._certified_display(r),
             "eval_norm": self.norm,
             "eval_eps": r.eps,
             "eval_suite": self.suite,
@@ -258,6 +313,9 @@ class RobustnessReport:
         """A Markdown summary: threat model, results table, sanity checks with WARNING lines."""
         names = [k for k in self.results[0].per_attack if k != "clean"]
         columns = ["eps", "clean", *names, "robust (worst case)"]
+        certifying = bool(self.certify) or any(r.certified or r.certified_note for r in self.results)
+        if certifying:
+            columns.append("certified")
         if self.suite != "fgsm":
             columns.append("fgsm (reference)")
         columns.append("seconds")
@@ -268,6 +326,7 @@ class RobustnessReport:
                 "clean": r.clean_acc,
                 **{k: r.per_attack[k] for k in names},
                 "robust (worst case)": robust_cell(r.robust_acc, self.failed_at(r.eps)),
+                "certified": self._certified_display(r),
                 "fgsm (reference)": r.fgsm_acc,
                 "seconds": f"{r.seconds:.1f}",
             }
@@ -286,11 +345,16 @@ class RobustnessReport:
                 if self.suite == "fgsm"
                 else " (not part of the worst case)."
             ),
+            *([f"- Certified accuracy: proven by bound propagation ({', '.join(self.certify)}; the per-example "
+               "union) on the same examples: no input in the eps-ball (within [0, 1]) changes the "
+               "prediction. It is a lower bound on the true robust accuracy, the attacked figure an upper one; "
+               "every certified example was checked against every attack."] if certifying else []),
             f"- Examples: n = {self.n} from the `{self.split}` split; seed {self.seed}",
             *([_data_line(self.data)] if self.data else []),
             "",
             markdown_table(rows, columns),
             "",
+            *[f"- At eps {r.eps:g}: {self._certified_entry(r)['bracket']}" for r in self.results],
             *[f"- Examples broken at eps {r.eps:g}, by attack (each on those still robust): "
               + _broken(r.broken) for r in self.results],
             *(["- **A robust accuracy marked `<=` is an upper bound**: a sanity check failed "
@@ -341,6 +405,16 @@ def per_eps(d: dict[str, Any]) -> list[dict[str, Any]]:
     return list(d["per_eps"])
 
 
+def bracket_of(entry: dict[str, Any]) -> str:
+    """The bracket of a per-eps entry (`per_eps`): its `bracket`, or, in a /2 or /1 report
+    (made before certification), the same line built from what the entry holds."""
+    if entry.get("bracket"):
+        return entry["bracket"]
+    failed = entry.get("robust_flags_failed") or []
+    return bracket(entry["clean_acc"], entry["robust_acc"], failed, entry.get("certified_acc"),
+                   entry.get("certified_by"), entry.get("certified_note"))
+
+
 def summary_lines(d: dict[str, Any]) -> list[str]:
     """Plain-text lines summarising a report dict, for the CLI: the threat model, one line per
     eps, the sanity outcome with one WARNING line per failed flag, and the notes."""
@@ -353,9 +427,13 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
     for r in rows:
         attacks = "  ".join(f"{k} {v:.4f}" for k, v in r["per_attack"].items() if k != "clean")
         ref = "" if tm["suite"] == "fgsm" else f"  | fgsm (reference) {r['fgsm_acc']:.4f}"
-        lines.append(f"eps {r['eps']:g}: clean {r['clean_acc']:.4f}  robust {r['robust_display']}"
+        lines.append(f"eps {r['eps']:g}: {bracket_of(r)}"
                      f"  | after each attack: {attacks}{ref}  ({r['seconds']:.1f}s)")
-        lines.append(f"  broken by: {_broken(r['broken'])}")
+        certified, by = r.get("certified") or {}, ""
+        if certified:  # a note here names the methods that could not run beside those that did
+            by = "  | certified by: " + ", ".join(f"{m} {a:.4f}" for m, a in certified.items())
+            by += f" ({r['certified_note']})" if r.get("certified_note") else ""
+        lines.append(f"  broken by: {_broken(r['broken'])}{by}")
     s = d["sanity"]
     if d["flags"]:
         lines.append(f"Sanity checks: {len(s['passed'])} passed, {len(s['failed'])} failed, "

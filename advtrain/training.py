@@ -28,8 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from advtrain import attacks
-from advtrain.config import ThreatModel, TrainConfig
+from advtrain import attacks, bounds
+from advtrain.config import CERTIFIED_METHODS, ThreatModel, TrainConfig
 from advtrain.files import write_json
 from advtrain.models import MNIST_SHAPE, make_model, save_model
 
@@ -51,6 +51,8 @@ CO_GAP = 0.4
 CO_DROP = 0.5
 ONECYCLE_WARMUP = 0.4  # fraction of the run over which one-cycle raises the learning rate
 STEPS_PER_CALL = 1  # optimizer steps per compiled call: see benchmarks/ray_overhead.py
+# The per-epoch certified probe: each sound, so an example proven by either counts.
+PROBE_BOUNDS = ("ibp", "crown-ibp")
 
 
 @keras.saving.register_keras_serializable(package="advtrain")
@@ -170,17 +172,49 @@ class AdversarialTraining:
                 "train_clean_acc": keras.metrics.SparseCategoricalAccuracy(),
                 "train_adv_acc": keras.metrics.SparseCategoricalAccuracy(),
             }
+        if cfg.method in CERTIFIED_METHODS:
+            bounds.check_supported(self.model)  # one line naming the layer the bounds lack
         self._train_step = self._make_train_step()
 
     # -- the step -------------------------------------------------------------------------
 
-    def current_eps(self, step):
-        """Training eps at a step: linear ramp from 0 over `eps_ramp_epochs`, then constant."""
+    def ramp(self, step):
+        """Fraction of the eps ramp done at a step: linear from 0 to 1 over `eps_ramp_epochs`."""
         ramp_steps = self.cfg.eps_ramp_epochs * self.steps_per_epoch
         if ramp_steps == 0:
-            return tf.constant(self.cfg.eps, tf.float32)
-        frac = tf.minimum(tf.cast(step + 1, tf.float32) / float(ramp_steps), 1.0)
-        return self.cfg.eps * frac
+            return tf.constant(1.0, tf.float32)
+        return tf.minimum(tf.cast(step + 1, tf.float32) / float(ramp_steps), 1.0)
+
+    def current_eps(self, step):
+        """Training eps at a step: linear ramp from 0 over `eps_ramp_epochs`, then constant."""
+        return self.cfg.eps * self.ramp(step)
+
+    def certified_loss(self, x, y, logits, step):
+        """Certified training's per-example loss and worst-case logits (Gowal et al. 2018,
+        arXiv:1810.12715; Zhang et al. 2020, arXiv:1906.06316).
+
+        kappa CE(x) + (1 - kappa) CE(-m), where m lower-bounds the margins z_y - z_j over the
+        eps-ball; kappa falls from 1 to `kappa_end` and eps rises from 0 over the ramp. For
+        `crown-ibp`, m = beta m_CROWN-IBP + (1 - beta) m_IBP, beta falling from 1 to `beta_end`;
+        once beta is 0 the CROWN pass is skipped.
+        """
+        cfg, frac = self.cfg, self.ramp(step)
+        eps = self.current_eps(step)
+        m_ibp = bounds.margins_graph(self.model, x, y, eps, cfg.norm, ("ibp",))["ibp"]
+        margins = m_ibp
+        if cfg.method == "crown-ibp":
+            beta = 1.0 - frac * (1.0 - cfg.beta_end)
+
+            def mixed():
+                m_crown = bounds.margins_graph(self.model, x, y, eps, cfg.norm, ("crown-ibp",))["crown-ibp"]
+                return beta * m_crown + (1.0 - beta) * m_ibp
+
+            margins = tf.cond(beta > 0, mixed, lambda: m_ibp)
+        worst = bounds.worst_case_logits(margins)
+        kappa = 1.0 - frac * (1.0 - cfg.kappa_end)
+        ce_clean = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        ce_worst = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=worst)
+        return kappa * ce_clean + (1.0 - kappa) * ce_worst, worst
 
     def _adversary(self, x, y, eps, seed):
         cfg = self.cfg
@@ -210,7 +244,8 @@ class AdversarialTraining:
             adversarial logits (batch, 10).
         """
         cfg, model = self.cfg, self.model
-        adversarial = cfg.method != "clean" and cfg.mix > 0 and cfg.eps > 0
+        certified = cfg.method in CERTIFIED_METHODS
+        adversarial = cfg.method != "clean" and not certified and cfg.mix > 0 and cfg.eps > 0
         step = self.optimizer.iterations
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         seed = tf.stack([cfg.seed * 4099 + self.rank * 131 + tf.cast(replica, tf.int32),
@@ -219,7 +254,10 @@ class AdversarialTraining:
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             ce_clean = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-            if not adversarial:
+            if certified:
+                # train_adv_acc is then the share of the batch whose worst case is still correct.
+                per_example, adv_logits = self.certified_loss(x, y, logits, step)
+            elif not adversarial:
                 adv_logits, per_example = logits, ce_clean
             elif cfg.method == "trades":
                 adv_logits = model(x_adv, training=True)
@@ -311,6 +349,14 @@ class AdversarialTraining:
         tm = self.threat_model
         same = (tm.norm, tm.eps) == (cfg.norm, cfg.eps)
         out["val_robust_acc"] = out["val_pgd_acc"] if same else pgd_acc(tm.norm, tm.eps)
+        if cfg.method in CERTIFIED_METHODS:
+            # A lower bound beside the PGD upper bound, on the same batch. Not for the other
+            # methods: their models certify almost nothing, and the tracing would cost every run.
+            proven = np.zeros(len(y), bool)
+            for method in PROBE_BOUNDS:
+                proven |= bounds.certify(self.model, x, y, eps=tm.eps, norm=tm.norm, method=method,
+                                         batch_size=len(x))
+            out["val_certified_acc"] = float(proven.mean())
         return out
 
     def checkpoint(self) -> tf.train.Checkpoint:

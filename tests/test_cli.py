@@ -98,6 +98,14 @@ def test_evaluate_missing_model_exits_2(tmp_path, capsys):
         (["attack", "m.keras", "--eps", "0.1", "--norm", "l3", "--out", "a.npz"], r"`norm` must be one of 'linf', 'l2'"),
         (["attack", "m.keras", "--eps", "0.1", "--method", "cw", "--out", "a.npz"], r"`name` must be one of 'fgsm', 'pgd', 'apgd'"),
         (["attack", "m.keras", "--eps", "0.1", "--out", "a.txt"], r"--out must end in .npz"),
+        (["evaluate", "m.keras", "--certify", "ibp,deeppoly"], r"`certify` must list methods among 'ibp', "
+                                                                r"'crown-ibp', 'crown' \(or be 'none'\). Received: "
+                                                                r"certify='deeppoly'"),
+        (["certify", "m.keras", "--method", "deeppoly"], r"`method` must list methods among .* Received: "
+                                                         r"method='deeppoly'"),
+        (["certify", "m.keras", "--method", "none"], r"--method needs at least one of ibp, crown-ibp, crown"),
+        (["certify", "m.keras", "--eps", "1.5"], r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.5"),
+        (["certify", "m.keras"], r"advtrain certify: model must be an existing .keras file"),
         (["frobnicate"], r"invalid choice: 'frobnicate'"),
     ],
 )
@@ -193,6 +201,10 @@ def test_train_local_writes_run_folder_and_report(tiny_config, tmp_path, capsys)
     assert len(metrics["epochs"]) == 1 and metrics["epochs_run"] == 1
     assert json.loads((out / "config.json").read_text())["train"]["model"] == "mlp"
     assert "epoch 1:" in err
+    # The final evaluation brackets the attacked figure: certified (ibp, crown-ibp) <= robust <= clean.
+    entry = json.loads((out / "report.json").read_text())["per_eps"][0]
+    assert set(entry["certified"]) == {"ibp", "crown-ibp"} and entry["certified_acc"] <= entry["robust_acc"]
+    assert f"eps 0.1: {entry['bracket']}" in err and entry["bracket"].startswith("certified ")
 
 
 @pytest.mark.slow
@@ -240,7 +252,8 @@ def test_evaluate_quantised_input_model_shows_square_and_upper_bound(tmp_path, c
     # The gradient attacks break only what their random start happens to (zero gradients).
     assert broken["square-5000"] >= 50 and broken["square-5000"] > 5 * (sum(broken.values()) - broken["square-5000"])
     assert entry["robust_acc"] <= 0.2 and entry["robust_upper_bound"] is True
-    assert f"robust {entry['robust_display']}" in err and entry["robust_display"].startswith("<= ")
+    assert entry["robust_display"].startswith("<= ")
+    assert f"robust <= {entry['robust_acc']:.3f} (upper bound: " in entry["bracket"] and entry["bracket"] in err
     assert f"square-5000: {broken['square-5000']}" in err
     assert "eps 0.3 square-5000" in err  # the per-attack progress bar
     assert "WARNING: zero-gradients FAILED" in err
@@ -269,3 +282,100 @@ def test_train_more_workers_than_cluster_cpus_fails_with_one_line(ray_cluster, t
     assert code == 2 and len(err) == 1, err
     assert "64 worker(s) x {CPU: 1} (in all {CPU: 64}) do not fit the cluster's nodes ({CPU: 2};" in err[0]
     assert not out.exists()
+
+
+# -- advtrain certify ---------------------------------------------------------------------------
+
+COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "time_to_robust_a.keras"  # a PGD CNN
+
+
+def test_evaluate_certify_flag_reaches_the_eval_config(tmp_path, capsys, monkeypatch):
+    from workflows import commands
+
+    seen = []
+    monkeypatch.setattr(commands, "evaluate", lambda model, cfg, out, data: seen.append(cfg.certify) or 0)
+    for flag, want in ((["--certify", "none"], ()), (["--certify", "crown"], ("crown",)), ([], ("ibp", "crown-ibp"))):
+        assert main(["evaluate", "m.keras", *flag]) == 0
+        assert seen.pop() == want
+
+
+def test_certify_unsupported_layer_refused_in_one_line_exit_2_nothing_written(tmp_path, capsys):
+    import keras
+
+    inp = keras.Input((28, 28, 1))
+    h = keras.layers.LSTM(4, name="lstm")(keras.layers.Reshape((28, 28))(inp))
+    path = tmp_path / "lstm.keras"
+    keras.Model(inp, keras.layers.Dense(10)(h)).save(path)
+    code, err = _run(["certify", str(path), "--eps", "0.1", "--n", "10"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("advtrain: error: advtrain certify: lstm.keras: layer 'lstm' (LSTM) cannot be bounded")
+    assert [p.name for p in tmp_path.iterdir()] == ["lstm.keras"]
+
+
+@pytest.mark.slow
+def test_certify_committed_model_one_line_per_eps_report_and_attacked_figure(tmp_path, capsys):
+    import re
+    import shutil
+
+    from advtrain.certification import mask_from_hex
+
+    model = tmp_path / "m.keras"
+    shutil.copyfile(COMMITTED, model)
+    code, err = _run(["certify", str(model), "--eps", "0.01,0.1", "--n", "100", "--method", "ibp,crown-ibp"], capsys)
+    assert code == 0, err
+    line = r"eps {}: certified \d\.\d{{3}} \((crown-ibp|ibp) \d\.\d{{3}}, (crown-ibp|ibp) \d\.\d{{3}}\)  clean \d\.\d{{3}}$"
+    assert re.match(line.format("0.01"), err[0]) and re.match(line.format("0.1"), err[1]), err
+    # Without --out the report goes beside the model, as evaluate's goes to eval-<model name>/.
+    d = json.loads((tmp_path / "certify-m" / "report.json").read_text())
+    assert d["schema"] == "advtrain.certify_report/1" and d["methods"] == ["ibp", "crown-ibp"]
+    assert (d["n"], d["split"], d["threat_model"]["norm"], d["threat_model"]["eps"]) == (100, "test", "linf", [0.01, 0.1])
+    assert d["data"]["input_shape"] == [28, 28, 1] and d["seconds"] > 0
+    low = d["per_eps"][0]
+    masks = {m: mask_from_hex(v["certified_mask"], 100) for m, v in low["methods"].items()}
+    assert len(low["methods"]["ibp"]["certified_mask"]) == 26  # 100 bits, 13 bytes
+    assert low["methods"]["ibp"]["certified_acc"] == masks["ibp"].mean() > 0.5  # the issue: IBP ~86% at eps 0.01
+    np.testing.assert_array_equal(mask_from_hex(low["certified_mask"], 100), masks["ibp"] | masks["crown-ibp"])
+    assert err[0].startswith(f"eps 0.01: certified {low['certified_acc']:.3f} ")
+    # An `advtrain evaluate` report beside the model at the same eps, norm and n: its attacked figure too.
+    code, _ = _run(["evaluate", str(model), "--eps", "0.01", "--suite", "fgsm", "--n", "100"], capsys)
+    assert code == 0
+    robust = json.loads((tmp_path / "eval-m" / "report.json").read_text())["per_eps"][0]["robust_acc"]
+    out = tmp_path / "cert"
+    code, err = _run(["certify", str(model), "--eps", "0.01,0.1", "--n", "100", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert err[0].endswith(f"clean {low['clean_acc']:.3f}  robust <= {robust:.3f}")
+    assert "robust" not in err[1]  # not evaluated at eps 0.1
+    assert json.loads((out / "report.json").read_text())["per_eps"][0]["robust_acc"] == robust
+    # A certified figure above the attacked one is a bug: exit 1, never reported.
+    rep = json.loads((tmp_path / "eval-m" / "report.json").read_text())
+    rep["per_eps"][0]["robust_acc"] = 0.0
+    (tmp_path / "eval-m" / "report.json").write_text(json.dumps(rep))
+    code, err = _run(["certify", str(model), "--eps", "0.01", "--n", "100", "--out", str(tmp_path / "bad")], capsys)
+    assert code == 1 and "CertificationError: certified " in err[-1] and "> robust 0.0000" in err[-1]
+    assert not (tmp_path / "bad").exists()
+    Path(err[-1].split("traceback in ")[1].split(";")[0]).unlink()
+    # An evaluation's report.json is never replaced by certify's.
+    code, err = _run(["certify", str(model), "--eps", "0.01", "--n", "10", "--out", str(tmp_path / "eval-m")], capsys)
+    assert code == 2 and len(err) == 1 and "is not a certify report" in err[0]
+
+
+@pytest.mark.slow
+def test_readme_certify_command_typed_as_written(tmp_path, capsys, monkeypatch):
+    """README's `advtrain certify` line, as written, on a committed model in the folder it names."""
+    import re
+    import shutil
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    usage = re.search(r"## Usage\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    typed = [line.split("#")[0].split() for line in usage.splitlines() if line.startswith("advtrain certify ")]
+    assert len(typed) == 1
+    argv = typed[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "quick").mkdir(parents=True)
+    shutil.copyfile(COMMITTED, tmp_path / argv[2])
+    code, err = _run(argv[1:], capsys)
+    assert code == 0, err
+    eps = argv[argv.index("--eps") + 1].split(",")
+    assert [line.split(":")[0] for line in err[:-1]] == [f"eps {e}" for e in eps]
+    d = json.loads((tmp_path / "runs" / "quick" / "certify-best_model" / "report.json").read_text())
+    assert d["n"] == int(argv[argv.index("--n") + 1]) and d["methods"] == argv[argv.index("--method") + 1].split(",")

@@ -86,7 +86,7 @@ def test_train_config_defaults_valid():
         ("learning_rate", -1e-3, ValueError,
          r"`learning_rate` must be in \(0.0, 10.0\]. Received: learning_rate=-0.001"),
         ("method", "mart", ValueError,
-         r"`method` must be one of 'clean', 'fgsm', 'pgd', 'trades'. Received: method='mart'"),
+         r"`method` must be one of 'clean', 'fgsm', 'pgd', 'trades', 'ibp', 'crown-ibp'. Received: method='mart'"),
         ("model", "resnet50", ValueError,
          r"`model` must be one of 'mlp', 'cnn', 'madry', 'resnet', a .keras file or package.module:function. "
          r"Received: model='resnet50'"),
@@ -105,6 +105,20 @@ def test_train_config_defaults_valid():
 def test_train_config_bad_field_raises(field, value, error, match):
     with pytest.raises(error, match=match):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("kappa_end", 1.5, r"`kappa_end` must be in \[0.0, 1.0\]. Received: kappa_end=1.5"),
+    ("beta_end", -0.1, r"`beta_end` must be in \[0.0, 1.0\]. Received: beta_end=-0.1"),
+    ("eps_ramp_epochs", 0, r"`eps_ramp_epochs` must be >= 1 for method 'crown-ibp' .* Received: eps_ramp_epochs=0"),
+])
+def test_certified_train_config_bad_field_raises(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{"method": "crown-ibp", "eps_ramp_epochs": 2, field: value})
+
+
+def test_certified_train_config_at_eps_zero_needs_no_ramp():
+    assert TrainConfig(method="ibp", eps=0.0).eps_ramp_epochs == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +172,42 @@ def test_config_to_dict_from_dict_round_trip_equal(cfg):
     again = type(cfg).from_dict(d)
     assert again == cfg
     assert again.to_dict() == d
+
+
+def test_eval_config_certify_default_none_and_comma_list():
+    assert EvalConfig().certify == ("ibp", "crown-ibp")
+    assert EvalConfig(certify="none").certify == () == EvalConfig(certify=[]).certify
+    assert EvalConfig(certify="crown, IBP,crown").certify == ("crown", "ibp")
+    assert EvalConfig(certify=("crown-ibp",)).to_dict()["certify"] == ["crown-ibp"]
+    assert EvalConfig.from_dict(EvalConfig(certify=["ibp"]).to_dict()).certify == ("ibp",)
+
+
+def test_eval_config_certify_methods_are_the_bounds_methods():
+    from advtrain import bounds
+    from advtrain.config import CERTIFY_METHODS
+
+    assert bounds.METHODS == CERTIFY_METHODS == ("ibp", "crown-ibp", "crown")
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ("deeppoly", ValueError, r"`certify` must list methods among 'ibp', 'crown-ibp', 'crown' \(or be 'none'\). "
+                             r"Received: certify='deeppoly'"),
+    (["ibp", 3], ValueError, r"Received: certify=3"),
+    (1, TypeError, r"`certify` must be a list of bound methods .* Received: certify=1"),
+])
+def test_eval_config_bad_certify_raises(value, error, match):
+    with pytest.raises(error, match=match):
+        EvalConfig(certify=value)
+
+
+def test_load_spec_eval_certify_from_yaml(tmp_path):
+    from workflows.spec import load_spec
+
+    p = tmp_path / "run.yaml"
+    p.write_text("eval: {eps: [0.1], certify: [crown-ibp]}\n")
+    assert load_spec(p).eval.certify == ("crown-ibp",)
+    p.write_text("eval: {certify: none}\n")
+    assert load_spec(p).eval.certify == ()
 
 
 def test_eval_config_to_dict_eps_is_list():

@@ -220,6 +220,25 @@ def test_evaluate_robustness_quick_sweep_robust_le_clean_and_attacks(quick_repor
 
 
 @pytest.mark.slow
+def test_evaluate_robustness_certifies_beside_the_attacks_union_le_robust(quick_report):
+    from advtrain.certification import mask_from_hex
+
+    assert quick_report.certify == ("ibp", "crown-ibp")
+    for res, entry in zip(quick_report.results, quick_report.to_dict()["per_eps"], strict=True):
+        assert list(res.certified) == ["ibp", "crown-ibp"] and res.certified_note is None
+        masks = {m: mask_from_hex(h, N) for m, h in res.certified_masks.items()}
+        union = masks["ibp"] | masks["crown-ibp"]
+        assert res.certified_acc == pytest.approx(union.mean())
+        assert res.certified_acc <= res.robust_acc  # checked per example inside the evaluation
+        assert all(res.certified[m] == pytest.approx(masks[m].mean()) for m in masks)
+        np.testing.assert_array_equal(mask_from_hex(entry["certified_mask"], N), union)
+        assert entry["bracket"].startswith(f"certified {res.certified_acc:.3f} (") and entry["bracket"].endswith(
+            f"<= robust {res.robust_acc:.3f} <= clean {res.clean_acc:.3f}")
+        assert set(res.certify_seconds) == {"ibp", "crown-ibp"}
+    assert quick_report.metrics(0.1)["certified_acc"] == quick_report.result(0.1).certified_acc
+
+
+@pytest.mark.slow
 def test_evaluate_robustness_standard_suite_worst_case_le_each_attack(standard_report, trained, xy):
     res = standard_report.result(0.3)
     assert list(res.per_attack) == ["clean", "pgd-10x5", "apgd-ce-10", "apgd-t-10-top9", "square-500"]
@@ -277,7 +296,7 @@ def test_report_markdown_has_table_and_flags_section(quick_report, standard_repo
 @pytest.mark.slow
 def test_report_write_json_md_atomic_no_temp_files(quick_report, tmp_path):
     json_path, md_path = quick_report.write(tmp_path / "eval")
-    assert json.loads(json_path.read_text())["schema"] == "advtrain.robustness_report/2"
+    assert json.loads(json_path.read_text())["schema"] == "advtrain.robustness_report/3"
     assert md_path.read_text().startswith("# Robustness report")
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.json", "report.md"]
 
@@ -297,7 +316,9 @@ def test_summary_lines_threat_model_eps_and_sanity(quick_report):
     lines = summary_lines(json.loads(json.dumps(quick_report.to_dict())))
     assert lines[0].startswith("Threat model: linf eps 0.1, 0.3; suite quick (pgd-20)")
     assert "n=200 test examples" in lines[0]
-    assert lines[3].startswith("eps 0.3: clean 0.9") and "fgsm (reference)" in lines[3]
+    # The bracket leads each eps line: certified <= robust <= clean.
+    assert lines[3].startswith("eps 0.3: certified ") and " <= clean 0.9" in lines[3]
+    assert "fgsm (reference)" in lines[3]
     assert lines[2].startswith("  broken by: pgd-20: ") and lines[4].startswith("  broken by: pgd-20: ")
     # The quick suite has no gradient-free attack: that check says so instead of passing.
     assert "Sanity checks: 13 passed, 0 failed, 2 not run" in lines
@@ -468,10 +489,15 @@ def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_mark
     assert entry["robust_upper_bound"] is True and "zero-gradients" in entry["robust_flags_failed"]
     assert entry["robust_display"].startswith(f"<= {res.robust_acc:.4f} (upper bound: ")
     lines = summary_lines(d)
-    assert any(line.startswith(f"eps 0.1: clean {res.clean_acc:.4f}  robust <= ") for line in lines)
+    assert any(line.startswith(f"eps 0.1: {entry['bracket']}") and f"robust <= {res.robust_acc:.3f} (upper bound: "
+               in line and line.split("  |")[0].endswith(f"<= clean {res.clean_acc:.3f}") for line in lines)
     assert any(line.strip().startswith("broken by: pgd-10x5: ") and "square-500: " in line
                for line in lines)
     assert f"<= {res.robust_acc:.4f} (upper bound: " in rep.to_markdown()
+    # A custom layer the bounds cannot cover: certified "not available", never 0.
+    layer = "scaled_logits" if mask == "scaled-logits" else "round_input"  # Keras may number it: round_input_1
+    assert res.certified_acc is None and res.certified_note.startswith(f"not available (layer '{layer}")
+    assert entry["bracket"].startswith(f"certified {res.certified_note}; robust <= ")
     metrics = rep.metrics(eps)
     assert metrics["robust_upper_bound"] is True and metrics["robust_display"].startswith("<= ")
 

@@ -84,14 +84,18 @@ def test_two_nodes_spread_workers_shards_are_disjoint_covering_and_reported(ray_
     assert load_model(model_path).output_shape == (None, 10)
 
 
-def test_one_step_two_workers_equals_one_process_double_batch(ray_client, tmp_path):
+@pytest.mark.parametrize("method", ["clean", "crown-ibp"])
+def test_one_step_two_workers_equals_one_process_double_batch(ray_client, tmp_path, method):
     from workflows.train import read_final
 
     b = 64
     # SGD (not Adam, whose first step is scale-free) so a gradient scaled twice would show.
-    cfg = TrainConfig(model="cnn", method="clean", epochs=1, batch_size=b, train_size=2 * b, optimizer="sgd",
-                      learning_rate=0.5, schedule="constant", probe_size=32, seed=5)
-    result = _trainer(cfg, tmp_path, "equiv").fit()
+    # crown-ibp halfway up a 2-step eps ramp: kappa and beta at 0.75 and 0.5, so the natural loss,
+    # the IBP bound and the CROWN-IBP bound all enter the gradient.
+    certified = {"eps": 0.1, "eps_ramp_epochs": 2} if method == "crown-ibp" else {}
+    cfg = TrainConfig(model="cnn", method=method, epochs=1, batch_size=b, train_size=2 * b, optimizer="sgd",
+                      learning_rate=0.5, schedule="constant", probe_size=32, seed=5, **certified)
+    result = _trainer(cfg, tmp_path, f"equiv_{method}").fit()
     assert result.error is None
     model_path, _, _ = read_final(result)
     distributed = load_model(model_path).get_weights()

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from advtrain.report import (
+    bracket,
+    certified_cell,
     markdown_table,
     pareto_front,
     plot_accuracy_vs_eps,
@@ -93,6 +95,36 @@ def test_robust_cell_without_flags_is_the_number():
 def test_robust_cell_with_failed_flags_is_an_upper_bound_naming_them():
     cell = robust_cell(0.979, ["large-eps", "zero-gradients"])
     assert cell == "<= 0.9790 (upper bound: large-eps, zero-gradients)"
+
+
+def test_bracket_certified_le_robust_le_clean_three_decimals():
+    assert bracket(0.991, 0.934, certified=0.912, method="crown-ibp") == (
+        "certified 0.912 (crown-ibp) <= robust 0.934 <= clean 0.991")
+
+
+def test_bracket_failed_flags_robust_is_an_upper_bound_naming_them():
+    assert bracket(0.991, 0.934, ["zero-gradients"], certified=0.0, method="ibp") == (
+        "certified 0.000 (ibp) <= robust <= 0.934 (upper bound: zero-gradients) <= clean 0.991")
+
+
+def test_bracket_not_available_and_not_run():
+    assert bracket(0.991, 0.934, note="not available (layer 'lstm')") == (
+        "certified not available (layer 'lstm'); robust 0.934 <= clean 0.991")
+    assert bracket(0.991, 0.934) == "robust 0.934 <= clean 0.991"
+
+
+def test_certified_cell_number_method_or_reason():
+    assert certified_cell(0.912, "crown-ibp") == "0.9120 (crown-ibp)"
+    assert certified_cell(None, note="not available (layer 'lstm')") == "not available (layer 'lstm')"
+    assert certified_cell(None) == "-"
+
+
+def test_plot_accuracy_vs_eps_with_certified_curve_writes_png(tmp_path):
+    rows = _per_eps([0.9, 0.7, 0.5])
+    for r, c in zip(rows, (0.8, 0.3, None), strict=True):
+        r["certified_acc"] = c  # None: not available at that eps, left off the curve
+    plot_accuracy_vs_eps([("a", rows), ("b", _per_eps([0.8, 0.4, 0.1]))], tmp_path / "acc.png")
+    _only_file(tmp_path, "acc.png")
 
 
 def test_plot_accuracy_vs_eps_report_dict_writes_png(tmp_path):

@@ -38,6 +38,14 @@ def test_rank_orders_by_validation_robust_accuracy_then_full_training():
     assert [r["trial_id"] for r in results.rank(rows)] == ["b", "c", "a"]
 
 
+def test_rank_on_the_certified_probe_when_the_search_metric_says_so():
+    rows = [{"trial_id": "a", "val_robust_acc": 0.9, "val_certified_acc": 0.2, "stopped": "no"},
+            {"trial_id": "b", "val_robust_acc": 0.7, "val_certified_acc": 0.6, "stopped": "no"},
+            {"trial_id": "c", "val_robust_acc": 0.8, "val_certified_acc": 0.0, "stopped": "no"}]
+    assert [r["trial_id"] for r in results.rank(rows, "val_certified_acc")] == ["b", "a", "c"]
+    assert [r["trial_id"] for r in results.rank(rows)] == ["a", "c", "b"]
+
+
 def test_write_all_marks_flagged_trial_as_upper_bound_everywhere(tmp_path):
     rows = [_trial("masked", 0.99, 0.97, 0.96, ["large-eps", "zero-gradients"]),
             _trial("honest", 0.80, 0.98, 0.85), _trial("weaker", 0.70, 0.99, 0.75)]
@@ -63,3 +71,25 @@ def test_write_all_marks_flagged_trial_as_upper_bound_everywhere(tmp_path):
                for line in lines)
     assert (tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")
     assert "<b>" in (tmp_path / "report.html").read_text()
+
+
+def test_write_all_certified_column_bracket_and_not_available(tmp_path):
+    proven = {**_trial("proven", 0.90, 0.98, 0.93), "test_certified_acc": 0.91, "test_certified_by": "crown-ibp"}
+    lstm = {**_trial("lstm", 0.80, 0.97, 0.60), "test_certified_acc": None,
+            "test_certified_note": "not available (layer 'lstm')"}
+    _ranked, lines = _write(tmp_path, [proven, lstm, _trial("old", 0.7, 0.96, 0.5)])
+    table = (tmp_path / "results.md").read_text()
+    header = table.splitlines()[0]
+    assert "| test_robust_acc | test_certified_acc |" in header
+    assert "| 0.9300 | 0.9100 |" in next(line for line in table.splitlines() if "| proven |" in line)
+    assert "| not available (layer 'lstm') |" in next(line for line in table.splitlines() if "| lstm |" in line)
+    assert "| 0.5000 | - |" in next(line for line in table.splitlines() if "| old |" in line)  # not run
+    with open(tmp_path / "results.csv") as f:
+        csv_rows = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert float(csv_rows["proven"]["test_certified_acc"]) == 0.91 and csv_rows["lstm"]["test_certified_acc"] == ""
+    report = (tmp_path / "report.md").read_text()
+    assert "- proven: certified 0.910 (crown-ibp) <= robust 0.930 <= clean 0.980" in report
+    assert "- lstm: certified not available (layer 'lstm'); robust 0.600 <= clean 0.970" in report
+    assert "- old: robust 0.500 <= clean 0.960" in report
+    assert "<th>test_certified_acc</th>" in (tmp_path / "report.html").read_text()
+    assert any("test_certified_acc" in line for line in lines)

@@ -19,10 +19,7 @@ BASE = dict(model="cnn", eps=EPS, steps=3, epochs=2, batch_size=128, train_size=
 
 
 def _pgd_accuracy(model, n=500):
-    data = load_data()
-    x, y = data.x_val[-n:], data.y_val[-n:]  # not the probe batch (first probe_size of val)
-    x_adv = attacks.run_attack("pgd", model, x, y, eps=EPS, steps=10, batch_size=n, seed=3)
-    return float(np.mean(np.argmax(model(x_adv), -1) == y))
+    return float(np.mean(_pgd_correct(model, n)))
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +37,55 @@ def test_fit_adversarial_method_beats_clean_training_in_robust_accuracy(method, 
     assert robust > clean_robust + 0.15, f"{method}: PGD acc {robust:.3f} vs clean training {clean_robust:.3f}"
     assert summary["epochs_run"] == BASE["epochs"]
     assert history[-1]["val_clean_acc"] > 0.85
+
+
+def _pgd_correct(model, n=500):
+    data = load_data()
+    x, y = data.x_val[-n:], data.y_val[-n:]  # not the probe batch (first probe_size of val)
+    x_adv = attacks.run_attack("pgd", model, x, y, eps=EPS, steps=10, batch_size=n, seed=3)
+    return np.argmax(model(x_adv), -1) == y
+
+
+def _certified(model, n=500):
+    from advtrain import bounds
+
+    data = load_data()
+    x, y = data.x_val[-n:], data.y_val[-n:]
+    return bounds.certify(model, x, y, eps=EPS, norm="linf", method="crown-ibp", batch_size=n)
+
+
+@pytest.mark.slow
+def test_fit_ibp_certifies_far_more_than_pgd_training_on_the_same_budget():
+    # The same examples, epochs and eps ramp; an IBP step costs about what a PGD-3 step does.
+    budget = {**BASE, "train_size": 6400, "eps_ramp_epochs": 2}
+    pgd, _, _ = training.fit(TrainConfig(method="pgd", **budget))
+    ibp, history, _ = training.fit(TrainConfig(method="ibp", **budget))
+    proven = _certified(ibp)
+    cert_ibp, cert_pgd = float(proven.mean()), float(_certified(pgd).mean())
+    assert cert_ibp > cert_pgd + 0.3, f"certified: ibp {cert_ibp:.3f} vs pgd {cert_pgd:.3f}"
+    # The bracket holds per example: no image proven is broken by PGD.
+    assert not np.any(proven & ~_pgd_correct(ibp))
+    assert history[-1]["val_certified_acc"] > history[0]["val_certified_acc"]
+    assert history[-1]["val_clean_acc"] > 0.8
+
+
+def test_certified_training_refuses_a_model_the_bounds_do_not_cover(tmp_path):
+    import keras
+
+    from advtrain.bounds import UnsupportedLayerError
+
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(16, activation="tanh", name="squash"), keras.layers.Dense(10)])
+    path = tmp_path / "squash.keras"
+    model.save(path)
+    cfg = TrainConfig(model=str(path), method="ibp", eps=0.1, eps_ramp_epochs=1, epochs=1, train_size=256,
+                      probe_size=32)
+    with pytest.raises(UnsupportedLayerError, match="squash"):
+        training.AdversarialTraining(cfg, steps_per_epoch=2)
+    # PGD training of the same model runs, without a certified probe (never a made-up 0).
+    run = training.AdversarialTraining(cfg.replace(method="pgd"), steps_per_epoch=2)
+    data = load_data()
+    assert "val_certified_acc" not in run.probe(data.x_val[:32], data.y_val[:32])
 
 
 def test_fit_mix_zero_gives_exactly_clean_training():
@@ -168,6 +214,17 @@ def test_probe_reports_threat_model_separately():
     clean_probe = float(np.mean(np.argmax(run.model(data.x_val[:64]), -1) == data.y_val[:64]))
     assert out["val_robust_acc"] == pytest.approx(clean_probe)
     assert set(out) == {"val_clean_acc", "val_fgsm_acc", "val_pgd_acc", "val_robust_acc"}
+
+
+def test_certified_training_probe_adds_the_certified_accuracy():
+    cfg = TrainConfig(method="ibp", eps=0.2, eps_ramp_epochs=1, epochs=1, train_size=1280, batch_size=128,
+                      probe_size=64)
+    run = training.AdversarialTraining(cfg, steps_per_epoch=10, threat_model=ThreatModel(eps=0.0))
+    data = load_data()
+    out = run.probe(data.x_val[:256], data.y_val[:256])
+    # At eps 0 the bounds are exact: the certified probe is the clean accuracy of the batch.
+    clean_probe = float(np.mean(np.argmax(run.model(data.x_val[:64]), -1) == data.y_val[:64]))
+    assert out["val_certified_acc"] == pytest.approx(clean_probe) == out["val_robust_acc"]
 
 
 def _train_one_epoch(cfg, steps_per_call, x, y, progress=None):

@@ -49,6 +49,16 @@ def _finished_trials(exp: Path) -> dict[str, float]:
     return out
 
 
+def _tune_to_the_end(search_yaml: str, tmp_path: Path, address: str, *, timeout: int) -> Path:
+    """`advtrain tune --config search.yaml --out exp`, run to its end; returns exp."""
+    cfg, exp, log = tmp_path / "search.yaml", tmp_path / "exp", tmp_path / "advtrain.log"
+    cfg.write_text(search_yaml)
+    proc = _advtrain(["tune", "--config", str(cfg), "--out", str(exp), "--address", address],
+                     {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+    return exp
+
+
 def _wait(predicate, timeout, what, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -142,6 +152,46 @@ def test_search_spec_defaults_validate_and_build_param_space():
     assert search.scheduler == "asha" and search.samples == 4
 
 
+@pytest.mark.parametrize("search, match", [
+    ({"metric": "val_certified_acc"}, r"every trial's method must be one of 'ibp', 'crown-ibp'. Received: method=pgd"),
+    ({"metric": "val_certified_acc", "space": {"method": {"choice": ["ibp", "trades"]}}},
+     r"Received: method=ibp, trades"),
+    ({"metric": "val_pgd_acc"}, r"`metric` must be one of 'val_robust_acc', 'val_certified_acc'. "
+                                r"Received: metric='val_pgd_acc'"),
+])
+def test_search_spec_bad_metric_raises(search, match):
+    base = load_spec(None, train={"eps_ramp_epochs": 1}).train.to_dict()
+    with pytest.raises(ValueError, match=match):
+        tune.SearchSpec.from_dict(search, base=base)
+
+
+CERTIFIED_SEARCH = """
+train: {model: mlp, method: ibp, eps: 0.1, eps_ramp_epochs: 2, epochs: 2, batch_size: 128, train_size: 4096,
+        probe_size: 128, learning_rate: 0.003}
+eval: {norm: linf, eps: [0.1], suite: quick, n: 100, batch_size: 100, certify: [ibp, crown-ibp]}
+search:
+  samples: 1
+  scheduler: fifo
+  metric: val_certified_acc
+  space: {kappa_end: {grid: [1.0, 0.5]}}
+"""
+
+
+def test_certified_search_ranks_on_the_certified_probe_and_brackets_every_trial(ray_cluster, tmp_path):
+    exp = _tune_to_the_end(CERTIFIED_SEARCH, tmp_path, ray_cluster.address, timeout=600)
+    data = json.loads((exp / "trials.json").read_text())
+    assert data["metric"] == data["objective"]["metric"] == "val_certified_acc"
+    trials = data["trials"]
+    assert [r["val_certified_acc"] for r in trials] == sorted((r["val_certified_acc"] for r in trials), reverse=True)
+    # kappa_end 1.0 never weighs the bound loss (natural training under a ramp): it certifies less.
+    assert trials[0]["config"]["kappa_end"] == 0.5, trials
+    for r in trials:
+        assert r["test_certified_acc"] <= r["test_robust_acc"] <= r["test_clean_acc"], r
+    report_md = (exp / "report.md").read_text()
+    assert "`val_certified_acc`" in report_md
+    assert f"- {trials[0]['trial_id']}: certified {trials[0]['test_certified_acc']:.3f}" in report_md
+
+
 @pytest.mark.parametrize("train, search, warns", [
     ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "asha", "grace_period": 1}, True),
     ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "asha", "grace_period": 4}, False),
@@ -172,13 +222,7 @@ search:
 
 
 def test_successive_halving_pauses_at_the_rung_and_resumes_only_the_best(ray_cluster, tmp_path):
-    cfg = tmp_path / "search.yaml"
-    cfg.write_text(SHA_SEARCH)
-    exp = tmp_path / "exp"
-    log = tmp_path / "advtrain.log"
-    proc = _advtrain(["tune", "--config", str(cfg), "--out", str(exp), "--address", ray_cluster.address],
-                     {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
-    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    exp = _tune_to_the_end(SHA_SEARCH, tmp_path, ray_cluster.address, timeout=900)
 
     reports = {}
     for rj in (exp / "tune").glob("*/result.json"):

@@ -1,4 +1,4 @@
-"""The `advtrain` command: train, tune, evaluate, attack, report, cluster.
+"""The `advtrain` command: train, tune, evaluate, certify, attack, report, cluster.
 
 Bad input is one line on stderr and exit status 2, checked before anything is written; anything
 unexpected is exit status 1 with its traceback (see `main`).
@@ -110,7 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="bundled",
                    help="the images: bundled (MNIST), keras:NAME, an .npz, a folder or a file dataset (default: bundled)")
+    p.add_argument("--certify", help="bound methods run beside the attacks, comma-separated (ibp, crown-ibp, crown), "
+                                     "or none (default: ibp,crown-ibp)")
     p.add_argument("--out", help="folder or storage URI for report.json, report.md and plots (default: beside the model)")
+
+    p = sub.add_parser("certify", help="certified accuracy of a .keras model: proven by bound propagation (IBP, CROWN)")
+    p.add_argument("model", help="a .keras model file or its storage URI (loaded with safe_mode)")
+    p.add_argument("--eps", type=_floats, default=(0.3,), help="comma-separated eps values, e.g. 0.1,0.3")
+    p.add_argument("--method", default="ibp,crown-ibp",
+                   help="bound methods, comma-separated: ibp, crown-ibp, crown (default: ibp,crown-ibp)")
+    p.add_argument("--norm", default="linf")
+    p.add_argument("--n", type=int, help="the first N images (default: the whole split)")
+    p.add_argument("--split", default="test", help="test or val")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data", default="bundled",
+                   help="the images: bundled (MNIST), keras:NAME, an .npz, a folder or a file dataset (default: bundled)")
+    p.add_argument("--out", help="folder or storage URI for report.json (default: certify-<model name> beside the model)")
 
     p = sub.add_parser("attack", help="adversarial examples for given images")
     p.add_argument("model", help="a .keras model file")
@@ -212,11 +227,26 @@ def _cmd_tune(args) -> int:
 def _cmd_evaluate(args) -> int:
     from advtrain.config import EvalConfig
 
+    certify = {} if args.certify is None else {"certify": args.certify}
     cfg = EvalConfig(norm=args.norm, eps=args.eps, suite=args.suite, n=args.n, split=args.split,
-                     batch_size=args.batch_size, seed=args.seed)
+                     batch_size=args.batch_size, seed=args.seed, **certify)
     from workflows import commands
 
     return commands.evaluate(args.model, cfg, args.out, args.data)
+
+
+def _cmd_certify(args) -> int:
+    from advtrain.config import EvalConfig, check_methods, check_number
+
+    methods = check_methods("method", args.method)
+    if not methods:
+        raise UsageError(f"advtrain certify: --method needs at least one of ibp, crown-ibp, crown. "
+                         f"Received: {args.method!r}")
+    batch_size = check_number("batch_size", args.batch_size, low=1, high=65536, integer=True)
+    cfg = EvalConfig(norm=args.norm, eps=args.eps, n=args.n, split=args.split, certify=methods)
+    from workflows import commands
+
+    return commands.certify(args.model, cfg, args.out, args.data, batch_size=batch_size)
 
 
 def _cmd_attack(args) -> int:
@@ -245,8 +275,8 @@ def _cmd_cluster(args) -> int:
     return commands.cluster(args.action, args.root, num_cpus=args.num_cpus, add_node=args.add_node)
 
 
-COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "attack": _cmd_attack,
-            "report": _cmd_report, "cluster": _cmd_cluster}
+COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "certify": _cmd_certify,
+            "attack": _cmd_attack, "report": _cmd_report, "cluster": _cmd_cluster}
 
 
 _OWN_CODE = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("advtrain", "workflows"))

@@ -6,6 +6,9 @@ Every command that writes results writes a `workflows.storage.RunFolder`: the lo
 (`--out`), or `{storage}/{run name}` with `--storage`, staged locally and published through
 `pyarrow.fs` as each stage ends.
 
+`advtrain certify` writes `report.json` (schema `advtrain.certify_report/1`: per eps and bound
+method, the certified accuracy and the per-example mask) into `--out` or `certify-<model>/`.
+
 The run folder of `advtrain train`:
     config.json   the validated run spec (train, eval, scaling)
     metrics.json  per-epoch metrics and the summary (epochs run, early stop, restored epoch)
@@ -30,7 +33,7 @@ from workflows import storage
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
 
-__all__ = ["attack", "cluster", "evaluate", "report", "resume", "train", "tune", "write_evaluation"]
+__all__ = ["attack", "certify", "cluster", "evaluate", "report", "resume", "train", "tune", "write_evaluation"]
 
 
 def _say(text: str) -> None:
@@ -100,15 +103,17 @@ def _published(folder: RunFolder) -> None:
         _say(f"Stored {len(copied)} file(s) in {folder.remote}")
 
 
-def check_run(spec: RunSpec, *, include_train: bool):
+def check_run(spec: RunSpec, *, include_train: bool, certified: bool = False):
     """Before any training: the data loads, every eps fits its image space and the model takes
-    its images and outputs one logit per class. Returns the loaded `advtrain.data.ImageData`
-    (without a streamed file dataset's training split unless `include_train`).
+    its images and outputs one logit per class; for certified training (or when `certified`:
+    a search that samples it), every layer of the model is one the bounds cover.
+    Returns the loaded `advtrain.data.ImageData` (without a streamed file dataset's training
+    split unless `include_train`).
 
     Raises:
         advtrain.data.DataError, advtrain.models.ModelError, ValueError: one line each.
     """
-    from advtrain.config import MODELS, check_eps_fits
+    from advtrain.config import CERTIFIED_METHODS, MODELS, check_eps_fits
     from workflows.spec import eval_data
 
     t = spec.train
@@ -117,12 +122,17 @@ def check_run(spec: RunSpec, *, include_train: bool):
     check_eps_fits("eps", t.eps, t.norm, shape)
     for eps in spec.eval.eps:
         check_eps_fits("eval.eps", eps, spec.eval.norm, shape)
-    if t.model not in MODELS:
+    certified = certified or t.method in CERTIFIED_METHODS
+    if t.model not in MODELS or certified:
         from advtrain.models import make_model
 
-        _model, notes = make_model(t.model, input_shape=shape, num_classes=data.num_classes)
+        model, notes = make_model(t.model, input_shape=shape, num_classes=data.num_classes)
         for note in notes:  # e.g. the final softmax removed: said once, by the driver
             _say(f"model {t.model}: {note}")
+        if certified:
+            from advtrain.bounds import check_supported
+
+            check_supported(model)
     return data
 
 
@@ -229,7 +239,10 @@ def tune(spec: RunSpec, search, folder: RunFolder, *, address: str | None, stora
 
     if warning := schedule_warning(spec, search):
         _say(f"warning: {warning}")
-    data = check_run(spec, include_train=False)
+    from advtrain.config import CERTIFIED_METHODS
+
+    methods = next(iter(search.space["method"].values())) if "method" in search.space else []
+    data = check_run(spec, include_train=False, certified=any(m in CERTIFIED_METHODS for m in methods))
     _check_search_eps(spec, search, data.input_shape)
     _connect_and_check(spec, address)
     folder.local.mkdir(parents=True, exist_ok=True)
@@ -341,32 +354,151 @@ def evaluate(model_location: str, cfg: EvalConfig, out: str | None, data_source:
     `MODEL` and `--out` may be local paths or storage URIs; without `--out` the report goes
     beside the model (`eval-<model name>`). `data_source` is any `advtrain.data.load_data`
     source; the model must take its images."""
+    name, model_path = _model_file("evaluate", model_location)
+    folder = _folder_beside(model_location, model_path, out, "eval")
+    data, model = _load_model_and_data(name, model_path, cfg, data_source)
+    d = write_evaluation(model, cfg, folder.local, data)
+    _print_report_summary(d)
+    _published(folder)
+    _say(f"Report: {storage.join(str(folder), 'report.md')}")
+    return 0
+
+
+def _model_file(command: str, model_location: str) -> tuple[str, Path]:
+    """The model's file name and a local path to it (fetched from storage for a URI)."""
+    name = storage.basename(model_location)
+    if not name.endswith(".keras"):
+        raise ValueError(f"advtrain {command}: model must be a .keras file. Received: {model_location!r}")
+    if storage.is_uri(model_location):
+        return name, storage.fetch_file(model_location, Path(tempfile.mkdtemp(prefix="advtrain-model-")))
+    model_path = Path(model_location)
+    if not model_path.is_file():
+        raise ValueError(f"advtrain {command}: model must be an existing .keras file. Received: {model_location!r}")
+    return name, model_path
+
+
+def _folder_beside(model_location: str, model_path: Path, out: str | None, prefix: str) -> RunFolder:
+    """`--out`, or `<prefix>-<model name>` beside the model; staged locally for a URI."""
+    stem = storage.basename(model_location)[: -len(".keras")]
+    target = out or (storage.join(storage.parent(model_location), f"{prefix}-{stem}") if storage.is_uri(model_location)
+                     else str(model_path.parent / f"{prefix}-{stem}"))
+    return (RunFolder(Path(tempfile.mkdtemp(prefix=f"advtrain-{prefix}-")), target) if storage.is_uri(target)
+            else RunFolder(Path(target)))
+
+
+def _load_model_and_data(name: str, model_path: Path, cfg: EvalConfig, data_source: str):
+    """The data (every eps checked against its images) and the model (which must take them)."""
     from advtrain.config import check_eps_fits
     from advtrain.data import load_data
     from advtrain.models import check_input, load_model
 
-    name = storage.basename(model_location)
-    if not name.endswith(".keras"):
-        raise ValueError(f"advtrain evaluate: model must be a .keras file. Received: {model_location!r}")
-    if storage.is_uri(model_location):
-        model_path = storage.fetch_file(model_location, Path(tempfile.mkdtemp(prefix="advtrain-model-")))
-    else:
-        model_path = Path(model_location)
-        if not model_path.is_file():
-            raise ValueError(f"advtrain evaluate: model must be an existing .keras file. Received: {model_location!r}")
-    target = out or (storage.join(storage.parent(model_location), f"eval-{name[:-6]}") if storage.is_uri(model_location)
-                     else str(model_path.parent / f"eval-{name[:-6]}"))
-    folder = (RunFolder(Path(tempfile.mkdtemp(prefix="advtrain-eval-")), target) if storage.is_uri(target)
-              else RunFolder(Path(target)))
     data = load_data(data_source, val_size=None, include_train=False)
     for eps in cfg.eps:
         check_eps_fits("eps", eps, cfg.norm, data.input_shape)
     model = load_model(model_path)
     check_input(model, name, data.input_shape)
-    d = write_evaluation(model, cfg, folder.local, data)
-    _print_report_summary(d)
+    return data, model
+
+
+def _attacked_reports(model_location: str):
+    """`advtrain evaluate` reports beside the model, as (location, dict): in its run folder
+    (`report.json`, as `advtrain train` leaves it) and in evaluate's default folder
+    (`eval-<model name>/`)."""
+    import json
+
+    stem = storage.basename(model_location)[: -len(".keras")]
+    if storage.is_uri(model_location):
+        base = storage.parent(model_location)
+        places = [storage.join(base, "report.json"), storage.join(base, f"eval-{stem}", "report.json")]
+    else:
+        base = Path(model_location).parent
+        places = [str(base / "report.json"), str(base / f"eval-{stem}" / "report.json")]
+    for location in places:
+        if not storage.exists(location):
+            continue
+        local = (storage.fetch_file(location, Path(tempfile.mkdtemp(prefix="advtrain-report-")))
+                 if storage.is_uri(location) else Path(location))
+        try:
+            yield location, json.loads(local.read_text())
+        except (OSError, ValueError):
+            continue  # not a report: no attacked figure from it
+
+
+def _check_not_overwriting(path: Path) -> None:
+    """Refuses to replace a report.json that `advtrain certify` did not write (an evaluation's)."""
+    import json
+
+    from advtrain.certification import CERTIFY_SCHEMA
+
+    if not path.is_file():
+        return
+    try:
+        schema = json.loads(path.read_text()).get("schema")
+    except (OSError, ValueError, AttributeError):
+        schema = None
+    if schema != CERTIFY_SCHEMA:
+        raise ValueError(f"advtrain certify: {path} is not a certify report (schema {schema!r}) and would be "
+                         "replaced: choose another --out")
+
+
+def certify(model_location: str, cfg: EvalConfig, out: str | None, data_source: str = "bundled", *,
+            batch_size: int = 256) -> int:
+    """`advtrain certify MODEL`: certified accuracy per eps and bound method (`cfg.certify`) on
+    the first `cfg.n` examples of `cfg.split`, written to `report.json` (per-example masks).
+
+    `MODEL` and `--out` may be local paths or storage URIs; without `--out` the report goes
+    beside the model (`certify-<model name>`), as `evaluate`'s goes to `eval-<model name>`. A
+    model with a layer the bounds cannot cover is refused in one line naming it, before anything
+    is written. When an `advtrain evaluate` report of the same threat model and examples is
+    beside the model, its attacked figure is shown as the upper bound.
+
+    Raises:
+        ValueError: a usage error (one line): an unsupported layer, a bad model file, data or eps.
+        CertificationError: the certified accuracy exceeds the attacked one of that report.
+    """
+    name, model_path = _model_file("certify", model_location)
+    folder = _folder_beside(model_location, model_path, out, "certify")
+    _check_not_overwriting(folder.local / "report.json")
+    from advtrain import bounds, certification  # TensorFlow loads here, after the cheap checks
+    from advtrain.checks import check_model
+    from advtrain.files import write_json
+
+    data, model = _load_model_and_data(name, model_path, cfg, data_source)
+    x, y = data.split(cfg.split)
+    if cfg.n is not None:
+        if cfg.n > len(x):
+            raise ValueError(f"`n` asks for more examples than the {cfg.split} split holds. Received: n={cfg.n}, "
+                             f"len({cfg.split})={len(x)}")
+        x, y = x[: cfg.n], y[: cfg.n]
+    m = min(len(x), 64)
+    model, notes, _grads = check_model(model, x[:m], y[:m].astype(np.int32))  # logits; a final softmax removed
+    try:
+        d = certification.certify_report(model, x, y, eps=cfg.eps, norm=cfg.norm, methods=cfg.certify,
+                                         split=cfg.split, data=data.describe(), batch_size=batch_size)
+    except bounds.UnsupportedLayerError as e:
+        raise ValueError(f"advtrain certify: {name}: {e}") from None
+    d["model"], d["notes"] = model_location, notes
+    reports = list(_attacked_reports(model_location))
+    for r in d["per_eps"]:
+        for location, report in reports:
+            entry = certification.attacked_figure(report, eps=r["eps"], norm=cfg.norm, n=len(y), split=cfg.split,
+                                                  data=d["data"])
+            if entry is not None:
+                break
+        else:
+            continue
+        r["robust_acc"], r["robust_report"] = entry["robust_acc"], location
+        r["robust_flags_failed"] = entry.get("robust_flags_failed") or []
+        if r["certified_acc"] > entry["robust_acc"] + 1e-9:
+            raise certification.CertificationError(
+                f"certified {r['certified_acc']:.4f} > robust {entry['robust_acc']:.4f} at {cfg.norm} eps {r['eps']:g} "
+                f"on the same {len(y)} examples ({location}): the bound or the attack is wrong, or that report is of "
+                "another model")
+    write_json(folder.local / "report.json", d)
+    for line in certification.certify_lines(d):
+        _say(line)
     _published(folder)
-    _say(f"Report: {storage.join(str(folder), 'report.md')}")
+    _say(f"Report: {storage.join(str(folder), 'report.json')}")
     return 0
 
 

@@ -24,8 +24,8 @@ from workflows.spec import RunSpec, eval_data
 __all__ = ["evaluate_trial", "collect", "write_all", "rank", "COLUMNS"]
 
 TOP_K = 3
-COLUMNS = ("rank", "trial_id", "config", "val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc",
-           "test_flags_failed", "epochs_run", "stopped", "wall_s")
+COLUMNS = ("rank", "trial_id", "config", "val_clean_acc", "val_robust_acc", "val_certified_acc", "test_clean_acc",
+           "test_robust_acc", "test_certified_acc", "test_flags_failed", "epochs_run", "stopped", "wall_s")
 # Shown as upper bounds, with the failed flags beside them, when a trial's model failed a check.
 ROBUST_COLUMNS = ("val_robust_acc", "test_robust_acc")
 
@@ -35,15 +35,18 @@ def evaluate_trial(model, spec: RunSpec, data, out: Path) -> dict[str, Any]:
     the search's threat model on its test examples. Writes report.json/.md into `out`.
 
     Returns:
-        The `test_*` metrics at the judged eps: clean and robust accuracy, and the flags that
-        failed (non-empty: the robust accuracy is an upper bound).
+        The `test_*` metrics at the judged eps: clean and robust accuracy, the flags that
+        failed (non-empty: the robust accuracy is an upper bound), and the certified accuracy
+        (`test_certified_acc`, a proven lower bound; None when not run or not available, with
+        `test_certified_note` saying why) with the method that certified most.
     """
     rep = evaluation.evaluate_split(model, spec.eval, data)
     rep.write(out)
     eps = spec.threat_model.eps
     r = rep.result(eps)
     return {"test_clean_acc": r.clean_acc, "test_robust_acc": r.robust_acc,
-            "test_flags_failed": rep.failed_at(eps)}
+            "test_certified_acc": r.certified_acc, "test_certified_by": r.certified_method,
+            "test_certified_note": r.certified_note, "test_flags_failed": rep.failed_at(eps)}
 
 
 def _stopped(metrics: dict, error: Any, scheduler: str) -> str:
@@ -77,6 +80,7 @@ def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict
     storage, `None` for a local run folder); copies the best model and the top trials' reports."""
     search = json.loads((run_dir / "spec.json").read_text())["search"]
     searched, scheduler = list(search["space"]), search["scheduler"]
+    metric = search.get("metric", "val_robust_acc")  # searches saved before `search.metric` ranked on PGD
     rows = []
     for result in grid:
         m = dict(result.metrics or {})
@@ -86,8 +90,12 @@ def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict
             "config": {k: (round(cfg[k], 4) if isinstance(cfg.get(k), float) else cfg.get(k)) for k in searched},
             "val_clean_acc": m.get("val_clean_acc"),
             "val_robust_acc": m.get("val_robust_acc"),
+            "val_certified_acc": m.get("val_certified_acc"),
             "test_clean_acc": m.get("test_clean_acc"),
             "test_robust_acc": m.get("test_robust_acc"),
+            "test_certified_acc": m.get("test_certified_acc"),
+            "test_certified_by": m.get("test_certified_by"),
+            "test_certified_note": m.get("test_certified_note"),
             "test_flags_failed": m.get("test_flags_failed", []),
             "epochs_run": m.get("epoch"),
             "planned_epochs": spec.train.epochs,
@@ -104,7 +112,7 @@ def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict
             data = data or eval_data(spec)
             _evaluate_stopped(row, spec, data, filesystem)
             row["evaluated_by"] = "driver (last checkpoint)"
-    ranked = rank(rows)
+    ranked = rank(rows, metric)
     trials_dir = run_dir / "trials"
     for row in ranked[:TOP_K]:
         src = row.get("_dir")
@@ -119,22 +127,23 @@ def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict
     if best is not None:
         copy_file(trials_dir / best["trial_id"] / "model.keras", run_dir / "best_model.keras")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in ranked]
-    objective = {"metric": "val_robust_acc", "attack": f"pgd-{spec.train.probe_steps}", "split": "val",
-                 "n": spec.train.probe_size}
+    attack = f"pgd-{spec.train.probe_steps}" if metric == "val_robust_acc" else "ibp+crown-ibp bounds"
+    objective = {"metric": metric, "attack": attack, "split": "val", "n": spec.train.probe_size}
     write_json(run_dir / "trials.json", {"threat_model": spec.threat_model.to_dict(), "objective": objective,
-                                         "metric": "val_robust_acc", "trials": clean,
+                                         "metric": metric, "trials": clean,
                                          "best_trial": best["trial_id"] if best else None})
     return clean
 
 
-def rank(rows: list[dict]) -> list[dict]:
+def rank(rows: list[dict], metric: str = "val_robust_acc") -> list[dict]:
     """Trials whose model passed every sanity check first (a flagged model's robust accuracy is
-    only an upper bound, never a reason to rank it first); then by validation robust accuracy
-    (the search objective, never the test split), trials that trained every epoch before those
-    stopped early, then validation clean accuracy."""
+    only an upper bound, never a reason to rank it first); then by the search's metric on the
+    validation split (`val_robust_acc` or `val_certified_acc`, never the test split), trials
+    that trained every epoch before those stopped early, then validation clean accuracy."""
     def key(r):
         full = r.get("stopped") in ("no", "overfitting guard")
-        return (not r.get("test_flags_failed"), r.get("val_robust_acc") or -1.0, full, r.get("val_clean_acc") or -1.0)
+        score = r.get(metric)
+        return (not r.get("test_flags_failed"), -1.0 if score is None else score, full, r.get("val_clean_acc") or -1.0)
 
     out = sorted(rows, key=key, reverse=True)
     for i, r in enumerate(out, 1):
@@ -159,7 +168,14 @@ def _cells(r: dict) -> dict[str, str]:
     cells = {c: _fmt(r.get(c)) for c in COLUMNS}
     for c in ROBUST_COLUMNS:
         cells[c] = report.robust_cell(r.get(c), r.get("test_flags_failed") or ())
+    # Never 0 for a model the bounds cannot cover: "not available (layer 'x')".
+    cells["test_certified_acc"] = report.certified_cell(r.get("test_certified_acc"), note=r.get("test_certified_note"))
     return cells
+
+
+def _bracket(r: dict) -> str:
+    return report.bracket(r["test_clean_acc"], r["test_robust_acc"], r.get("test_flags_failed") or (),
+                          r.get("test_certified_acc"), r.get("test_certified_by"), r.get("test_certified_note"))
 
 
 def _csv_cell(v: Any) -> Any:
@@ -201,17 +217,23 @@ def write_all(run_dir: Path) -> list[str]:
         report.plot_accuracy_vs_eps(curves, run_dir / "accuracy_vs_eps.png")
 
     threat = f"{tm['norm']} eps={tm['eps']:g}, {tm['suite']} suite, {tm['split']} split, n={tm['n'] or 'all'}"
-    obj = data.get("objective") or {"attack": "pgd", "n": "?"}
+    obj = data.get("objective") or {"metric": "val_robust_acc", "attack": "pgd", "n": "?"}
     md = ["# advtrain search report", "", f"Threat model (fixed for every trial): **{threat}**.", "",
-          f"- The search's objective, `val_robust_acc`, is a cheap probe: {obj['attack'].upper()} on the first "
+          f"- The search's objective, `{obj.get('metric', 'val_robust_acc')}`, is a cheap probe: "
+          f"{obj['attack'].upper()} on the first "
           f"{obj['n']} validation examples at {tm['norm']} eps {tm['eps']:g}, after every epoch. It ranks the trials "
           "and steers the scheduler.",
           f"- The test columns are the full `{tm['suite']}` suite on the {tm['split']} split, run once on each trial's "
           "final model (for trials the scheduler stopped: their last checkpoint, evaluated by the driver). They never "
           "steered the search.",
           "- A robust accuracy marked `<=` is an upper bound: that trial's model failed a sanity check (named beside "
-          "it, see docs/flags.md). Such trials rank below every trial that passed.", "",
-          "## Ranked trials", "", table, "", "## Clean vs robust (test) Pareto front", ""]
+          "it, see docs/flags.md). Such trials rank below every trial that passed.",
+          "- `test_certified_acc` is proven by bound propagation on the same test examples (a lower bound: no input "
+          "in the eps-ball changes those predictions); `-` when certification did not run, \"not available\" when "
+          "the model has a layer the bounds cannot cover.", "",
+          "## Ranked trials", "", table, "", "## Certified <= robust <= clean (test)", ""]
+    md += [f"- {r['trial_id']}: {_bracket(r)}" for r in evaluated] or ["- no evaluated trial"]
+    md += ["", "## Clean vs robust (test) Pareto front", ""]
     md += [f"- {p['label']}: clean {p['clean']:.4f}, robust {p['robust']:.4f}" for p in front] or ["- no evaluated trial"]
     md += [f"- not on the front, flagged: {p['label']}: clean {p['clean']:.4f}, robust "
            f"{report.robust_cell(p['robust'], p['flags_failed'])}" for p in flagged]

@@ -28,17 +28,20 @@ from typing import Any, Mapping
 
 from ray import tune
 
-from advtrain.config import TrainConfig, check_choice, check_number
+from advtrain.config import CERTIFIED_METHODS, TrainConfig, check_choice, check_number
 from workflows import storage
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
 
-__all__ = ["METRIC", "MODE", "SPEC_FILE", "SearchSpec", "build_param_space", "per_worker", "read_spec", "run_search",
+__all__ = ["METRIC", "METRICS", "MODE", "SPEC_FILE", "SearchSpec", "build_param_space", "per_worker", "read_spec", "run_search",
            "run_trial", "schedule_warning", "write_spec"]
 
 log = logging.getLogger(__name__)
 
 METRIC, MODE = "val_robust_acc", "max"
+# What a search may rank on: the PGD probe (an upper bound) or the certified probe (a lower
+# bound, reported when the model's layers are all boundable: `advtrain.bounds`).
+METRICS = ("val_robust_acc", "val_certified_acc")
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "sha", "fifo")
 SEARCHERS = ("random", "optuna", "optuna-multi")
@@ -101,6 +104,9 @@ class SearchSpec:
         reduction_factor: their halving rate, >= 2. Defaults to `2`.
         max_concurrent: trials at once, or `None` to derive from the cluster. Defaults to `None`.
         seed: seed of the searcher. Defaults to `0`.
+        metric: what schedulers, searchers and the ranked table judge trials on:
+            `"val_robust_acc"` (the PGD probe) or `"val_certified_acc"` (the certified probe,
+            for `method: ibp` or `crown-ibp` searches). Defaults to `"val_robust_acc"`.
     """
 
     space: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPACE))
@@ -111,6 +117,7 @@ class SearchSpec:
     reduction_factor: int = 2
     max_concurrent: int | None = None
     seed: int = 0
+    metric: str = METRIC
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: Mapping[str, Any] | None = None,
@@ -124,6 +131,14 @@ class SearchSpec:
             data["samples"] = samples
         spec = cls(**data)
         object.__setattr__(spec, "space", _validate_space(spec.space, base or {}))
+        if spec.metric == "val_certified_acc":
+            # Only certified training reports the certified probe (`advtrain.training`).
+            methods = (next(iter(spec.space["method"].values())) if "method" in spec.space
+                       else [(base or {}).get("method", TrainConfig.method)])
+            if not set(methods) <= set(CERTIFIED_METHODS):
+                raise ValueError("`search.metric: val_certified_acc` ranks on the certified probe, which only "
+                                 f"certified training reports: every trial's method must be one of "
+                                 f"{', '.join(map(repr, CERTIFIED_METHODS))}. Received: method={', '.join(methods)}")
         return spec
 
     def __post_init__(self) -> None:
@@ -137,6 +152,7 @@ class SearchSpec:
             object.__setattr__(self, "max_concurrent",
                                check_number("max_concurrent", self.max_concurrent, low=1, integer=True))
         object.__setattr__(self, "seed", check_number("seed", self.seed, low=0, integer=True))
+        object.__setattr__(self, "metric", check_choice("metric", self.metric, METRICS))
         if self.searcher == "optuna-multi" and self.scheduler == "asha":
             raise ValueError("`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: fifo`. "
                              "Received: searcher='optuna-multi', scheduler='asha'")
@@ -289,13 +305,13 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
         else:
             from ray.tune.search.optuna import OptunaSearch
 
-            searcher = OptunaSearch(metric=["val_clean_acc", METRIC] if multi else METRIC,
+            searcher = OptunaSearch(metric=["val_clean_acc", search.metric] if multi else search.metric,
                                     mode=["max", "max"] if multi else MODE, seed=search.seed)
     return tune.Tuner(
         trainable,
         param_space=build_param_space(search),
         tune_config=tune.TuneConfig(
-            metric=None if multi else METRIC, mode=None if multi else MODE, num_samples=search.samples,
+            metric=None if multi else search.metric, mode=None if multi else MODE, num_samples=search.samples,
             scheduler=scheduler, search_alg=searcher,
             max_concurrent_trials=None if search.searcher == "random" else concurrent,
         ),
