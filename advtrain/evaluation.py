@@ -10,7 +10,10 @@ eps, suite), on n examples of a named split. `evaluate_robustness` reads top to 
    still-robust examples (Croce and Hein 2020, arXiv:2003.01690); after each, the accuracy and
    the number of examples it broke; every attack output is verified (in the eps-ball, in [0, 1],
    finite). The standard suite ends with Square, which needs no gradient: on a model that masks
-   its gradients it is the attack that finds the true figure;
+   its gradients it is the attack that finds the true figure. Before it, on a model with layers
+   without a useful gradient (quantisation, rounding, casts: `advtrain.bpda`), APGD-CE takes
+   its gradients from a straight-through surrogate (BPDA, Athalye et al. 2018), its adversarial
+   inputs judged on the model itself; on any other model that attack is not run;
 4. FGSM as a weak reference, run on every clean-correct example and reported apart;
 5. the bound methods of `config.certify` (`advtrain.certification`, `advtrain.bounds`) on the
    same examples: the certified accuracy, a proven lower bound beside the attacked upper bound,
@@ -33,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from advtrain import attacks, flags
+from advtrain.bpda import bpda_surrogate
 from advtrain.certification import CertificationError, certify_at
 from advtrain.checks import check_model, predict_logits, verify_adversarial
 from advtrain.config import EvalConfig
@@ -85,15 +89,18 @@ class _Eval:
     norm: str
     batch_size: int
     progress: Progress | None
+    surrogate: Any = None  # the straight-through model BPDA attacks take their gradients from
 
     def attack(self, attack: SuiteAttack, idx, eps, seed, label, y_target=None) -> np.ndarray:
-        """Runs `attack` on examples `idx` and verifies its output against the threat model."""
+        """Runs `attack` on examples `idx` and verifies its output against the threat model.
+        A BPDA attack runs on the surrogate; its output is judged on the model by the caller."""
         x, y = self.x[idx], self.y[idx]
+        model = self.surrogate if attack.bpda else self.model
         on_batch = None
         if self.progress is not None:
             self.progress(label, 0, len(idx))
             on_batch = lambda done: self.progress(label, done, len(idx))  # noqa: E731
-        adv = attacks.run_attack(attack.attack, self.model, x, y, batch_size=self.batch_size,
+        adv = attacks.run_attack(attack.attack, model, x, y, batch_size=self.batch_size,
                                  y_target=y_target, seed=seed, on_batch=on_batch,
                                  **attack.budget(eps, self.norm))
         verify_adversarial(x, adv, eps=eps, norm=self.norm)
@@ -190,7 +197,8 @@ def evaluate_robustness(
     it, the certified accuracy.
 
     For each eps of `config.eps` (a sweep when several): clean pass, then the suite's attacks in
-    order on the still-robust examples (robust accuracy = per-example worst case), FGSM as a
+    order on the still-robust examples (robust accuracy = per-example worst case; the BPDA
+    attack only on a model with layers without a useful gradient, named in the report), FGSM as a
     weak reference, the bound methods of `config.certify` on the same examples (certified
     accuracy = per-example union; `certified <= robust <= clean` holds per example), and, when
     `config.sanity`, the checks of `advtrain.flags`.
@@ -247,7 +255,13 @@ def evaluate_robustness(
     if int(y.max()) >= clean_logits.shape[1]:
         raise ValueError(f"Labels exceed the model's {clean_logits.shape[1]} classes. "
                          f"Received: max label={int(y.max())}")
-    ev = _Eval(model, x, y, clean_logits, config.norm, config.batch_size, progress)
+    # BPDA: only where the suite has such an attack and the model has layers without a gradient.
+    bpda = bpda_surrogate(model, x[:m]) if any(a.bpda for a in suite) else None
+    if bpda is not None and bpda.note:
+        notes.append(bpda.note)
+    surrogate = None if bpda is None else bpda.model
+    suite = tuple(a for a in suite if not a.bpda or surrogate is not None)
+    ev = _Eval(model, x, y, clean_logits, config.norm, config.batch_size, progress, surrogate)
     found = [flags.check_zero_gradients(grads)] if config.sanity else []
     results, unavailable = [], {}  # {bound method: why it cannot bound this model}, for every eps
     for eps in config.eps:
@@ -272,7 +286,8 @@ def evaluate_robustness(
         notes.append("sanity checks were switched off (config.sanity=False)")
     return RobustnessReport(
         norm=config.norm, eps=tuple(config.eps), suite=config.suite,
-        attacks=tuple(a.describe() for a in suite), reference_attack=FGSM_REFERENCE.describe(),
+        attacks=tuple(a.describe(bpda.layers if a.bpda else ()) for a in suite),
+        reference_attack=FGSM_REFERENCE.describe(),
         steps_scale=float(steps_scale), n=len(x), split=split, seed=config.seed,
         results=tuple(results), flags=tuple(found), notes=tuple(notes),
         seconds=time.perf_counter() - start, certify=tuple(config.certify))

@@ -19,7 +19,8 @@ from advtrain.certification import certified_by
 from advtrain.files import write_text
 from advtrain.report import bracket, certified_cell, markdown_table, robust_cell
 
-__all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "bracket_of", "per_eps", "summary_lines"]
+__all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "bpda_layers", "bracket_of", "per_eps",
+           "summary_lines"]
 
 # /3 added the certified accuracy (per bound method, with per-example masks) and the bracket;
 # /2 the upper-bound marking and the examples each attack broke. /2 and /1 files still read.
@@ -146,6 +147,11 @@ class RobustnessReport:
                        if f.eps is None or math.isclose(f.eps, eps, abs_tol=1e-9)})
 
     @property
+    def bpda_layers(self) -> tuple[str, ...]:
+        """The layers a BPDA attack of the suite approximated (`advtrain.bpda`), or `()`."""
+        return bpda_layers(self.attacks)
+
+    @property
     def sanity_passed(self) -> bool | None:
         """False if any flag failed; None when no check ran; True otherwise."""
         if self.failed_flags:
@@ -166,6 +172,9 @@ class RobustnessReport:
                 s += f", targeted at each of the top-{a['target_classes']} other classes"
             if a.get("gradient_free"):
                 s += ", gradient-free"
+            if a.get("bpda"):
+                s += (", BPDA: gradients through the identity at layers "
+                      f"{_quoted(a['bpda_layers'])}, judged on the model")
             parts.append(s + ")")
         scaled = "" if self.steps_scale == 1.0 else f" [REDUCED: steps x{self.steps_scale:g}]"
         return f"`{self.suite}`{scaled}: " + "; ".join(parts)
@@ -349,6 +358,10 @@ class RobustnessReport:
                "union) on the same examples: no input in the eps-ball (within [0, 1]) changes the "
                "prediction. It is a lower bound on the true robust accuracy, the attacked figure an upper one; "
                "every certified example was checked against every attack."] if certifying else []),
+            *([f"- BPDA (Athalye et al. 2018): layers {_quoted(self.bpda_layers)} have no useful "
+               "gradient; the BPDA attack took its gradients from a copy of the model that computes "
+               "them in the forward pass and the identity in the backward pass, and its adversarial "
+               "inputs were judged on the model itself."] if self.bpda_layers else []),
             f"- Examples: n = {self.n} from the `{self.split}` split; seed {self.seed}",
             *([_data_line(self.data)] if self.data else []),
             "",
@@ -392,6 +405,16 @@ def _data_line(d: dict) -> str:
             f"({d['train']} train / {d['val']} val / {d['test']} test)")
 
 
+def bpda_layers(attacks) -> tuple[str, ...]:
+    """The layers the BPDA attacks among `attacks` (report attack dicts) approximated, in order."""
+    found = (p for a in attacks if a.get("bpda") for p in a.get("bpda_layers", ()))
+    return tuple(dict.fromkeys(found))
+
+
+def _quoted(layers) -> str:
+    return ", ".join(f"'{p}'" for p in layers)
+
+
 def _broken(broken: dict[str, int]) -> str:
     return ", ".join(f"{name}: {k}" for name, k in broken.items()) or "none run"
 
@@ -422,8 +445,10 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
     tm = d["threat_model"]
     names = ", ".join(a["name"] for a in tm["attacks"])
     scaled = "" if tm.get("steps_scale", 1.0) == 1.0 else f", REDUCED: steps x{tm['steps_scale']:g}"
+    approximated = bpda_layers(tm["attacks"])
+    bpda = f"; bpda: layers {_quoted(approximated)}" if approximated else ""
     lines = [f"Threat model: {tm['norm']} eps {', '.join(f'{e:g}' for e in tm['eps'])}; suite "
-             f"{tm['suite']} ({names}{scaled}); n={d['n']} {d['split']} examples"]
+             f"{tm['suite']} ({names}{scaled}{bpda}); n={d['n']} {d['split']} examples"]
     for r in rows:
         attacks = "  ".join(f"{k} {v:.4f}" for k, v in r["per_attack"].items() if k != "clean")
         ref = "" if tm["suite"] == "fgsm" else f"  | fgsm (reference) {r['fgsm_acc']:.4f}"

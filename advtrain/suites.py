@@ -2,8 +2,10 @@
 
 `standard` is AutoAttack's standard version (Croce and Hein 2020, arXiv:2003.01690): APGD-CE,
 APGD-T (targeted DLR, 9 target classes) and Square (5,000 queries, gradient-free), preceded by
-advtrain's PGD-100 with 5 restarts. Each attack runs only on the examples its predecessors did not
-break, so the cost of the later attacks is paid on the still-robust examples alone. FAB-T, the
+advtrain's PGD-100 with 5 restarts. Before Square it runs APGD-CE through a BPDA surrogate
+(`advtrain.bpda`, Athalye et al. 2018) where, and only where, the model has layers without a useful
+gradient (quantisation, rounding, casts). Each attack runs only on the examples its predecessors did
+not break, so the cost of the later attacks is paid on the still-robust examples alone. FAB-T, the
 fourth attack of AutoAttack's standard version, is not included: see docs/flags.md ("Why no
 FAB-T").
 """
@@ -22,7 +24,8 @@ class SuiteAttack:
     """One attack of a suite, its budget relative to the threat model's norm and eps.
 
     Args:
-        kind: short name of the method: `"fgsm"`, `"pgd"`, `"apgd-ce"`, `"apgd-t"` or `"square"`.
+        kind: short name of the method: `"fgsm"`, `"pgd"`, `"apgd-ce"`, `"apgd-t"`,
+            `"apgd-ce-bpda"` or `"square"`.
         attack: key of `advtrain.attacks.ATTACKS` that runs it.
         steps: iterations, >= 1; for Square, the query budget per example. Step sizes are the
             attack's defaults: eps for FGSM, 2.5 * eps / steps for PGD, APGD's own schedule from
@@ -32,6 +35,10 @@ class SuiteAttack:
         target_classes: 0 for an untargeted attack; k > 0 runs the attack targeted at each of
             the k highest-scoring other classes of the clean logits in turn (APGD-T, k = 9 in
             AutoAttack's standard version).
+        bpda: take the gradients from the model's straight-through surrogate
+            (`advtrain.bpda`: the identity in the backward pass through its layers without a
+            useful gradient), the adversarial inputs judged on the model itself. Run only on a
+            model that has such layers; skipped, and absent from the report, otherwise.
     """
 
     kind: str
@@ -40,11 +47,12 @@ class SuiteAttack:
     restarts: int = 1
     loss: str = "ce"
     target_classes: int = 0
+    bpda: bool = False
 
     @property
     def name(self) -> str:
         """The label used in reports: `fgsm`, `pgd-100x5`, `apgd-ce-100`, `apgd-t-100-top9`,
-        `square-5000`."""
+        `apgd-ce-bpda-100`, `square-5000`."""
         if self.attack == "fgsm":
             return "fgsm"
         name = f"{self.kind}-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
@@ -69,9 +77,12 @@ class SuiteAttack:
             kw.update(steps=self.steps, restarts=self.restarts)
         return kw
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, bpda_layers: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The attack as the report lists it; a BPDA attack adds `bpda: True` and
+        `bpda_layers`, the layers it approximated (the other attacks carry neither key)."""
         step = {"fgsm": "eps", "pgd": "2.5*eps/steps", "apgd": "auto (from 2*eps)",
                 "square": "square size from p_init 0.8"}[self.attack]
+        bpda = {"bpda": True, "bpda_layers": list(bpda_layers)} if self.bpda else {}
         return {
             "name": self.name,
             "attack": self.attack,
@@ -82,6 +93,7 @@ class SuiteAttack:
             "targeted": bool(self.target_classes),
             "target_classes": self.target_classes,
             "gradient_free": self.gradient_free,
+            **bpda,
         }
 
 
@@ -96,6 +108,8 @@ SUITES: MappingProxyType[str, tuple[SuiteAttack, ...]] = MappingProxyType(
             SuiteAttack("pgd", "pgd", steps=100, restarts=5),
             SuiteAttack("apgd-ce", "apgd", steps=100),
             SuiteAttack("apgd-t", "apgd", steps=100, loss="dlr", target_classes=9),
+            # Only on a model with layers without a useful gradient (`advtrain.bpda`).
+            SuiteAttack("apgd-ce-bpda", "apgd", steps=100, bpda=True),
             SuiteAttack("square", "square", steps=5000, loss="margin"),
         ),
     }

@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     r = rep.result(eps)
     ours = correct(r.adversarial)
-    shared = [a.name for a in suite_attacks("standard", scale) if a.kind != "pgd"]
+    shared = [a.name for a in suite_attacks("standard", scale) if a.kind != "pgd" and not a.bpda]
     attacked, before = {}, round(r.per_attack["clean"] * n)
     for name, acc in r.per_attack.items():
         if name != "clean":

@@ -228,7 +228,9 @@ def test_attack_writes_npz_within_ball(method, tiny_config, tmp_path, capsys):
 @pytest.mark.slow
 def test_evaluate_quantised_input_model_shows_square_and_upper_bound(tmp_path, capsys):
     """The issue's case: a Keras `Discretization` layer (8 grey levels) in front of a clean CNN.
-    Its input gradient is zero, so only Square breaks it, and the headline is an upper bound."""
+    Its input gradient is zero, so plain gradient attacks break nothing; APGD through BPDA (the
+    identity in the backward pass at that layer) and Square do, and the headline is an upper
+    bound."""
     import keras
 
     from advtrain.config import TrainConfig
@@ -249,13 +251,21 @@ def test_evaluate_quantised_input_model_shows_square_and_upper_bound(tmp_path, c
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     entry = report["per_eps"][0]
     broken = entry["broken"]
-    # The gradient attacks break only what their random start happens to (zero gradients).
-    assert broken["square-5000"] >= 50 and broken["square-5000"] > 5 * (sum(broken.values()) - broken["square-5000"])
+    # The plain gradient attacks break only what their random start happens to (zero gradients);
+    # BPDA and Square, which need no gradient through the layer, break the rest.
+    masked_proof = broken["apgd-ce-bpda-100"] + broken["square-5000"]
+    assert masked_proof >= 50 and masked_proof > 5 * (sum(broken.values()) - masked_proof)
+    assert broken["apgd-ce-bpda-100"] >= 50  # measured: 84 of the 84 left, Square then none
+    bpda = [a for a in report["threat_model"]["attacks"] if a.get("bpda")]
+    assert [a["name"] for a in bpda] == ["apgd-ce-bpda-100"]
+    (layer,) = bpda[0]["bpda_layers"]
+    assert layer.startswith("discretization")  # Keras may number it: discretization_1
     assert entry["robust_acc"] <= 0.2 and entry["robust_upper_bound"] is True
     assert entry["robust_display"].startswith("<= ")
     assert f"robust <= {entry['robust_acc']:.3f} (upper bound: " in entry["bracket"] and entry["bracket"] in err
-    assert f"square-5000: {broken['square-5000']}" in err
-    assert "eps 0.3 square-5000" in err  # the per-attack progress bar
+    assert f"apgd-ce-bpda-100: {broken['apgd-ce-bpda-100']}, square-5000: {broken['square-5000']}" in err
+    assert f"square-5000; bpda: layers '{layer}'); n=100" in err  # the threat-model line
+    assert "eps 0.3 apgd-ce-bpda-100" in err  # the per-attack progress bar
     assert "WARNING: zero-gradients FAILED" in err
 
 
@@ -379,3 +389,12 @@ def test_readme_certify_command_typed_as_written(tmp_path, capsys, monkeypatch):
     assert [line.split(":")[0] for line in err[:-1]] == [f"eps {e}" for e in eps]
     d = json.loads((tmp_path / "runs" / "quick" / "certify-best_model" / "report.json").read_text())
     assert d["n"] == int(argv[argv.index("--n") + 1]) and d["methods"] == argv[argv.index("--method") + 1].split(",")
+
+
+def test_epoch_line_shows_the_certified_probe_only_when_run():
+    from workflows.commands import _epoch_line
+
+    m = {"epoch": 3, "train_loss": 0.5, "train_adv_acc": 0.8, "val_clean_acc": 0.97, "val_fgsm_acc": 0.9,
+         "val_pgd_acc": 0.88, "eps": 0.1, "examples_per_second": 1234.0, "epoch_seconds": 44.4}
+    assert "certified" not in _epoch_line(m)
+    assert "val PGD 0.880  val certified 0.812  eps 0.100" in _epoch_line({**m, "val_certified_acc": 0.8125})

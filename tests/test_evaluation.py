@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from advtrain import flags, training
 from advtrain.attacks import run_attack
+from advtrain.bpda import bpda_surrogate
 from advtrain.checks import AttackOutputError, check_model, verify_adversarial
 from advtrain.config import EvalConfig, TrainConfig
 from advtrain.data import load_data
@@ -141,13 +142,15 @@ def test_suites_table_defaults_are_the_design_suites():
     assert [a.name for a in SUITES["fgsm"]] == ["fgsm"]
     assert [a.name for a in SUITES["quick"]] == ["pgd-20"]
     assert [a.name for a in SUITES["standard"]] == ["pgd-100x5", "apgd-ce-100", "apgd-t-100-top9",
-                                                    "square-5000"]
-    assert [a.gradient_free for a in SUITES["standard"]] == [False, False, False, True]
+                                                    "apgd-ce-bpda-100", "square-5000"]
+    assert [a.gradient_free for a in SUITES["standard"]] == [False, False, False, False, True]
+    assert [a.bpda for a in SUITES["standard"]] == [False, False, False, True, False]
 
 
 def test_suite_attacks_steps_scale_relabels_without_touching_table():
     scaled = suite_attacks("standard", steps_scale=0.1)
-    assert [a.name for a in scaled] == ["pgd-10x5", "apgd-ce-10", "apgd-t-10-top9", "square-500"]
+    assert [a.name for a in scaled] == ["pgd-10x5", "apgd-ce-10", "apgd-t-10-top9", "apgd-ce-bpda-10",
+                                        "square-500"]
     assert SUITES["standard"][0].steps == 100
 
 
@@ -241,7 +244,10 @@ def test_evaluate_robustness_certifies_beside_the_attacks_union_le_robust(quick_
 @pytest.mark.slow
 def test_evaluate_robustness_standard_suite_worst_case_le_each_attack(standard_report, trained, xy):
     res = standard_report.result(0.3)
+    # No layer without a gradient: no BPDA attack, and nothing about it in the report.
     assert list(res.per_attack) == ["clean", "pgd-10x5", "apgd-ce-10", "apgd-t-10-top9", "square-500"]
+    assert standard_report.bpda_layers == () and "BPDA" not in standard_report.to_markdown()
+    assert not any("bpda" in a for a in standard_report.to_dict()["threat_model"]["attacks"])
     assert list(res.broken) == list(res.per_attack)[1:]
     # Each attack's count is the drop in correct examples it caused, on the still-robust ones.
     accs = list(res.per_attack.values())
@@ -463,6 +469,10 @@ MASKS = {
 }
 
 
+def layer_name(masked):
+    return masked.layers[0].name  # the rounding layer (Keras may number it: round_input_1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mask", sorted(MASKS))
 def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_marked(mask, reference, xy):
@@ -479,11 +489,13 @@ def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_mark
     assert res.robust_acc <= square_acc + 2 * flags.tolerance(square_acc, len(y))
     # The report shows which attack broke it, and the number only as an upper bound.
     assert sum(res.broken.values()) == round((res.clean_acc - res.robust_acc) * len(y))
-    if mask != "scaled-logits":  # gradient attacks cannot move; the scale-free DLR can
-        assert res.broken["square-500"] > 0.5 * sum(res.broken.values())
-    assert "zero-gradients" in rep.failed_at(eps)
-    if mask != "scaled-logits":
-        assert "gradient-free-gap" in rep.failed_at(eps)
+    rounding = mask != "scaled-logits"
+    if rounding:  # gradient attacks cannot move; BPDA through the rounding layer and Square can
+        assert res.broken["apgd-ce-bpda-10"] + res.broken["square-500"] > 0.5 * sum(res.broken.values())
+        assert rep.bpda_layers == (layer_name(masked),)
+    else:  # the scale-free DLR can; the scaling layer has a gradient, so no BPDA
+        assert "apgd-ce-bpda-10" not in res.broken and rep.bpda_layers == ()
+    assert "zero-gradients" in rep.failed_at(eps)  # BPDA or not, the masking flags stay
     d = rep.to_dict()
     entry = d["per_eps"][0]
     assert entry["robust_upper_bound"] is True and "zero-gradients" in entry["robust_flags_failed"]
@@ -493,6 +505,10 @@ def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_mark
                in line and line.split("  |")[0].endswith(f"<= clean {res.clean_acc:.3f}") for line in lines)
     assert any(line.strip().startswith("broken by: pgd-10x5: ") and "square-500: " in line
                for line in lines)
+    if rounding:  # the layers approximated, named in the CLI's threat-model line and report.md
+        assert f"; bpda: layers '{rep.bpda_layers[0]}');" in lines[0]
+        assert "apgd-ce-bpda-10: " in lines[2]
+        assert f"BPDA (Athalye et al. 2018): layers '{rep.bpda_layers[0]}'" in rep.to_markdown()
     assert f"<= {res.robust_acc:.4f} (upper bound: " in rep.to_markdown()
     # A custom layer the bounds cannot cover: certified "not available", never 0.
     layer = "scaled_logits" if mask == "scaled-logits" else "round_input"  # Keras may number it: round_input_1
@@ -500,6 +516,23 @@ def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_mark
     assert entry["bracket"].startswith(f"certified {res.certified_note}; robust <= ")
     metrics = rep.metrics(eps)
     assert metrics["robust_upper_bound"] is True and metrics["robust_display"].startswith("<= ")
+
+
+@pytest.mark.slow
+def test_bpda_on_quantised_input_model_breaks_at_least_plain_apgd_judged_on_model(reference, xy):
+    x, y = xy[0][:100], xy[1][:100]
+    masked = MASKS["quantised-input"](reference)
+    found = bpda_surrogate(masked, x)
+    assert found.layers == (layer_name(masked),) and found.note is None
+    budget = dict(eps=0.1, steps=10, batch_size=100, seed=3)
+    plain = run_attack("apgd", masked, x, y, **budget)
+    bpda = run_attack("apgd", found.model, x, y, **budget)
+    verify_adversarial(x, bpda, eps=0.1, norm="linf")
+
+    def acc(adv):  # judged on the real model
+        return float(np.mean(np.argmax(masked(adv), -1) == y))
+
+    assert acc(bpda) <= acc(plain) and acc(bpda) < acc(x) - 0.2  # measured: 0.89 -> 0.3
 
 
 # -- inputs and files -----------------------------------------------------------------------

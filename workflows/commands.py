@@ -41,9 +41,11 @@ def _say(text: str) -> None:
 
 
 def _epoch_line(m: dict) -> str:
+    # Certified training's probe: the proven share of the probe batch, beside the attacked one.
+    certified = f"val certified {m['val_certified_acc']:.3f}  " if "val_certified_acc" in m else ""
     return (f"epoch {m['epoch']}: loss {m['train_loss']:.3f}  train adv acc {m['train_adv_acc']:.3f}  "
             f"val clean {m['val_clean_acc']:.3f}  val FGSM {m['val_fgsm_acc']:.3f}  val PGD {m['val_pgd_acc']:.3f}  "
-            f"eps {m['eps']:.3f}  {m['examples_per_second']:.0f} ex/s  {m['epoch_seconds']:.1f}s")
+            f"{certified}eps {m['eps']:.3f}  {m['examples_per_second']:.0f} ex/s  {m['epoch_seconds']:.1f}s")
 
 
 class _AttackProgress:
