@@ -200,16 +200,20 @@ class AdversarialTraining:
         """
         cfg, frac = self.cfg, self.ramp(step)
         eps = self.current_eps(step)
-        m_ibp = bounds.margins_graph(self.model, x, y, eps, cfg.norm, ("ibp",))["ibp"]
-        margins = m_ibp
-        if cfg.method == "crown-ibp":
+
+        def ibp():
+            return bounds.margins_graph(self.model, x, y, eps, cfg.norm, ("ibp",))["ibp"]
+
+        if cfg.method != "crown-ibp":
+            margins = ibp()
+        else:
             beta = 1.0 - frac * (1.0 - cfg.beta_end)
 
-            def mixed():
-                m_crown = bounds.margins_graph(self.model, x, y, eps, cfg.norm, ("crown-ibp",))["crown-ibp"]
-                return beta * m_crown + (1.0 - beta) * m_ibp
+            def mixed():  # both bounds from one shared IBP pass
+                m = bounds.margins_graph(self.model, x, y, eps, cfg.norm, ("ibp", "crown-ibp"))
+                return beta * m["crown-ibp"] + (1.0 - beta) * m["ibp"]
 
-            margins = tf.cond(beta > 0, mixed, lambda: m_ibp)
+            margins = tf.cond(beta > 0, mixed, ibp)
         worst = bounds.worst_case_logits(margins)
         kappa = 1.0 - frac * (1.0 - cfg.kappa_end)
         ce_clean = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
