@@ -31,6 +31,10 @@ search:
 """
 
 
+# TensorFlow 2.21's native start-up lines (absl, oneDNN, the CUDA probe of a CPU-only machine).
+TF_NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cuda drivers", "cuInit")
+
+
 def _advtrain(args, env, log: Path, **kw):
     # Output to a file, not a pipe: an unread pipe fills up and blocks the driver.
     with open(log, "a") as f:
@@ -56,6 +60,8 @@ def _tune_to_the_end(search_yaml: str, tmp_path: Path, address: str, *, timeout:
     proc = _advtrain(["tune", "--config", str(cfg), "--out", str(exp), "--address", address],
                      {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
     assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+    noise = [line for line in log.read_text().splitlines() if any(n in line for n in TF_NOISE)]
+    assert not noise, noise[:4]  # driver and Ray workers alike: TensorFlow's C++ start-up lines stay off
     return exp
 
 

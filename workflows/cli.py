@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from workflows import quiet
+
 __all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
@@ -325,9 +327,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     1 anything unexpected (an error from Ray, TensorFlow or pyarrow, or a bug), with its traceback;
     130 interrupted.
     """
-    # Before TensorFlow loads, here and in the Ray workers of an embedded cluster (they inherit
-    # this environment): TF's C++ start-up chatter hides the progress lines.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]": that
     # would hide all but one of the workers' placement lines (rank, node, GPU ids).
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -336,8 +335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         verbose = args.verbose
+        # Before TensorFlow loads (lazily, after the cheap checks): its C++ start-up lines would
+        # bury the one line a user needs. Ray workers get the same through connect's setup hook.
+        quiet.install(verbose)
+        # force: the handler writes to this call's stderr, not one an earlier in-process call
+        # (a test, a notebook) saw and that may since have been closed.
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
+                            format="%(levelname)s %(name)s: %(message)s", force=True)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE

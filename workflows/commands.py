@@ -41,8 +41,10 @@ def _say(text: str) -> None:
 
 
 def _epoch_line(m: dict) -> str:
-    # Certified training's probe: the proven share of the probe batch, beside the attacked one.
-    certified = f"val certified {m['val_certified_acc']:.3f}  " if "val_certified_acc" in m else ""
+    # Certified training's probe: the proven share of the probe batch, beside the attacked one at
+    # the same (threat-model) eps. val PGD is at the training eps, which may exceed it.
+    certified = (f"val certified {m['val_certified_acc']:.3f} <= robust {m['val_robust_acc']:.3f}  "
+                 if "val_certified_acc" in m else "")
     return (f"epoch {m['epoch']}: loss {m['train_loss']:.3f}  train adv acc {m['train_adv_acc']:.3f}  "
             f"val clean {m['val_clean_acc']:.3f}  val FGSM {m['val_fgsm_acc']:.3f}  val PGD {m['val_pgd_acc']:.3f}  "
             f"{certified}eps {m['eps']:.3f}  {m['examples_per_second']:.0f} ex/s  {m['epoch_seconds']:.1f}s")
@@ -147,7 +149,17 @@ def _connect_and_check(spec: RunSpec, address: str | None) -> None:
 
     from advtrain.data import is_file_dataset
 
-    connect(address)
+    import logging
+
+    from workflows import quiet
+
+    # Every worker process (remote nodes' too, which do not inherit this environment) keeps
+    # TensorFlow's start-up lines off the driver's terminal unless -v; Ray's own INFO lines
+    # ("Connecting to existing Ray cluster at ...") likewise.
+    verbose = os.environ.get(quiet.VERBOSE_ENV, "0")
+    connect(address, logging_level=logging.INFO if verbose == "1" else logging.WARNING,
+            runtime_env={"worker_process_setup_hook": "workflows.quiet.worker_setup",
+                         "env_vars": {quiet.VERBOSE_ENV: verbose}})
     cap = capacity.read()
     waiting = capacity.check(cap, spec.scaling.workers, per_worker(spec))
     if is_file_dataset(spec.train.data):

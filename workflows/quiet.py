@@ -1,0 +1,93 @@
+"""TensorFlow's native start-up lines kept off the user's terminal.
+
+Importing TensorFlow 2.21 writes, from C++ and before absl's logging is initialised (so
+`TF_CPP_MIN_LOG_LEVEL` cannot silence them), "All log messages before absl::InitializeLog()...",
+the oneDNN notice and "Could not find cuda drivers", twice; on a machine without a GPU the first
+device probe adds a cuInit error. They go straight to file descriptor 2, so the one way to keep
+them off a terminal is to point that descriptor elsewhere while TensorFlow loads. `install()`
+does so for whichever import comes first (the CLI loads TensorFlow lazily, after its cheap
+checks, from many places); Ray workers run it as their `worker_process_setup_hook`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import tempfile
+
+# Read by Ray workers, which inherit it through the runtime environment: `-v` shows everything.
+VERBOSE_ENV = "ADVTRAIN_VERBOSE"
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """Points file descriptor 2 at a temporary file; yields that file (rewound on exit)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """The real loader of `tensorflow`, run with descriptor 2 captured. If the import fails,
+    what TensorFlow wrote is shown after all: it is the only account of why."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        with native_stderr_captured() as captured:
+            try:
+                self._loader.exec_module(module)
+                ok = True
+            except BaseException:
+                ok = False
+                raise
+            finally:
+                if not ok:
+                    sys.stderr.write(captured.read().decode(errors="replace"))
+
+
+class _QuietFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+def install(verbose: bool | None = None) -> None:
+    """Keeps TensorFlow's native log lines off descriptor 2 in this process, unless `verbose`.
+
+    Call before anything imports TensorFlow; a no-op once it is loaded. `TF_CPP_MIN_LOG_LEVEL`
+    is raised to 3 (errors too: the cuInit error of a CPU-only machine is one) unless the user
+    set it. With `verbose=None` the choice is read from `ADVTRAIN_VERBOSE` (Ray workers).
+    """
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV) == "1"
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if verbose or "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietFinder())
+
+
+def worker_setup() -> None:
+    """Ray's `worker_process_setup_hook`: every worker process, before it runs a task."""
+    install(None)
