@@ -338,10 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Before TensorFlow loads (lazily, after the cheap checks): its C++ start-up lines would
         # bury the one line a user needs. Ray workers get the same through connect's setup hook.
         quiet.install(verbose)
-        # force: the handler writes to this call's stderr, not one an earlier in-process call
-        # (a test, a notebook) saw and that may since have been closed.
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s", force=True)
+                            format="%(levelname)s %(name)s: %(message)s")
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
