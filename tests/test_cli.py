@@ -336,7 +336,8 @@ def test_error_after_tensorflow_loads_is_still_one_line_on_stderr(tmp_path):
     h = keras.layers.LSTM(4, name="lstm")(keras.layers.Reshape((28, 28))(inp))
     path = tmp_path / "lstm.keras"
     keras.Model(inp, keras.layers.Dense(10)(h)).save(path)
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "ADVTRAIN_VERBOSE")}
+    unset = ("TF_CPP_MIN_LOG_LEVEL", "ADVTRAIN_VERBOSE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     argv = [sys.executable, "-m", "workflows.cli", "certify", str(path), "--eps", "0.1", "--n", "10"]
     quiet = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert quiet.returncode == 2

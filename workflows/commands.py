@@ -20,6 +20,7 @@ The run folder of `advtrain train`:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from advtrain.config import AttackConfig, EvalConfig
-from workflows import storage
+from workflows import quiet, storage
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
 
@@ -148,10 +149,6 @@ def _connect_and_check(spec: RunSpec, address: str | None) -> None:
     from workflows.tune import per_worker
 
     from advtrain.data import is_file_dataset
-
-    import logging
-
-    from workflows import quiet
 
     # Every worker process (remote nodes' too, which do not inherit this environment) keeps
     # TensorFlow's start-up lines off the driver's terminal unless -v; Ray's own INFO lines

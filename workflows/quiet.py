@@ -23,24 +23,31 @@ VERBOSE_ENV = "ADVTRAIN_VERBOSE"
 
 
 @contextlib.contextmanager
-def native_stderr_captured():
-    """Points file descriptor 2 at a temporary file; yields that file (rewound on exit)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield captured
-        finally:
+def native_stderr_held():
+    """Points file descriptor 2 at a temporary file for the block. If the block raises, what was
+    written there is shown after all: for a failed TensorFlow import it is the only account of why."""
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+
+        def restore():
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            captured.seek(0)
+
+        try:
+            yield
+        except BaseException:
+            restore()
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        restore()
 
 
 class _QuietLoader(importlib.abc.Loader):
-    """The real loader of `tensorflow`, run with descriptor 2 captured. If the import fails,
-    what TensorFlow wrote is shown after all: it is the only account of why."""
+    """The real loader of `tensorflow`, run with descriptor 2 held."""
 
     def __init__(self, loader):
         self._loader = loader
@@ -49,16 +56,8 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        with native_stderr_captured() as captured:
-            try:
-                self._loader.exec_module(module)
-                ok = True
-            except BaseException:
-                ok = False
-                raise
-            finally:
-                if not ok:
-                    sys.stderr.write(captured.read().decode(errors="replace"))
+        with native_stderr_held():
+            self._loader.exec_module(module)
 
 
 class _QuietFinder(importlib.abc.MetaPathFinder):
