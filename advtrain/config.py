@@ -2,13 +2,16 @@
 
 Every field is checked in `__post_init__`, so a config that exists is a valid config. Errors
 follow the Keras house form: the field in backticks, the allowed set or range, then
-`Received: name=value`. `from_dict` rejects unknown keys by name, so a typo in a YAML file is an
-error instead of a silently ignored setting.
+`Received: name=value`. `from_dict` rejects unknown keys by name (`check_keys`, which every section
+of a run file shares, suggesting the closest key), so a typo in a YAML file is an error instead of
+a silently ignored setting. Each field is an `option`: its meaning, default and range live beside
+it, and docs/config.md and `advtrain config --schema` are generated from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +29,13 @@ __all__ = [
     "EvalConfig",
     "ThreatModel",
     "check_bool",
+    "check_keys",
+    "describe_fields",
+    "did_you_mean",
+    "field_names",
+    "option",
+    "range_text",
+    "schema_of",
     "check_methods",
     "check_eps_fits",
     "check_model_spec",
@@ -79,8 +89,7 @@ def check_number(
         raise TypeError(f"`{name}` must be {kind}. Received: {name}={value!r}")
     if not integer and not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
-    lo_bracket = "(" if low_open else "["
-    rng = f"{lo_bracket}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    rng = range_text(low, high, low_open)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
     if too_low or too_high:
@@ -156,6 +165,169 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+# ---------------------------------------------------------------------------------------------
+# Fields that carry their own documentation and checks: the one source of docs/config.md, the
+# JSON schema (`advtrain config --schema`) and the range checks of `__post_init__`.
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+           low: float | None = None, high: float | None = None, low_open: bool = False,
+           choices: tuple[str, ...] | None = None, allowed: str | None = None, type: str | None = None,
+           schema: Mapping[str, Any] | None = None):
+    """A config dataclass field with its meaning, range and schema in its metadata.
+
+    Args:
+        default, default_factory: as `dataclasses.field`.
+        help: what the key means (one sentence, Markdown), for docs/config.md.
+        low, high, low_open: the range `check_number` enforces (and the schema states).
+        choices: the names `check_choice` accepts (lower-case).
+        allowed: the allowed values in words, where a dedicated check decides them.
+        type: the type in words, where the annotation is not a plain `int`, `float`, `bool`, `str`.
+        schema: the field's JSON schema, where it is not derived from the above.
+    """
+    meta: dict[str, Any] = {"help": help}
+    if low is not None or high is not None:
+        meta["range"] = {"low": low, "high": high, "low_open": low_open}
+    for key, value in (("choices", choices), ("allowed", allowed), ("type", type), ("schema", schema)):
+        if value is not None:
+            meta[key] = value
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """The base type name of a field's annotation and whether it may be None: ("int", True)."""
+    parts = [p.strip() for p in str(f.type).split("|")]
+    return parts[0], "None" in parts[1:]
+
+
+def _check(obj: Any, *names: str) -> None:
+    """Checks (and normalises) the named fields of `obj` against their `option` metadata: a
+    choice, a bool or a number in its range; None passes where the annotation allows it."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name in names:
+        f, value = fields[name], getattr(obj, name)
+        kind, optional = _kind(f)
+        if value is None and optional:
+            continue
+        if "choices" in f.metadata:
+            value = check_choice(name, value, f.metadata["choices"])
+        elif kind == "bool":
+            value = check_bool(name, value)
+        elif kind in ("int", "float"):
+            value = check_number(name, value, integer=kind == "int", **f.metadata.get("range", {}))
+        _set(obj, name, value)
+
+
+def field_names(cls) -> list[str]:
+    """The keys a config dataclass accepts, in declaration order."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def did_you_mean(name: Any, known) -> str | None:
+    """The known key closest to a mistyped `name` (difflib), or None."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return close[0] if close else None
+
+
+def check_keys(data: Mapping[str, Any], known, what: str = "Unknown key(s)", *, known_label: str = "Known keys",
+               sort: bool = True) -> None:
+    """The one unknown-key check of every section: refuses keys of `data` not in `known`, naming
+    them, listing the known ones and suggesting the closest: one line,
+    `{what}: learnig_rate. Known keys: ...; did you mean `learning_rate`?`.
+
+    Raises:
+        ValueError: `data` has a key outside `known`.
+    """
+    known = [str(k) for k in known]
+    unknown = sorted({str(k) for k in data} - set(known))
+    if not unknown:
+        return
+    hints = {u: m for u in unknown if (m := did_you_mean(u, known)) is not None}
+    if len(unknown) == 1 and hints:
+        hint = f"; did you mean `{hints[unknown[0]]}`?"
+    elif hints:
+        hint = "; did you mean " + ", ".join(f"`{m}` for `{u}`" for u, m in hints.items()) + "?"
+    else:
+        hint = "."
+    listed = sorted(known) if sort else known
+    raise ValueError(f"{what}: {', '.join(unknown)}. {known_label}: {', '.join(listed)}{hint}")
+
+
+def range_text(low: float | None = None, high: float | None = None, low_open: bool = False) -> str:
+    """`[1, inf]`, `(0.0, 10.0]`: a range as `check_number` words it."""
+    return f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """A default as YAML and JSON hold it: tuples as lists."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+_TYPE_WORDS = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+
+
+def describe_fields(cls) -> list[dict[str, Any]]:
+    """One row per key of a config dataclass: name, type, default, allowed values and meaning,
+    from its `option` metadata (docs/config.md is these rows)."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        meta, (kind, optional) = f.metadata, _kind(f)
+        type_ = meta.get("type") or _TYPE_WORDS.get(kind, kind)
+        if optional and "null" not in type_:
+            type_ += " or null"
+        if "allowed" in meta:
+            allowed = meta["allowed"]
+        elif "choices" in meta:
+            allowed = ", ".join(f"`{c}`" for c in meta["choices"])
+        elif "range" in meta:
+            allowed = range_text(**meta["range"])
+        elif kind == "bool":
+            allowed = "`true`, `false`"
+        else:
+            allowed = ""
+        rows.append({"key": f.name, "type": type_, "default": _plain(_default(f)), "allowed": allowed,
+                     "help": meta.get("help", "")})
+    return rows
+
+
+def schema_of(cls, description: str | None = None) -> dict[str, Any]:
+    """The JSON schema of a config dataclass as a YAML section: an object of its keys only."""
+    props = {}
+    for f in dataclasses.fields(cls):
+        meta, (kind, optional) = f.metadata, _kind(f)
+        if "schema" in meta:
+            s = dict(meta["schema"])
+        else:
+            s = {"type": {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}.get(kind, "object")}
+            if "choices" in meta:
+                s["enum"] = list(meta["choices"])
+            rng = meta.get("range", {})
+            if rng.get("low") is not None:
+                s["exclusiveMinimum" if rng.get("low_open") else "minimum"] = rng["low"]
+            if rng.get("high") is not None:
+                s["maximum"] = rng["high"]
+        if optional:
+            s = {"anyOf": [s, {"type": "null"}]}
+        s["description"] = meta.get("help", "")
+        s["default"] = _plain(_default(f))
+        props[f.name] = s
+    doc = description or (cls.__doc__ or "").strip().split("\n\n")[0]
+    return {"type": ["object", "null"], "description": " ".join(doc.split()), "properties": props,
+            "additionalProperties": False}
+
+
 class _Config:
     """Shared dict round trip for the frozen config dataclasses."""
 
@@ -166,13 +338,7 @@ class _Config:
     def from_dict(cls, data: Mapping[str, Any]):
         if not isinstance(data, Mapping):
             raise TypeError(f"{cls.__name__} expects a mapping. Received: {data!r}")
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown {cls.__name__} key(s): {', '.join(unknown)}. "
-                f"Known keys: {', '.join(sorted(known))}."
-            )
+        check_keys(data, field_names(cls), f"Unknown {cls.__name__} key(s)")
         return cls(**dict(data))
 
     def replace(self, **changes: Any):
@@ -183,44 +349,35 @@ def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
 
 
+_EPS_RANGE = "[0, 1] (linf); [0, sqrt(H*W*C)] (l2: 28 on MNIST)"
+_EPS_SCHEMA = {"type": "number", "minimum": 0}
+_SEED = "seed of the random start, so the same seed gives the same result"
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackConfig(_Config):
     """One attack at one budget: the unit of a threat model.
 
-    Args:
-        name: `"fgsm"`, `"pgd"` or `"apgd"`. Defaults to `"pgd"`.
-        eps: radius of the perturbation ball, in [0, 1] for linf, [0, sqrt(H*W*C)] for l2 (28 on MNIST) (pixels are in
-            [0, 1]). Defaults to `0.3`.
-        steps: gradient steps, >= 1 (FGSM always takes one). Defaults to `40`.
-        step_size: step length, > 0; `None` means 2.5 * eps / steps (Madry et al. 2018).
-        norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
-        random_start: start uniformly inside the eps-ball. Defaults to `True`.
-        restarts: independent random starts, >= 1; each example keeps its strongest. Defaults to `1`.
-        loss: `"ce"`, `"margin"` (Carlini-Wagner) or `"dlr"` (Croce and Hein 2020). Defaults to `"ce"`.
-        seed: seed of the random start, so the same seed gives the same result. Defaults to `0`.
+    Each field's type, default, range and meaning is its `option` (docs/config.md).
     """
 
-    name: str = "pgd"
-    eps: float = 0.3
-    steps: int = 40
-    step_size: float | None = None
-    norm: str = "linf"
-    random_start: bool = True
-    restarts: int = 1
-    loss: str = "ce"
-    seed: int = 0
+    name: str = option("pgd", choices=ATTACK_NAMES, help="the attack; `square` is gradient-free")
+    eps: float = option(0.3, allowed=_EPS_RANGE, schema=_EPS_SCHEMA,
+                        help="radius of the perturbation ball (pixels are in [0, 1])")
+    steps: int = option(40, low=1, help="gradient steps (FGSM always takes one; for square, queries per image)")
+    step_size: float | None = option(None, low=0.0, low_open=True,
+                                     help="step length; null means 2.5 * eps / steps (Madry et al. 2018)")
+    norm: str = option("linf", choices=NORMS, help="threat norm")
+    random_start: bool = option(True, help="start uniformly inside the eps-ball")
+    restarts: int = option(1, low=1, help="independent random starts; each example keeps its strongest")
+    loss: str = option("ce", choices=LOSSES,
+                       help="loss the attack ascends: cross-entropy, `margin` (Carlini-Wagner) or `dlr` (Croce and Hein 2020)")
+    seed: int = option(0, low=0, help=_SEED)
 
     def __post_init__(self) -> None:
-        _set(self, "name", check_choice("name", self.name, ATTACK_NAMES))
-        _set(self, "norm", check_choice("norm", self.norm, NORMS))
+        _check(self, "name", "norm")
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _set(self, "steps", check_number("steps", self.steps, low=1, integer=True))
-        if self.step_size is not None:
-            _set(self, "step_size", check_number("step_size", self.step_size, low=0.0, low_open=True))
-        check_bool("random_start", self.random_start)
-        _set(self, "restarts", check_number("restarts", self.restarts, low=1, integer=True))
-        _set(self, "loss", check_choice("loss", self.loss, LOSSES))
-        _set(self, "seed", check_number("seed", self.seed, low=0, integer=True))
+        _check(self, "steps", "step_size", "random_start", "restarts", "loss", "seed")
 
     def resolved_step_size(self) -> float:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
@@ -228,108 +385,78 @@ class AttackConfig(_Config):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_Config):
-    """Adversarial training of one model: method, attack, optimisation and data.
+    """Adversarial training of one model: method, attack, optimisation and data (the `train`
+    section of a run file).
 
-    Args:
-        model: a built-in model (`"mlp"`, `"cnn"`, `"madry"`, `"resnet"`), a `.keras` file to
-            fine-tune, or `package.module:function` returning an uncompiled Keras model.
-            Defaults to `"cnn"`.
-        method: `"clean"`, `"fgsm"` (FGSM-RS, Wong et al. 2020), `"pgd"` (Madry et al. 2018),
-            `"trades"` (Zhang et al. 2019), or certified training: `"ibp"` (Gowal et al. 2018) and
-            `"crown-ibp"` (Zhang et al. 2020), whose loss bounds the worst case over the eps-ball
-            instead of attacking it. Defaults to `"pgd"`.
-        eps: training perturbation radius, in [0, 1] (linf) or [0, sqrt(H*W*C)] (l2, 28 on MNIST). Defaults to `0.3`.
-        steps: PGD steps in training, >= 1 (ignored by `clean` and `fgsm`). Defaults to `10`.
-        step_size: PGD step, > 0; `None` = 2.5 * eps / steps (FGSM-RS uses 1.25 * eps).
-        norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
-        mix: weight of the adversarial loss, in [0, 1]: loss = (1 - mix) CE(x) + mix CE(x_adv).
-            1 is Madry training, 0.5 is Goodfellow et al. 2015. Defaults to `1.0`.
-        beta: TRADES trade-off, >= 0. Defaults to `6.0`.
-        kappa_end: certified training (`ibp`, `crown-ibp`): weight of the natural loss at the end
-            of the eps ramp, in [0, 1]; it falls linearly from 1 over `eps_ramp_epochs`:
-            loss = kappa CE(x) + (1 - kappa) CE(worst-case logits). Defaults to `0.5` (Gowal et al.).
-        beta_end: `crown-ibp` only: weight of the CROWN-IBP bound at the end of the eps ramp, in
-            [0, 1]; it falls linearly from 1, the rest of the bound being IBP's (Zhang et al.
-            2020 end at 0, pure IBP). Defaults to `0.0`.
-        epochs: passes over the training split, >= 1. Defaults to `5`.
-        batch_size: examples per step on each worker, >= 1. Defaults to `128`.
-        learning_rate: peak learning rate, > 0. Defaults to `1e-3`.
-        optimizer: `"adam"` or `"sgd"` (momentum 0.9). Defaults to `"adam"`.
-        schedule: `"constant"`, `"cosine"` or `"onecycle"`. Defaults to `"onecycle"`.
-        eps_ramp_epochs: epochs over which eps grows linearly from 0, >= 0 (>= 1 for `ibp` and
-            `crown-ibp`, whose kappa and beta follow the same ramp). Defaults to `0`.
-        val_size: validation examples held out of the training split, >= 1. Defaults to `5000`.
-        train_size: use only the first n training examples (after the validation split), or
-            `None` for all. Defaults to `None`.
-        probe_size: validation examples attacked by the per-epoch probe. Defaults to `500`.
-        probe_steps: PGD steps of the probe. Defaults to `10`.
-        guard: stop and restore the best epoch on catastrophic overfitting. Defaults to `True`.
-        data: the dataset, a source of `advtrain.data.load_data`: `"bundled"` (MNIST),
-            `"keras:fashion_mnist"`, `"keras:cifar10"`, an .npz, a folder, or a file dataset
-            (folder or URI) streamed to Ray Train workers by Ray Data. Defaults to `"bundled"`.
-        seed: seed of initialisation, shuffling and attacks. Defaults to `0`.
+    Each field's type, default, range and meaning is its `option` (docs/config.md).
     """
 
-    model: str = "cnn"
-    method: str = "pgd"
-    eps: float = 0.3
-    steps: int = 10
-    step_size: float | None = None
-    norm: str = "linf"
-    mix: float = 1.0
-    beta: float = 6.0
-    kappa_end: float = 0.5
-    beta_end: float = 0.0
-    epochs: int = 5
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    optimizer: str = "adam"
-    schedule: str = "onecycle"
-    eps_ramp_epochs: int = 0
-    val_size: int = 5000
-    train_size: int | None = None
-    probe_size: int = 500
-    probe_steps: int = 10
-    guard: bool = True
-    data: str = "bundled"
-    seed: int = 0
+    model: str = option(
+        "cnn", type="string", allowed=f"{', '.join(f'`{m}`' for m in MODELS)}, a `.keras` file, `package.module:function`",
+        help="a built-in model, a `.keras` file to fine-tune, or `package.module:function` returning an uncompiled "
+             "Keras model")
+    method: str = option(
+        "pgd", choices=METHODS,
+        help="`clean`, `fgsm` (FGSM-RS, Wong et al. 2020), `pgd` (Madry et al. 2018), `trades` (Zhang et al. 2019), "
+             "or certified training: `ibp` (Gowal et al. 2018) and `crown-ibp` (Zhang et al. 2020), whose loss bounds "
+             "the worst case over the eps-ball instead of attacking it")
+    eps: float = option(0.3, allowed=_EPS_RANGE, schema=_EPS_SCHEMA, help="training perturbation radius")
+    steps: int = option(10, low=1, high=1000, help="PGD steps in training (ignored by `clean` and `fgsm`)")
+    step_size: float | None = option(None, low=0.0, low_open=True,
+                                     help="PGD step; null means 2.5 * eps / steps (FGSM-RS uses 1.25 * eps)")
+    norm: str = option("linf", choices=NORMS, help="threat norm of training")
+    mix: float = option(1.0, low=0.0, high=1.0,
+                        help="weight of the adversarial loss: loss = (1 - mix) CE(x) + mix CE(x_adv); 1 is Madry "
+                             "training, 0.5 is Goodfellow et al. 2015")
+    beta: float = option(6.0, low=0.0, help="TRADES trade-off")
+    kappa_end: float = option(
+        0.5, low=0.0, high=1.0,
+        help="certified training (`ibp`, `crown-ibp`): weight of the natural loss at the end of the eps ramp; it "
+             "falls linearly from 1 over `eps_ramp_epochs`: loss = kappa CE(x) + (1 - kappa) CE(worst-case logits) "
+             "(Gowal et al. 2018)")
+    beta_end: float = option(
+        0.0, low=0.0, high=1.0,
+        help="`crown-ibp` only: weight of the CROWN-IBP bound at the end of the eps ramp; it falls linearly from 1, "
+             "the rest of the bound being IBP's (Zhang et al. 2020 end at 0, pure IBP)")
+    epochs: int = option(5, low=1, high=10000, help="passes over the training split")
+    batch_size: int = option(128, low=1, high=65536, help="examples per step on each worker")
+    learning_rate: float = option(1e-3, low=0.0, high=10.0, low_open=True, help="peak learning rate")
+    optimizer: str = option("adam", choices=OPTIMIZERS, help="`adam`, or `sgd` with momentum 0.9")
+    schedule: str = option("onecycle", choices=SCHEDULES, help="learning-rate schedule")
+    eps_ramp_epochs: int = option(
+        0, low=0, help="epochs over which eps grows linearly from 0; at least 1 for `ibp` and `crown-ibp` at eps > 0, "
+                       "whose kappa and beta follow the same ramp")
+    val_size: int = option(5000, low=1, help="validation examples held out of the training split (data without its "
+                                             "own validation split)")
+    train_size: int | None = option(None, low=1, help="use only the first n training examples (after the validation "
+                                                      "split); null for all")
+    probe_size: int = option(500, low=1, help="validation examples attacked by the per-epoch probe (PGD at the "
+                                              "training eps: `val_robust_acc`)")
+    probe_steps: int = option(10, low=1, help="PGD steps of the per-epoch probe")
+    guard: bool = option(True, help="stop and restore the best epoch on catastrophic overfitting (the probe's "
+                                    "robust accuracy collapsing)")
+    data: str = option(
+        "bundled", schema={"type": "string", "minLength": 1}, allowed="a non-empty string",
+        help="the dataset, a source of `advtrain.data.load_data`: `bundled` (MNIST), `keras:fashion_mnist`, "
+             "`keras:cifar10`, an .npz, a folder, or a file dataset (folder or URI) streamed to Ray Train workers by "
+             "Ray Data")
+    seed: int = option(0, low=0, help="seed of initialisation, shuffling and attacks")
 
     def __post_init__(self) -> None:
         _set(self, "model", check_model_spec(self.model))
-        _set(self, "method", check_choice("method", self.method, METHODS))
-        _set(self, "norm", check_choice("norm", self.norm, NORMS))
+        _check(self, "method", "norm")
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _set(self, "steps", check_number("steps", self.steps, low=1, high=1000, integer=True))
-        if self.step_size is not None:
-            _set(self, "step_size", check_number("step_size", self.step_size, low=0.0, low_open=True))
-        _set(self, "mix", check_number("mix", self.mix, low=0.0, high=1.0))
-        _set(self, "beta", check_number("beta", self.beta, low=0.0))
-        _set(self, "kappa_end", check_number("kappa_end", self.kappa_end, low=0.0, high=1.0))
-        _set(self, "beta_end", check_number("beta_end", self.beta_end, low=0.0, high=1.0))
-        _set(self, "epochs", check_number("epochs", self.epochs, low=1, high=10000, integer=True))
-        _set(self, "batch_size", check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
-        _set(
-            self,
-            "learning_rate",
-            check_number("learning_rate", self.learning_rate, low=0.0, high=10.0, low_open=True),
-        )
-        _set(self, "optimizer", check_choice("optimizer", self.optimizer, OPTIMIZERS))
-        _set(self, "schedule", check_choice("schedule", self.schedule, SCHEDULES))
-        _set(self, "eps_ramp_epochs", check_number("eps_ramp_epochs", self.eps_ramp_epochs, low=0, integer=True))
+        _check(self, "steps", "step_size", "mix", "beta", "kappa_end", "beta_end", "epochs", "batch_size",
+               "learning_rate", "optimizer", "schedule", "eps_ramp_epochs")
         if self.method in CERTIFIED_METHODS and self.eps > 0 and self.eps_ramp_epochs < 1:
             # The bound loss at full eps from the first step drives the model to a constant
             # (Gowal et al. 2018 ramp eps from 0); kappa and beta follow the same ramp.
             raise ValueError(f"`eps_ramp_epochs` must be >= 1 for method {self.method!r} (eps, kappa and beta ramp "
                              f"over it; e.g. half the epochs). Received: eps_ramp_epochs={self.eps_ramp_epochs}")
-        _set(self, "val_size", check_number("val_size", self.val_size, low=1, integer=True))
-        if self.train_size is not None:
-            _set(self, "train_size", check_number("train_size", self.train_size, low=1, integer=True))
-        _set(self, "probe_size", check_number("probe_size", self.probe_size, low=1, integer=True))
-        _set(self, "probe_steps", check_number("probe_steps", self.probe_steps, low=1, integer=True))
-        check_bool("guard", self.guard)
+        _check(self, "val_size", "train_size", "probe_size", "probe_steps", "guard")
         if not isinstance(self.data, str) or not self.data:
             raise TypeError(f"`data` must be a non-empty string. Received: data={self.data!r}")
-        _set(self, "seed", check_number("seed", self.seed, low=0, integer=True))
+        _check(self, "seed")
 
     def resolved_step_size(self) -> float:
         if self.step_size is not None:
@@ -341,50 +468,41 @@ class TrainConfig(_Config):
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(_Config):
-    """The threat model a robustness number is stated under.
+    """The threat model a robustness number is stated under (the `eval` section of a run file).
 
-    Args:
-        norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
-        eps: radius (or radii, a sweep) judged, each in [0, 1] (linf) or [0, sqrt(H*W*C)] (l2, 28 on MNIST).
-            Defaults to `(0.3,)`.
-        suite: `"fgsm"` (weak reference), `"quick"` (PGD-20) or `"standard"` (PGD-100 x 5
-            restarts, then AutoAttack's APGD-CE, APGD-T and Square). Defaults to `"standard"`.
-        n: examples evaluated, >= 1, or `None` for the whole split. Defaults to `None`.
-        split: `"test"` or `"val"`. Defaults to `"test"`.
-        batch_size: examples per attack batch (the last one is padded). Defaults to `500`.
-        sanity: run the gradient-masking sanity checks. Defaults to `True`.
-        seed: seed of random starts and sample choice. Defaults to `0`.
-        certify: bound methods (`"ibp"`, `"crown-ibp"`, `"crown"`) run beside the attacks at
-            every eps, on the same examples; the certified accuracy is the per-example union.
-            `()` (or `"none"`) turns certification off; a comma-separated string is split.
-            Defaults to `("ibp", "crown-ibp")`.
+    Each field's type, default, range and meaning is its `option` (docs/config.md).
     """
 
-    norm: str = "linf"
-    eps: tuple[float, ...] = (0.3,)
-    suite: str = "standard"
-    n: int | None = None
-    split: str = "test"
-    batch_size: int = 500
-    sanity: bool = True
-    seed: int = 0
-    certify: tuple[str, ...] = ("ibp", "crown-ibp")
+    norm: str = option("linf", choices=NORMS, help="threat norm")
+    eps: tuple[float, ...] = option(
+        (0.3,), type="number or list of numbers", allowed=f"each in {_EPS_RANGE}",
+        schema={"anyOf": [_EPS_SCHEMA, {"type": "array", "items": _EPS_SCHEMA, "minItems": 1}]},
+        help="radius (or radii, a sweep) judged; the largest is the search's fixed threat model")
+    suite: str = option(
+        "standard", choices=SUITES,
+        help="`fgsm` (weak reference), `quick` (PGD-20) or `standard` (PGD-100 x 5 restarts, then AutoAttack's "
+             "APGD-CE, APGD-T and Square)")
+    n: int | None = option(None, low=1, help="examples evaluated (the first n of the split); null for the whole split")
+    split: str = option("test", choices=SPLITS, help="which split is evaluated")
+    batch_size: int = option(500, low=1, high=65536, help="examples per attack batch (the last one is padded)")
+    sanity: bool = option(True, help="run the gradient-masking sanity checks")
+    seed: int = option(0, low=0, help="seed of random starts and sample choice")
+    certify: tuple[str, ...] = option(
+        ("ibp", "crown-ibp"), type="list of strings, or string",
+        allowed=f"any of {', '.join(f'`{m}`' for m in CERTIFY_METHODS)}; `none` or `[]` for none",
+        schema={"anyOf": [{"type": "array", "items": {"enum": list(CERTIFY_METHODS)}}, {"type": "string"}]},
+        help="bound methods run beside the attacks at every eps, on the same examples; the certified accuracy is "
+             "the per-example union; a comma-separated string is split")
 
     def __post_init__(self) -> None:
-        _set(self, "norm", check_choice("norm", self.norm, NORMS))
+        _check(self, "norm")
         eps = self.eps
         if isinstance(eps, (int, float)) and not isinstance(eps, bool):
             eps = (eps,)
         if not isinstance(eps, (tuple, list)) or not eps:
             raise ValueError(f"`eps` must be a number or a non-empty list of numbers. Received: eps={self.eps!r}")
         _set(self, "eps", tuple(_check_eps(e, self.norm) for e in eps))
-        _set(self, "suite", check_choice("suite", self.suite, SUITES))
-        if self.n is not None:
-            _set(self, "n", check_number("n", self.n, low=1, integer=True))
-        _set(self, "split", check_choice("split", self.split, SPLITS))
-        _set(self, "batch_size", check_number("batch_size", self.batch_size, low=1, high=65536, integer=True))
-        check_bool("sanity", self.sanity)
-        _set(self, "seed", check_number("seed", self.seed, low=0, integer=True))
+        _check(self, "suite", "n", "split", "batch_size", "sanity", "seed")
         _set(self, "certify", check_methods("certify", self.certify))
 
     def to_dict(self) -> dict[str, Any]:
@@ -407,30 +525,19 @@ class ThreatModel(_Config):
     It travels from the run file to every trial's per-epoch probe (PGD on the validation split at
     `norm`, `eps`), the final evaluation (`suite` on the first `n` examples of `split`) and the
     reports, so trials compare. `EvalConfig.threat_model` derives it: the largest eps of the
-    evaluated sweep.
-
-    Args:
-        norm: `"linf"` or `"l2"`. Defaults to `"linf"`.
-        eps: the judged radius, in [0, 1] (linf) or [0, sqrt(H*W*C)] (l2, 28 on MNIST). Defaults to `0.3`.
-        suite: the final evaluation's suite (`"fgsm"`, `"quick"`, `"standard"`). Defaults to
-            `"standard"`.
-        n: examples of the final evaluation, >= 1, or `None` for the whole split.
-        split: the final evaluation's split, `"test"` or `"val"`. Defaults to `"test"`.
+    evaluated sweep, so its fields mean what `EvalConfig`'s do.
     """
 
-    norm: str = "linf"
-    eps: float = 0.3
-    suite: str = "standard"
-    n: int | None = None
-    split: str = "test"
+    norm: str = option("linf", choices=NORMS, help="threat norm")
+    eps: float = option(0.3, allowed=_EPS_RANGE, schema=_EPS_SCHEMA, help="the judged radius")
+    suite: str = option("standard", choices=SUITES, help="the final evaluation's suite")
+    n: int | None = option(None, low=1, help="examples of the final evaluation; null for the whole split")
+    split: str = option("test", choices=SPLITS, help="the final evaluation's split")
 
     def __post_init__(self) -> None:
-        _set(self, "norm", check_choice("norm", self.norm, NORMS))
+        _check(self, "norm")
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _set(self, "suite", check_choice("suite", self.suite, SUITES))
-        if self.n is not None:
-            _set(self, "n", check_number("n", self.n, low=1, integer=True))
-        _set(self, "split", check_choice("split", self.split, SPLITS))
+        _check(self, "suite", "n", "split")
 
     def describe(self) -> str:
         """One line: `linf eps=0.3, standard suite, test split, n=1000`."""

@@ -646,7 +646,7 @@ def load_data(source: str = "bundled", *, val_size: int | None = 5000, seed: int
         if val_size is None:
             val_size = max(1, min(5000, n // 10))
         if isinstance(val_size, bool) or not isinstance(val_size, int) or not 1 <= val_size < n:
-            raise ValueError(f"`val_size` must be an integer in [1, {n - 1}]. Received: val_size={val_size!r}")
+            raise ValueError(f"`val_size` must be in [1, {n - 1}]. Received: val_size={val_size!r}")
         perm = np.random.default_rng(seed).permutation(n)
         val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
         x_train, y_train = a["x_train"][train_idx], a["y_train"][train_idx]

@@ -16,9 +16,13 @@ import numpy as np
 
 from advtrain.files import write_atomic
 
+# 2x a screen's 100 dpi: sharp on high-density displays and when zoomed in a report.
+DPI = 200
+
 __all__ = [
     "bracket",
     "certified_cell",
+    "duration",
     "robust_cell",
     "markdown_table",
     "pareto_front",
@@ -28,9 +32,27 @@ __all__ = [
 ]
 
 
-def robust_cell(acc: float | None, failed: Sequence[str] = ()) -> str:
+def duration(seconds: float | None) -> str:
+    """Seconds as people read them: `57 s`, `4 min 12 s`, `2 h 05 min`; `-` for None.
+
+    Example:
+        >>> duration(56.6247), duration(252.4), duration(7500)
+        ('57 s', '4 min 12 s', '2 h 05 min')
+    """
+    if seconds is None:
+        return "-"
+    s = round(float(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def robust_cell(acc: float | None, failed: Sequence[str] = (), digits: int = 4) -> str:
     """A robust accuracy as shown to people: `0.9052`, or, when any sanity flag failed, an upper
     bound with the flags named right beside it: `<= 0.9790 (upper bound: zero-gradients, large-eps)`.
+    `digits` decimals (4; report.html shows 3).
 
     A robust accuracy is only ever an upper bound (the worst case over the attacks tried); a
     failed flag says the attacks may have been fooled, so the number must not read as a result.
@@ -38,18 +60,19 @@ def robust_cell(acc: float | None, failed: Sequence[str] = ()) -> str:
     if acc is None:
         return "-"
     if not failed:
-        return f"{acc:.4f}"
-    return f"<= {acc:.4f} (upper bound: {', '.join(failed)})"
+        return f"{acc:.{digits}f}"
+    return f"<= {acc:.{digits}f} (upper bound: {', '.join(failed)})"
 
 
-def certified_cell(acc: float | None, method: str | None = None, note: str | None = None) -> str:
+def certified_cell(acc: float | None, method: str | None = None, note: str | None = None,
+                   digits: int = 4) -> str:
     """A certified accuracy as shown to people: `0.9120 (crown-ibp)` (the method that certified
     most), `not available (layer 'lstm')` when no bound method could bound the model (never 0),
-    or `-` when certification did not run.
+    or `-` when certification did not run. `digits` decimals (4; report.html shows 3).
     """
     if acc is None:
         return note or "-"
-    return f"{acc:.4f}" + (f" ({method})" if method else "")
+    return f"{acc:.{digits}f}" + (f" ({method})" if method else "")
 
 
 def bracket(clean: float, robust: float, failed: Sequence[str] = (), certified: float | None = None,
@@ -82,20 +105,21 @@ def bracket(clean: float, robust: float, failed: Sequence[str] = (), certified: 
     return upper
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, digits: int = 4) -> str:
     if v is None:
         return ""
     if isinstance(v, (float, np.floating)):
-        return "nan" if math.isnan(v) else f"{float(v):.4f}"
+        return "nan" if math.isnan(v) else f"{float(v):.{digits}f}"
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence) -> str:
+def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence, digits: int = 4) -> str:
     """A GitHub Markdown table.
 
     Args:
         rows: mappings from column key to value; a missing key is an empty cell.
-        columns: column keys, or `(key, header)` pairs. Floats print with 4 decimals.
+        columns: column keys, or `(key, header)` pairs.
+        digits: decimals of float cells. Defaults to 4.
 
     Returns:
         The table, lines joined by newlines, without a trailing newline.
@@ -109,7 +133,7 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence) -> str:
     cols = [(c, c) if isinstance(c, str) else tuple(c) for c in columns]
     lines = ["| " + " | ".join(_cell(h) for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in cols) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(k), digits) for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -162,7 +186,7 @@ def _save(fig, path) -> Path:
     plt = _pyplot()
     try:
         return write_atomic(
-            path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+            path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
         )
     finally:
         plt.close(fig)
@@ -190,7 +214,8 @@ def _series(results) -> list[tuple[str, list[Mapping]]]:
 def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
     """Accuracy against eps: one line per attack (cumulative, as in the report), the worst case
     in bold, the FGSM reference dashed, and the certified accuracy (a proven lower bound)
-    dash-dotted where it was computed; one colour per model when several are given.
+    dash-dotted where it was computed; one colour per model when several are given. Every curve
+    starts at eps 0 with the clean accuracy.
 
     Args:
         results: a `RobustnessReport.to_dict()` dict, or a list of `(label, per_eps)` where
@@ -205,52 +230,32 @@ def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
     """
     series = _series(results)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     several = len(series) > 1
+    fig, ax = plt.subplots(figsize=(8.8 if several else 6.4, 4.4))  # wider: the legend goes beside
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, per_eps) in enumerate(series):
         rows = sorted(per_eps, key=lambda r: r["eps"])
         if not rows:
             continue
-        eps = [r["eps"] for r in rows]
+        eps, at = _from_zero(rows)
         names = list(rows[0]["per_attack"])
         prefix = f"{label}: " if several and label else (f"{label} " if label else "")
         for j, name in enumerate(names[:-1] if len(names) > 1 else names):
             color = colors[i % len(colors)] if several else colors[j % len(colors)]
-            ax.plot(
-                eps,
-                [r["per_attack"][name] for r in rows],
-                marker="o",
-                lw=1,
-                alpha=0.7,
-                color=color,
-                linestyle=":" if several else "-",
-                label=f"{prefix}{name}",
-            )
+            ax.plot(eps, at(lambda r, n=name: r["per_attack"][n]), marker="o", lw=1, alpha=0.7,
+                    color=color, linestyle=":" if several else "-", label=f"{prefix}{name}")
         color = colors[i % len(colors)] if several else "black"
-        ax.plot(
-            eps,
-            [r["robust_acc"] for r in rows],
-            marker="s",
-            lw=2.5,
-            color=color,
-            label=f"{prefix}worst case ({names[-1]})",
-        )
-        certified = [(r["eps"], r["certified_acc"]) for r in rows if r.get("certified_acc") is not None]
-        if certified:
+        ax.plot(eps, at(lambda r: r["robust_acc"]), marker="s", lw=2.5, color=color,
+                label=f"{prefix}worst case ({names[-1]})")
+        certified = [(e, a) for e, a in zip(eps, at(lambda r: r.get("certified_acc")), strict=True)
+                     if a is not None]
+        if len(certified) > 1:  # eps 0 alone (the clean accuracy) is no curve
             ce, ca = zip(*certified, strict=True)
             ax.plot(ce, ca, marker="D", lw=2, linestyle="-.", color=color if several else "tab:green",
                     label=f"{prefix}certified (lower bound)")
         if rows[0].get("fgsm_acc") is not None and "fgsm" not in names:
-            ax.plot(
-                eps,
-                [r["fgsm_acc"] for r in rows],
-                marker="^",
-                lw=1,
-                linestyle="--",
-                color=color if several else "gray",
-                label=f"{prefix}fgsm (reference)",
-            )
+            ax.plot(eps, at(lambda r: r["fgsm_acc"]), marker="^", lw=1, linestyle="--",
+                    color=color if several else "gray", label=f"{prefix}fgsm (reference)")
     first = series[0][1][0] if series[0][1] else {}
     norm = first.get("norm", "")
     ax.set_xlabel(f"eps ({norm})" if norm else "eps")
@@ -261,8 +266,31 @@ def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
         f" ({first.get('split')} split, n={first.get('n')})" if "n" in first else ""
     )
     ax.set_title(title or default)
-    ax.legend(fontsize=7, loc="best")
+    ax.set_xlim(left=0.0)
+    if several:  # a dozen entries would hide the curves: beside the axes (kept by bbox_inches="tight")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
     return _save(fig, path)
+
+
+def _clean(row: Mapping) -> float:
+    return row["per_attack"].get("clean", row.get("clean_acc"))
+
+
+def _from_zero(rows: Sequence[Mapping]):
+    """The eps axis from 0, where every curve starts at the clean accuracy (no perturbation:
+    nothing is broken, everything correct is certified), unless eps 0 was itself evaluated.
+
+    Returns:
+        `(eps, at)`: the eps values, and `at(value)` giving `value(row)` per eps, the clean
+        accuracy first when eps 0 was added.
+    """
+    if rows[0]["eps"] <= 0:
+        return [r["eps"] for r in rows], lambda value: [value(r) for r in rows]
+    clean = _clean(rows[0])
+    return [0.0] + [r["eps"] for r in rows], lambda value: [clean] + [value(r) for r in rows]
 
 
 def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, path, n: int = 16) -> Path:
@@ -333,11 +361,13 @@ def plot_pareto(points: Sequence, front: Sequence, path, *, title: str | None = 
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
+    ax.margins(0.08)  # room around the extreme points, so their labels fit inside
     flagged_ids = {id(p) for p in flagged}
     plain = [p for p in points if id(p) not in flagged_ids]
     if plain:
         xs, ys = zip(*(_xy(p) for p in plain), strict=True)
         ax.scatter(xs, ys, s=18, color="tab:gray", alpha=0.7, label=f"trials ({len(plain)})")
+    labels = []
     if flagged:
         xs, ys = zip(*(_xy(p) for p in flagged), strict=True)
         ax.scatter(xs, ys, s=40, marker="x", color="tab:orange",
@@ -346,25 +376,38 @@ def plot_pareto(points: Sequence, front: Sequence, path, *, title: str | None = 
             label = p.get("label") if isinstance(p, Mapping) else None
             failed = p.get("flags_failed", ()) if isinstance(p, Mapping) else ()
             text = f"{label + ' ' if label else ''}upper bound ({', '.join(failed) or 'flagged'})"
-            ax.annotate(text, _xy(p), textcoords="offset points", xytext=(4, -10), fontsize=6,
-                        color="tab:orange")
+            labels.append((text, _xy(p), 6, "tab:orange", -1))
     if front:
         fr = sorted(front, key=lambda p: _xy(p)[0])
         fx, fy = zip(*(_xy(p) for p in fr), strict=True)
         ax.plot(fx, fy, "-o", color="tab:red", lw=2, ms=6, label="Pareto front")
         for k, p in enumerate(fr):
             label = p.get("label") if isinstance(p, Mapping) else None
-            ax.annotate(
-                str(label if label is not None else k + 1),
-                _xy(p),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-                color="tab:red",
-            )
+            labels.append((str(label if label is not None else k + 1), _xy(p), 7, "tab:red", 1))
     ax.set_xlabel("clean accuracy")
     ax.set_ylabel("robust accuracy")
     ax.grid(alpha=0.3)
     ax.set_title(title or "Clean vs robust accuracy")
     ax.legend(fontsize=8, loc="best")
+    _label_inside(ax, labels)
+    fig.tight_layout()
     return _save(fig, path)
+
+
+def _label_inside(ax, labels) -> None:
+    """Point labels that stay inside the axes: each one is offset towards the middle of the
+    plot (left of a point in the right half, below one in the top half), and clipped to the
+    axes as a last resort, so a long label never runs past the figure's edge.
+
+    Args:
+        labels: `(text, (x, y), fontsize, color, side)`; side 1 prefers above the point, -1 below.
+    """
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    for text, (x, y), size, color, side in labels:
+        right = x > (x0 + x1) / 2
+        # Above the point unless that is the top of the plot; below it unless that is the bottom.
+        up = (y < y0 + 0.85 * (y1 - y0)) if side > 0 else (y < y0 + 0.15 * (y1 - y0))
+        ax.annotate(text, (x, y), textcoords="offset points",
+                    xytext=(-5 if right else 5, 5 if up else -5), ha="right" if right else "left",
+                    va="bottom" if up else "top", fontsize=size, color=color,
+                    annotation_clip=True, clip_on=True)

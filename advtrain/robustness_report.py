@@ -1,4 +1,4 @@
-"""`RobustnessReport`: the result of `advtrain.evaluation.evaluate_robustness`, and its JSON,
+"""`RobustnessReport`: the result of `advtrain.evaluation.evaluate_robustness`, and its JSON, HTML,
 Markdown and metrics forms.
 
 Every number leaves this module with its context: the threat model (norm, eps), the attack that
@@ -17,7 +17,9 @@ import numpy as np
 
 from advtrain.certification import certified_by
 from advtrain.files import write_text
-from advtrain.report import bracket, certified_cell, markdown_table, robust_cell
+from advtrain.flag_text import ANCHOR, flag_link, flags_markdown
+from advtrain.page import html_page
+from advtrain.report import bracket, certified_cell, duration, markdown_table, robust_cell
 
 __all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "bpda_layers", "bracket_of", "per_eps",
            "summary_lines"]
@@ -27,6 +29,7 @@ __all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "bpda_layers", "bracket_of
 SCHEMA = "advtrain.robustness_report/3"
 READABLE = (SCHEMA, "advtrain.robustness_report/2", "advtrain.robustness_report/1")
 WORST_CASE = "worst-case"
+HEADING_LINK = "what the flags mean"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,10 +293,10 @@ class RobustnessReport:
                                r.certified_note),
         }
 
-    def _certified_display(self, r: EpsResult) -> str:
+    def _certified_display(self, r: EpsResult, digits: int = 4) -> str:
         if r.certified_acc is None and not r.certified_note:
             return "not run"
-        return certified_cell(r.certified_acc, r.certified_method, r.certified_note)
+        return certified_cell(r.certified_acc, r.certified_method, r.certified_note, digits)
 
     def metrics(self, eps: float | None = None) -> dict[str, Any]:
         """Flat metrics for `ray.train.report` / Tune at one eps (the first by default), with the
@@ -318,8 +321,13 @@ class RobustnessReport:
             "sanity_failed_ids": ",".join(failed),
         }
 
-    def to_markdown(self) -> str:
-        """A Markdown summary: threat model, results table, sanity checks with WARNING lines."""
+    def to_markdown(self, digits: int = 4) -> str:
+        """A Markdown summary: threat model, results table, sanity checks with WARNING lines, and
+        what the flags mean (linked from each check, inline: the folder travels without docs/).
+
+        Args:
+            digits: decimals of the accuracies in the table. Defaults to 4 (report.html: 3).
+        """
         names = [k for k in self.results[0].per_attack if k != "clean"]
         columns = ["eps", "clean", *names, "robust (worst case)"]
         certifying = bool(self.certify) or any(r.certified or r.certified_note for r in self.results)
@@ -334,10 +342,10 @@ class RobustnessReport:
                 "eps": f"{r.eps:g}",
                 "clean": r.clean_acc,
                 **{k: r.per_attack[k] for k in names},
-                "robust (worst case)": robust_cell(r.robust_acc, self.failed_at(r.eps)),
-                "certified": self._certified_display(r),
+                "robust (worst case)": robust_cell(r.robust_acc, self.failed_at(r.eps), digits),
+                "certified": self._certified_display(r, digits),
                 "fgsm (reference)": r.fgsm_acc,
-                "seconds": f"{r.seconds:.1f}",
+                "seconds": duration(r.seconds),
             }
             rows.append(row)
         lines = [
@@ -365,14 +373,14 @@ class RobustnessReport:
             f"- Examples: n = {self.n} from the `{self.split}` split; seed {self.seed}",
             *([_data_line(self.data)] if self.data else []),
             "",
-            markdown_table(rows, columns),
+            markdown_table(rows, columns, digits),
             "",
             *[f"- At eps {r.eps:g}: {self._certified_entry(r)['bracket']}" for r in self.results],
             *[f"- Examples broken at eps {r.eps:g}, by attack (each on those still robust): "
               + _broken(r.broken) for r in self.results],
             *(["- **A robust accuracy marked `<=` is an upper bound**: a sanity check failed "
                "(named beside it), so the attacks may have been fooled by the model; see "
-               "[docs/flags.md](docs/flags.md)."] if self.failed_flags else []),
+               f"[{HEADING_LINK}](#{ANCHOR})."] if self.failed_flags else []),
             "",
             "## Sanity checks",
             "",
@@ -381,21 +389,29 @@ class RobustnessReport:
             lines.append("- not run: sanity checks were switched off")
         for f in sorted(self.flags, key=lambda f: {False: 0, None: 1, True: 2}[f.passed]):
             prefix = "**WARNING** " if f.passed is False else ""
-            lines.append(f"- {prefix}{f.summary} ([{f.id}](docs/flags.md#{f.id}))")
+            lines.append(f"- {prefix}{f.summary} ({flag_link(f.id)})")
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
+        explained = flags_markdown([f.id for f in self.flags])
+        if explained:
+            lines += ["", *explained]
         return "\n".join(lines) + "\n"
 
+    def to_html(self) -> str:
+        """report.html: `to_markdown` with three decimals, as a self-contained page."""
+        return html_page(self.to_markdown(digits=3), "advtrain robustness report")
+
     def write(self, directory) -> tuple[Path, Path]:
-        """Writes `report.json` and `report.md` into `directory`, each atomically.
+        """Writes `report.json`, `report.md` and `report.html` into `directory`, each atomically.
 
         Returns:
-            The two paths.
+            The JSON and Markdown paths (report.html lies beside them).
         """
         directory = Path(directory)
         json_path, md_path = directory / "report.json", directory / "report.md"
         write_text(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         write_text(md_path, self.to_markdown())
+        write_text(directory / "report.html", self.to_html())
         return json_path, md_path
 
 

@@ -16,7 +16,7 @@ import dataclasses
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["SuiteAttack", "SUITES", "FGSM_REFERENCE", "suite_attacks"]
+__all__ = ["SuiteAttack", "SUITES", "FGSM_REFERENCE", "describe_suite", "suite_attacks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,3 +137,9 @@ def suite_attacks(suite: str, steps_scale: float = 1.0) -> tuple[SuiteAttack, ..
     ):
         raise ValueError(f"`steps_scale` must be in (0, 1]. Received: steps_scale={steps_scale!r}")
     return tuple(a.scaled(float(steps_scale)) for a in SUITES[suite])
+
+
+def describe_suite(suite: str) -> str:
+    """What `suite` runs, in one line: e.g. `pgd-100x5, apgd-ce-100, apgd-t-100-top9, square-5000`
+    (APGD-CE through BPDA is left out: it runs only on a model that needs it, and the report names it)."""
+    return ", ".join(a.name for a in SUITES[suite] if not a.bpda)

@@ -39,8 +39,8 @@ def tiny_config(tmp_path):
         (["--learning-rate", "-1"], r"`learning_rate` must be in \(0.0, 10.0\]. Received: learning_rate=-1.0"),
         (["--model", "resnet50"], r"`model` must be one of 'mlp', 'cnn', 'madry', 'resnet', a .keras file or "
                                   r"package.module:function. Received: model='resnet50'"),
-        (["--method", "free"], r"`method` must be one of .* Received: method='free'"),
-        (["--steps", "three"], r"argument --steps: invalid int value: 'three'"),
+        (["--method", "free"], r"`--method` must be one of .* Received: --method='free'"),
+        (["--steps", "three"], r"^advtrain train: error: `--steps` must be an integer. Received: --steps='three'$"),
     ],
 )
 def test_train_bad_override_exits_2_with_one_line_and_writes_nothing(extra, message, tiny_config, tmp_path, capsys):
@@ -94,10 +94,10 @@ def test_evaluate_missing_model_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["evaluate", "m.keras", "--eps", "0.1,x"], r"expected comma-separated numbers"),
+        (["evaluate", "m.keras", "--eps", "0.1,x"], r"^advtrain evaluate: error: `--eps` must be comma-separated numbers. Received: --eps='0.1,x'$"),
         (["attack", "m.keras", "--eps", "-1", "--out", "a.npz"], r"`eps` must be in \[0.0, 1.0\]. Received: eps=-1.0"),
-        (["attack", "m.keras", "--eps", "0.1", "--norm", "l3", "--out", "a.npz"], r"`norm` must be one of 'linf', 'l2'"),
-        (["attack", "m.keras", "--eps", "0.1", "--method", "cw", "--out", "a.npz"], r"`name` must be one of 'fgsm', 'pgd', 'apgd'"),
+        (["attack", "m.keras", "--eps", "0.1", "--norm", "l3", "--out", "a.npz"], r"`--norm` must be one of 'linf', 'l2'. Received: --norm='l3'"),
+        (["attack", "m.keras", "--eps", "0.1", "--method", "cw", "--out", "a.npz"], r"`--method` must be one of 'fgsm', 'pgd', 'apgd', 'square'. Received: --method='cw'"),
         (["attack", "m.keras", "--eps", "0.1", "--out", "a.txt"], r"--out must end in .npz"),
         (["evaluate", "m.keras", "--certify", "ibp,deeppoly"], r"`certify` must list methods among 'ibp', "
                                                                 r"'crown-ibp', 'crown' \(or be 'none'\). Received: "
@@ -106,8 +106,8 @@ def test_evaluate_missing_model_exits_2(tmp_path, capsys):
                                                          r"method='deeppoly'"),
         (["certify", "m.keras", "--method", "none"], r"--method needs at least one of ibp, crown-ibp, crown"),
         (["certify", "m.keras", "--eps", "1.5"], r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.5"),
-        (["certify", "m.keras"], r"advtrain certify: model must be an existing .keras file"),
-        (["frobnicate"], r"invalid choice: 'frobnicate'"),
+        (["certify", "m.keras"], r"^advtrain certify: error: model must be an existing .keras file"),
+        (["frobnicate"], r"^advtrain: error: `command` must be one of 'train', .* Received: command='frobnicate'$"),
     ],
 )
 def test_cli_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
@@ -140,6 +140,42 @@ def test_tune_invalid_search_space_fails_before_any_trial(space, message, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("search, message", [
+    ("{callbacks: [tensorboard, mlfow]}", r"^advtrain tune: error: `search.callbacks` must be one of 'tensorboard', 'mlflow', "
+                                          r"'wandb'. Received: search.callbacks='mlfow'$"),
+    ("{callbacks: mlflow}", r"`search.callbacks` must be a list of tensorboard, mlflow, wandb. "
+                            r"Received: callbacks='mlflow'"),
+])
+def test_tune_bad_callback_is_one_line_exit_2(search, message, tmp_path, capsys):
+    p = tmp_path / "s.yaml"
+    p.write_text(TINY + f"search: {search}\n")
+    code, err = _run(["tune", "--config", str(p), "--out", str(tmp_path / "exp")], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not (tmp_path / "exp").exists()
+
+
+def test_tune_callback_without_its_package_names_the_extra(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed: the missing-package line cannot show")
+    p = tmp_path / "s.yaml"
+    p.write_text(TINY + "search: {callbacks: [wandb]}\n")
+    code, err = _run(["tune", "--config", str(p), "--out", str(tmp_path / "exp")], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "`search.callbacks: wandb` needs the wandb package: pip install 'advtrain[wandb]'" in err[0]
+
+
+def test_tune_mlflow_uri_implies_the_mlflow_callback():
+    from workflows.tune import SearchSpec
+
+    args = build_parser().parse_args(["tune", "--config", "c.yaml", "--mlflow-uri", "sqlite:///m.db"])
+    search = SearchSpec.from_dict({"callbacks": ["tensorboard"]}, mlflow_uri=args.mlflow_uri)
+    assert search.callbacks == ("tensorboard", "mlflow") and search.mlflow_uri == "sqlite:///m.db"
+    assert SearchSpec.from_dict(search.to_dict()) == search  # as spec.json stores it, for --resume
+
+
 def test_tune_optuna_multi_with_asha_is_refused(tmp_path, capsys):
     p = tmp_path / "s.yaml"
     p.write_text(TINY + "search: {searcher: optuna-multi, scheduler: asha}\n")
@@ -157,7 +193,7 @@ def test_report_corrupt_results_is_unexpected_exit_1_traceback_in_log(tmp_path, 
     (tmp_path / "trials.json").write_text("{")  # our own file, damaged: not the user's input
     code, err = _run(["report", str(tmp_path)], capsys)
     assert code == 1 and len(err) == 1
-    assert err[0].startswith("advtrain: unexpected error: JSONDecodeError: ")
+    assert err[0].startswith("advtrain report: error: unexpected JSONDecodeError: ")
     log = Path(err[0].split("traceback in ")[1].split(";")[0])
     assert log.read_text().startswith("Traceback (most recent call last):")
     assert "JSONDecodeError" in log.read_text()
@@ -169,7 +205,7 @@ def test_unexpected_error_with_verbose_prints_traceback(tmp_path, capsys):
     code = main(["-v", "report", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback (most recent call last):" in err and "json/decoder.py" in err
-    assert err.strip().splitlines()[-1].startswith("advtrain: unexpected error: JSONDecodeError")
+    assert err.strip().splitlines()[-1].startswith("advtrain report: error: unexpected JSONDecodeError")
 
 
 @pytest.mark.parametrize("raised, name", [
@@ -184,7 +220,7 @@ def test_error_from_a_library_or_a_bug_exits_1_not_2(raised, name, tmp_path, cap
     save_model(build_model("mlp", seed=0), model)
     monkeypatch.setattr(commands, "evaluate", lambda *a, **k: raised())
     code, err = _run(["evaluate", str(model), "--suite", "fgsm", "--n", "8"], capsys)
-    assert code == 1 and err[-1].startswith(f"advtrain: unexpected error: {name}")
+    assert code == 1 and err[-1].startswith(f"advtrain evaluate: error: unexpected {name}")
     Path(err[-1].split("traceback in ")[1].split(";")[0]).unlink()
 
 
@@ -206,6 +242,17 @@ def test_train_local_writes_run_folder_and_report(tiny_config, tmp_path, capsys)
     entry = json.loads((out / "report.json").read_text())["per_eps"][0]
     assert set(entry["certified"]) == {"ibp", "crown-ibp"} and entry["certified_acc"] <= entry["robust_acc"]
     assert f"eps 0.1: {entry['bracket']}" in err and entry["bracket"].startswith("certified ")
+    # The epoch's metrics as TensorBoard scalars (`tensorboard --logdir <run folder>`).
+    import tensorflow as tf
+
+    scalars = {}
+    for events in (out / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for v in event.summary.value:
+                scalars[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
+    epoch = metrics["epochs"][0]
+    for key in ("train_loss", "val_clean_acc", "val_pgd_acc"):
+        assert scalars[(key, 1)] == pytest.approx(epoch[key], rel=1e-6), key
 
 
 @pytest.mark.slow
@@ -304,7 +351,7 @@ def test_evaluate_certify_flag_reaches_the_eval_config(tmp_path, capsys, monkeyp
     from workflows import commands
 
     seen = []
-    monkeypatch.setattr(commands, "evaluate", lambda model, cfg, out, data: seen.append(cfg.certify) or 0)
+    monkeypatch.setattr(commands, "evaluate", lambda model, cfg, out, data, **kw: seen.append(cfg.certify) or 0)
     for flag, want in ((["--certify", "none"], ()), (["--certify", "crown"], ("crown",)), ([], ("ibp", "crown-ibp"))):
         assert main(["evaluate", "m.keras", *flag]) == 0
         assert seen.pop() == want
@@ -319,7 +366,7 @@ def test_certify_unsupported_layer_refused_in_one_line_exit_2_nothing_written(tm
     keras.Model(inp, keras.layers.Dense(10)(h)).save(path)
     code, err = _run(["certify", str(path), "--eps", "0.1", "--n", "10"], capsys)
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("advtrain: error: advtrain certify: lstm.keras: layer 'lstm' (LSTM) cannot be bounded")
+    assert err[0].startswith("advtrain certify: error: lstm.keras: layer 'lstm' (LSTM) cannot be bounded")
     assert [p.name for p in tmp_path.iterdir()] == ["lstm.keras"]
 
 
@@ -455,3 +502,110 @@ def test_epoch_line_shows_the_certified_probe_only_when_run():
     assert "certified" not in _epoch_line(m)
     line = _epoch_line({**m, "val_certified_acc": 0.8125, "val_robust_acc": 0.85})
     assert "val PGD 0.880  val certified 0.812 <= robust 0.850  eps 0.100" in line
+
+
+# Each typed as a user would; all are refused before TensorFlow (or Ray) is imported, in one line
+# that starts with the command's prefix, and nothing is written.
+CHEAP_REFUSALS = [
+    (["report", "nonexistent"], "advtrain report: error: 'nonexistent' holds no trials.json"),
+    (["evaluate", "notes.txt"], "advtrain evaluate: error: model must be a .keras file. Received: 'notes.txt'"),
+    (["evaluate", "notzip.keras"], "advtrain evaluate: error: 'notzip.keras' is not a Keras .keras file: not a zip"),
+    (["attack", "notzip.keras", "--eps", "0.3", "--out", "a.npz"], "advtrain attack: error: 'notzip.keras' is not a"),
+    (["certify", "notzip.keras"], "advtrain certify: error: 'notzip.keras' is not a Keras .keras file"),
+    (["train", "--local", "--config", "tiny.yaml", "--model", "notzip.keras"],
+     "advtrain train: error: '{cwd}/notzip.keras' is not a Keras .keras file: not a zip archive"),
+    (["train", "--local", "--config", "tiny.yaml", "--model", "m.keras", "--data", "three_classes.npz",
+      "--train-size", "400", "--val-size", "100"],
+     "advtrain train: error: model '{cwd}/m.keras' outputs 10 logits but the data ({cwd}/three_classes.npz) has 3 "
+     "classes: expected one logit per class"),
+    (["evaluate", "m.keras", "--data", "three_classes.npz", "--overwrite"],
+     "advtrain evaluate: error: model 'm.keras' outputs 10 logits but the data (three_classes.npz) has 3 classes"),
+    (["evaluate", "m.keras", "--n", "-5"], "advtrain evaluate: error: `n` must be in [1, inf]. Received: n=-5"),
+    (["attack", "m.keras", "--eps", "0.3", "--n", "-5", "--out", "a.npz"],
+     "advtrain attack: error: `n` must be in [1, inf]. Received: n=-5"),
+    (["evaluate", "m.keras", "--norm", "l3"], "advtrain evaluate: error: `--norm` must be one of 'linf', 'l2'. "
+                                              "Received: --norm='l3'"),
+    (["evaluate", "m.keras", "-v", "-q"], "advtrain evaluate: error: -v/--verbose and -q/--quiet contradict"),
+    (["evaluate", "m.keras"], "advtrain evaluate: error: eval-m/report.json exists (an earlier evaluation): pass "
+                              "--overwrite to replace it"),
+    (["evalute", "m.keras"], "advtrain: error: `command` must be one of 'train', 'tune', 'evaluate',"),
+]
+
+_REFUSE_ALL = """
+import contextlib, io, json, sys
+from workflows.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    out.append([code, err.getvalue().splitlines(), sorted(m for m in ("tensorflow", "ray") if m in sys.modules)])
+print(json.dumps(out))
+"""
+
+
+def test_bad_inputs_are_one_line_before_tensorflow_loads(tmp_path):
+    import subprocess
+    import sys
+
+    from advtrain.models import build_model, save_model
+
+    save_model(build_model("mlp", seed=0), tmp_path / "m.keras")  # 10 classes, MNIST's images
+    (tmp_path / "notzip.keras").write_text("not a zip\n")
+    (tmp_path / "notes.txt").write_text("notes\n")
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (600, 28, 28, 1), np.uint8), rng.integers(0, 3, 600)
+    np.savez(tmp_path / "three_classes.npz", x_train=x, y_train=y, x_test=x[:100], y_test=y[:100])
+    (tmp_path / "eval-m").mkdir()
+    (tmp_path / "eval-m" / "report.json").write_text('{"kept": true}')
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argvs = [argv for argv, _ in CHEAP_REFUSALS]
+    done = subprocess.run([sys.executable, "-c", _REFUSE_ALL, json.dumps(argvs)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for (argv, want), (code, err, loaded) in zip(CHEAP_REFUSALS, json.loads(done.stdout.splitlines()[-1])):
+        assert code == 2 and len(err) == 1, (argv, err)
+        assert err[0].startswith(want.format(cwd=tmp_path)), (argv, err[0])
+        assert loaded == [], (argv, f"{loaded} imported before the refusal")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert json.loads((tmp_path / "eval-m" / "report.json").read_text()) == {"kept": True}
+
+
+def test_version_and_log_flags_before_or_after_the_command(capsys):
+    from advtrain import __version__
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"advtrain {__version__}"
+    parse = build_parser().parse_args
+    assert (parse(["evaluate", "m.keras", "-v"]).verbose, parse(["-v", "evaluate", "m.keras"]).verbose) == (True, True)
+    assert (parse(["evaluate", "m.keras", "-q"]).quiet, parse(["-q", "evaluate", "m.keras"]).quiet) == (True, True)
+    assert (parse(["evaluate", "m.keras"]).verbose, parse(["evaluate", "m.keras"]).quiet) == (False, False)
+
+
+def _actions(parser):
+    import argparse
+
+    for action in parser._actions:  # argparse keeps no public list of them
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {flag}", a, sub) for flag, a, _ in _actions(sub))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield "/".join(action.option_strings) or action.dest, action, parser
+
+
+def test_every_flag_has_help_and_its_default_in_help():
+    import argparse
+
+    seen = 0
+    for flag, action, parser in _actions(build_parser()):
+        assert action.help, f"{flag} has no help text"
+        text = parser.format_help()
+        if action.option_strings and not any(action.default is d for d in (None, False, argparse.SUPPRESS)):
+            shown = parser._get_formatter()._expand_help(action) if action.help else ""
+            assert "default" in shown, f"{flag}: default {action.default!r} not shown in --help"
+        if action.choices and action.option_strings:
+            assert "{" + ",".join(action.choices) + "}" in text, f"{flag}: choices not in --help"
+        seen += 1
+    assert seen > 60

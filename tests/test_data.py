@@ -142,7 +142,7 @@ def test_load_data_val_size_changes_split_sizes():
 
 @pytest.mark.parametrize("val_size", [0, 60000, True, 10.0])
 def test_load_data_bad_val_size_raises(val_size):
-    with pytest.raises(ValueError, match=rf"`val_size` must be an integer in \[1, 59999\]. Received: val_size={val_size!r}"):
+    with pytest.raises(ValueError, match=rf"`val_size` must be in \[1, 59999\]. Received: val_size={val_size!r}"):
         load_data(val_size=val_size)
 
 

@@ -8,9 +8,12 @@ import sys
 import numpy as np
 import pytest
 
+from advtrain.flag_text import FLAG_TEXT, flags_markdown
+from advtrain.page import html_page, slug
 from advtrain.report import (
     bracket,
     certified_cell,
+    duration,
     markdown_table,
     pareto_front,
     plot_accuracy_vs_eps,
@@ -185,3 +188,57 @@ def test_report_module_import_loads_no_tensorflow():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False)  # noqa: S603
     assert result.returncode == 0
+
+
+def test_duration_reads_as_seconds_minutes_hours():
+    assert [duration(s) for s in (0.4, 56.6247, 252.4, 3599.6, 7500)] == [
+        "0 s", "57 s", "4 min 12 s", "1 h 00 min", "2 h 05 min"]
+    assert duration(None) == "-"
+
+
+def test_cells_take_their_decimals():
+    assert robust_cell(0.97912, ["large-eps"], digits=3) == "<= 0.979 (upper bound: large-eps)"
+    assert certified_cell(0.9124, "ibp", digits=3) == "0.912 (ibp)"
+    assert markdown_table([{"acc": 0.91234}], ["acc"], digits=3).splitlines()[-1] == "| 0.912 |"
+
+
+def test_html_page_numeric_cells_heading_ids_and_no_raw_html():
+    md = ("# Title\n\n| name | acc | time |\n|---|---|---|\n| a<b | <= 0.960 (upper bound: x) | 4 min 12 s |\n\n"
+          "## Title\n")
+    page = html_page(md, "t <1>")
+    assert page.startswith("<!doctype html>") and "<title>t &lt;1&gt;</title>" in page and "<style>" in page
+    assert "<td>a&lt;b</td>" in page and '<td class="num">&lt;= 0.960 (upper bound: x)</td>' in page
+    assert '<td class="num">4 min 12 s</td>' in page
+    assert '<h1 id="title">' in page and '<h2 id="title-1">' in page  # unique, as GitHub makes them
+    assert slug("What the flags mean") == "what-the-flags-mean"
+
+
+def test_flags_markdown_has_one_anchored_heading_per_flag_asked_in_order():
+    lines = flags_markdown(["zero-gradients", "large-eps", "not-a-flag"])
+    assert lines[0] == "## What the flags mean"
+    assert [x for x in lines if x.startswith("### ")] == ["### large-eps", "### zero-gradients"]
+    assert len([x for x in flags_markdown() if x.startswith("### ")]) == len(FLAG_TEXT) == 9
+    assert flags_markdown(["not-a-flag"]) == []
+    page = html_page("\n".join(flags_markdown()), "flags")
+    assert all(f'id="{i}"' in page for i in FLAG_TEXT)
+
+
+def test_plot_accuracy_vs_eps_starts_at_eps_zero_with_clean_accuracy(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real(self, x, y, *a, **k))
+    plot_accuracy_vs_eps({"per_eps": _per_eps([0.9, 0.7, 0.5])}, tmp_path / "acc.png")
+    assert drawn and all(x[0] == 0.0 and y[0] == 0.99 for x, y in drawn)  # every curve, clean at eps 0
+
+
+def test_plots_are_written_at_twice_screen_resolution(tmp_path):
+    from matplotlib import image
+
+    points = [{"label": "a-long-trial-label-at-the-right-edge", "clean": 0.99, "robust": 0.9},
+              {"label": "b", "clean": 0.9, "robust": 0.95}]
+    plot_pareto(points, pareto_front(points), tmp_path / "pareto.png")
+    height, width = image.imread(tmp_path / "pareto.png").shape[:2]
+    assert width > 1000 and height > 800  # 6.0 x 4.6 inches at 200 dpi, trimmed to the drawing

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
-from workflows import results
+from workflows import render as results  # the rendering half: no Ray, no TensorFlow
 
 THREAT = {"norm": "linf", "eps": 0.3, "suite": "standard", "n": 500, "split": "test"}
 
@@ -59,6 +59,8 @@ def test_write_all_marks_flagged_trial_as_upper_bound_everywhere(tmp_path):
     with open(tmp_path / "results.csv") as f:
         csv_rows = {r["trial_id"]: r for r in csv.DictReader(f)}
     assert csv_rows["masked"]["test_flags_failed"] == "large-eps;zero-gradients"
+    # One column per searched key, named as Tune's ResultGrid.get_dataframe names them.
+    assert csv_rows["masked"]["config/eps"] == "0.3" and "config" not in csv_rows["masked"]
     assert float(csv_rows["masked"]["test_robust_acc"]) == 0.96  # the number itself, flagged beside it
     report = (tmp_path / "report.md").read_text()
     # The front runs through trials that passed; the flagged one is listed apart, as a bound.
@@ -70,7 +72,7 @@ def test_write_all_marks_flagged_trial_as_upper_bound_everywhere(tmp_path):
     assert any(line.startswith("WARNING: trial masked failed large-eps, zero-gradients") and bound in line
                for line in lines)
     assert (tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")
-    assert "<b>" in (tmp_path / "report.html").read_text()
+    assert "<strong>" in (tmp_path / "report.html").read_text()  # markdown-it: **bold**
 
 
 def test_write_all_certified_column_bracket_and_not_available(tmp_path):
@@ -93,3 +95,37 @@ def test_write_all_certified_column_bracket_and_not_available(tmp_path):
     assert "- old: robust 0.500 <= clean 0.960" in report
     assert "<th>test_certified_acc</th>" in (tmp_path / "report.html").read_text()
     assert any("test_certified_acc" in line for line in lines)
+
+
+def test_write_all_csv_one_column_per_config_key_and_durations(tmp_path):
+    rows = [{**_trial("a", 0.9, 0.98, 0.9), "config": {"eps": 0.3, "steps": 10}, "wall_s": 252.4},
+            {**_trial("b", 0.8, 0.97, 0.8), "config": {"eps": 0.1, "schedule": "cosine"}, "wall_s": 56.6247}]
+    _write(tmp_path, rows)
+    with open(tmp_path / "results.csv") as f:
+        reader = csv.DictReader(f)
+        table = list(reader)
+    assert reader.fieldnames[:5] == ["rank", "trial_id", "config/eps", "config/steps", "config/schedule"]
+    assert [(r["config/eps"], r["config/steps"], r["config/schedule"]) for r in table] == [
+        ("0.3", "10", ""), ("0.1", "", "cosine")]
+    assert float(table[0]["wall_s"]) == 252.4  # the number in the CSV, a duration for people
+    md = (tmp_path / "results.md").read_text()
+    assert "| 4 min 12 s |" in md and "| 57 s |" in md and "56.6247" not in md
+    html = (tmp_path / "report.html").read_text()
+    assert '<td class="num">0.900</td>' in html and "0.9000" not in html  # three decimals on the page
+    assert 'href="docs/' not in html and 'href="#large-eps"' not in html  # no flag failed: none linked
+
+
+def test_write_all_trial_page_of_an_older_report_links_inside_the_folder(tmp_path):
+    rows = [_trial("old", 0.9, 0.98, 0.9, ["large-eps"])]
+    trial = tmp_path / "trials" / "old"
+    trial.mkdir(parents=True)
+    # As report.md read before the reports carried their flag explanations.
+    (trial / "report.md").write_text("# Robustness report\n\n- see [docs/flags.md](docs/flags.md).\n\n"
+                                     "## Sanity checks\n\n- **WARNING** large-eps FAILED: x "
+                                     "([large-eps](docs/flags.md#large-eps))\n")
+    _write(tmp_path, rows)
+    page = (trial / "report.html").read_text()
+    assert 'href="#large-eps"' in page and 'id="large-eps"' in page and 'href="#what-the-flags-mean"' in page
+    assert 'href="docs/' not in page
+    assert 'href="trials/old/report.html"' in (tmp_path / "report.html").read_text()
+    assert "(trials/old/report.md)" in (tmp_path / "report.md").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,15 +54,19 @@ def _finished_trials(exp: Path) -> dict[str, float]:
     return out
 
 
-def _tune_to_the_end(search_yaml: str, tmp_path: Path, address: str, *, timeout: int) -> Path:
-    """`advtrain tune --config search.yaml --out exp`, run to its end; returns exp."""
+def _tune_to_the_end(search_yaml: str, tmp_path: Path, address: str, *, timeout: int, extra=()) -> Path:
+    """`advtrain tune --config search.yaml --out exp [extra...]`, run to its end; returns exp."""
     cfg, exp, log = tmp_path / "search.yaml", tmp_path / "exp", tmp_path / "advtrain.log"
     cfg.write_text(search_yaml)
-    proc = _advtrain(["tune", "--config", str(cfg), "--out", str(exp), "--address", address],
+    proc = _advtrain(["tune", "--config", str(cfg), "--out", str(exp), "--address", address, *extra],
                      {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
     assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
     noise = [line for line in log.read_text().splitlines() if any(n in line for n in TF_NOISE)]
     assert not noise, noise[:4]  # driver and Ray workers alike: TensorFlow's C++ start-up lines stay off
+    text = log.read_text()
+    assert text.count("Token authentication is enabled") <= 1, text[:3000]  # Ray's notice, at most once
+    assert re.search(r"^Tune: \d+ trial\(s\), \w+ scheduler, \w+ searcher", text, re.M), text[:3000]
+    assert re.search(r"^Each trial judged at linf eps [\d.]+ by the \w+ suite \(", text, re.M), text[:3000]
     return exp
 
 
@@ -89,7 +94,9 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
     _wait(lambda: len(_finished_trials(exp)) >= 1, 400, "a first finished trial", proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
-    assert "continue with: advtrain tune --resume" in log.read_text()
+    text = log.read_text()
+    assert "continue with: advtrain tune --resume" in text
+    assert "Tuner.restore" not in text  # Ray's own hint, which would restore without advtrain's spec
     done_before = _finished_trials(exp)
     assert done_before
 
@@ -180,11 +187,15 @@ search:
   scheduler: fifo
   metric: val_certified_acc
   space: {kappa_end: {grid: [1.0, 0.5]}}
+  callbacks: [tensorboard]
 """
 
 
 def test_certified_search_ranks_on_the_certified_probe_and_brackets_every_trial(ray_cluster, tmp_path):
-    exp = _tune_to_the_end(CERTIFIED_SEARCH, tmp_path, ray_cluster.address, timeout=600)
+    # Also the trackers (`search.callbacks`, `--mlflow-uri`), on this two-trial search.
+    mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = _tune_to_the_end(CERTIFIED_SEARCH, tmp_path, ray_cluster.address, timeout=600,
+                           extra=["--mlflow-uri", mlflow_uri])
     data = json.loads((exp / "trials.json").read_text())
     assert data["metric"] == data["objective"]["metric"] == "val_certified_acc"
     trials = data["trials"]
@@ -196,6 +207,28 @@ def test_certified_search_ranks_on_the_certified_probe_and_brackets_every_trial(
     report_md = (exp / "report.md").read_text()
     assert "`val_certified_acc`" in report_md
     assert f"- {trials[0]['trial_id']}: certified {trials[0]['test_certified_acc']:.3f}" in report_md
+    _check_trackers(exp, mlflow_uri, trials)
+
+
+def _check_trackers(exp: Path, mlflow_uri: str, trials: list[dict]) -> None:
+    """Each trial's TensorBoard events, and its MLflow run (read back from the SQLite store):
+    params, per-epoch metric history, final test figures."""
+    from mlflow import MlflowClient
+
+    assert len(list((exp / "tune").glob("*/events.out.tfevents.*"))) == len(trials)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name("exp")  # named as the search (its folder)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == len(trials) == 2
+    for row in trials:
+        run, = [r for r in runs if r.data.tags["trial_name"].endswith(row["trial_id"])]
+        assert float(run.data.params["kappa_end"]) == row["config"]["kappa_end"]
+        history = client.get_metric_history(run.info.run_id, "val_certified_acc")
+        assert {m.step for m in history} >= {1, 2}, history  # one report per epoch
+        for key in ("test_clean_acc", "test_robust_acc", "test_certified_acc"):
+            assert run.data.metrics[key] == pytest.approx(row[key]), key
+        assert run.data.metrics["test_flags_failed"] == len(row["test_flags_failed"])
+        assert run.data.tags["test_flags_failed"] == (",".join(row["test_flags_failed"]) or "none")
 
 
 @pytest.mark.parametrize("train, search, warns", [

@@ -152,7 +152,7 @@ def test_l2_eps_beyond_the_image_space_diameter_exits_2(in_project, tmp_path, ca
     code, err = _run(["train", "--local", "--config", "run.yaml", "--norm", "l2", "--eps", "30",
                       "--out", tmp_path / "run"], capsys)
     # 16x16x3 images: the l2 diameter of [0, 1]^768 is sqrt(768) = 27.7.
-    assert code == 2 and err == ["advtrain: error: `eps` must be in [0.0, 27.71] for 16x16x3 images (l2 diameter of "
+    assert code == 2 and err == ["advtrain train: error: `eps` must be in [0.0, 27.71] for 16x16x3 images (l2 diameter of "
                                  "[0, 1]^768). Received: eps=30.0"], err
 
 
@@ -163,7 +163,7 @@ def test_tune_refuses_a_search_space_l2_eps_beyond_the_image_space_diameter(in_p
         search: {samples: 2, space: {eps: {uniform: [0.5, 30.0]}}}
         """))
     code, err = _run(["tune", "--config", "l2.yaml", "--out", tmp_path / "search"], capsys)
-    assert code == 2 and err[-1:] == ["advtrain: error: `search.space.eps` must be in [0.0, 27.71] for 16x16x3 images "
+    assert code == 2 and err[-1:] == ["advtrain tune: error: `search.space.eps` must be in [0.0, 27.71] for 16x16x3 images "
                                       "(l2 diameter of [0, 1]^768). Received: search.space.eps=30.0"], err
     assert not (tmp_path / "search").exists()
 
@@ -314,7 +314,7 @@ def test_train_streams_a_parquet_dataset_with_ray_data(ray_cluster, in_project, 
     try:
         # The fixture cluster has 2 CPUs: 2 one-CPU workers would leave none for Ray Data's reads.
         code, err = _run([*base, "--workers", "2", "--out", tmp_path / "refused"], capsys)
-        assert code == 2 and err[-1:] == ["advtrain: error: a file dataset streams through Ray Data, whose tasks need 1 CPU "
+        assert code == 2 and err[-1:] == ["advtrain train: error: a file dataset streams through Ray Data, whose tasks need 1 CPU "
                                      "beside the Train workers: 2 worker(s) x {CPU: 1} leave 0 of the cluster's 2 CPUs. "
                                      "Use fewer workers, or in-memory data (an .npz). Received: workers=2"], err
         assert not (tmp_path / "refused").exists()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import difflib
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from advtrain.config import ATTACK_NAMES, LOSSES, METHODS, NORMS, OPTIMIZERS, SCHEDULES, SPLITS, SUITES
 from workflows import quiet
 
 __all__ = ["build_parser", "main"]
@@ -25,42 +27,89 @@ class UsageError(ValueError):
     """Bad command-line input: printed as one line, exit status 2."""
 
 
+def _flag(action: argparse.Action) -> str:
+    return action.option_strings[-1] if action.option_strings else action.dest
+
+
 class _Parser(argparse.ArgumentParser):
+    """argparse with advtrain's one-line errors, worded as the config checks word theirs:
+    the value in backticks, what it must be, then `Received:`."""
+
     def error(self, message: str):  # one line, not argparse's usage block
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message)
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            flag = _flag(action)
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise argparse.ArgumentError(None, f"`{flag}` must be one of {', '.join(repr(c) for c in action.choices)}"
+                                               f"{hint}. Received: {flag}={value!r}")
+
+    def _get_value(self, action, arg_string):
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as e:
+            flag = _flag(action)
+            kind = {int: "an integer", float: "a number"}.get(action.type)
+            what = f"must be {kind}" if kind else e.message
+            raise argparse.ArgumentError(None, f"`{flag}` {what}. Received: {flag}={arg_string!r}") from None
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every default in plain sight: appended to the help of each option that has one and does
+    not say it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or any(default is d for d in (None, False, argparse.SUPPRESS))
+                or isinstance(action, argparse._VersionAction)):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError("must be comma-separated numbers") from None
     if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+        raise argparse.ArgumentTypeError("must be at least one number")
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be in [1, inf]")
+    return value
+
+
 def _add_train_overrides(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training overrides (on top of --config's `train` section)")
+    g = p.add_argument_group("training overrides (on top of --config's `train` section; defaults: docs/config.md)")
     g.add_argument("--model", help="mlp, cnn, madry, resnet, a .keras file to fine-tune, or package.module:function")
     g.add_argument("--data", help="bundled (MNIST), keras:fashion_mnist, keras:cifar10, an .npz, a folder, or a file "
                                   "dataset (folder or URI with train/ val/ test/)")
-    g.add_argument("--method", help="clean, fgsm, pgd or trades")
-    g.add_argument("--eps", type=float, help="training eps in [0, 1]")
-    g.add_argument("--steps", type=int, help="PGD steps in training (>= 1)")
-    g.add_argument("--step-size", type=float, help="PGD step (> 0); default 2.5*eps/steps")
-    g.add_argument("--norm", help="linf or l2")
-    g.add_argument("--mix", type=float, help="adversarial loss weight in [0, 1]")
-    g.add_argument("--beta", type=float, help="TRADES beta (>= 0)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="per-worker batch")
-    g.add_argument("--learning-rate", type=float)
-    g.add_argument("--optimizer", help="adam or sgd")
-    g.add_argument("--schedule", help="constant, cosine or onecycle")
-    g.add_argument("--eps-ramp-epochs", type=int)
+    g.add_argument("--method", type=str.lower, choices=METHODS, help="training method")
+    g.add_argument("--eps", type=float, help="training eps, in [0, 1] for linf")
+    g.add_argument("--steps", type=int, help="PGD steps in training, in [1, inf]")
+    g.add_argument("--step-size", type=float, help="PGD step, in (0, inf]; default 2.5*eps/steps")
+    g.add_argument("--norm", type=str.lower, choices=NORMS, help="threat norm of training")
+    g.add_argument("--mix", type=float, help="adversarial loss weight, in [0, 1]")
+    g.add_argument("--beta", type=float, help="TRADES beta, in [0, inf]")
+    g.add_argument("--epochs", type=int, help="passes over the training split, in [1, inf]")
+    g.add_argument("--batch-size", type=int, help="examples per step on each worker, in [1, inf]")
+    g.add_argument("--learning-rate", type=float, help="peak learning rate, in (0, inf]")
+    g.add_argument("--optimizer", type=str.lower, choices=OPTIMIZERS, help="optimizer")
+    g.add_argument("--schedule", type=str.lower, choices=SCHEDULES, help="learning-rate schedule")
+    g.add_argument("--eps-ramp-epochs", type=int, help="epochs over which eps grows from 0, in [0, inf]")
     g.add_argument("--train-size", type=int, help="train on the first N examples only")
     g.add_argument("--val-size", type=int, help="validation examples held out of train (data without its own val split)")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="seed of initialisation, shuffling and attacks")
 
 
 TRAIN_KEYS = ("model", "data", "method", "eps", "steps", "step_size", "norm", "mix", "beta", "epochs", "batch_size",
@@ -78,13 +127,38 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
                         "Default $ADVTRAIN_STORAGE, else the --out folder itself")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="advtrain", description="Distributed adversarial training and robustness evaluation.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def _add_data_options(p: argparse.ArgumentParser, *, batch_size: int) -> None:
+    p.add_argument("--n", type=int, help="the first N examples of the split, in [1, inf] (default: the whole split)")
+    p.add_argument("--split", type=str.lower, choices=SPLITS, default="test", help="which split")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="examples per compiled call")
+    p.add_argument("--data", default="bundled",
+                   help="the images: bundled (MNIST), keras:NAME, an .npz, a folder or a file dataset")
 
-    p = sub.add_parser("train", help="adversarial training, in one process (--local) or on Ray Train workers")
-    p.add_argument("--config", help="run file (YAML); see configs/")
+
+def _log_options(defaults: bool) -> argparse.ArgumentParser:
+    """-v/-q, accepted before and after the command: the subcommands' copies default to
+    SUPPRESS so that `advtrain -v evaluate M` is not reset by the subcommand's own default."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = False if defaults else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="everything: TensorFlow's and Ray's own log lines, tracebacks on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="results and errors only: no progress bars, no Tune status table")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from advtrain import __version__
+
+    parser = _Parser(prog="advtrain", description="Distributed adversarial training and robustness evaluation.",
+                     parents=[_log_options(True)], formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"advtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = {"parents": [_log_options(False)], "formatter_class": _HelpFormatter}
+
+    p = sub.add_parser("train", help="adversarial training, in one process (--local) or on Ray Train workers",
+                       **common)
+    p.add_argument("--config", help="run file (YAML); see configs/ and docs/config.md (default: every default)")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     p.add_argument("--out", help="run folder (default runs/train-<time>); must not exist or be empty. With "
                                  "--storage: the local staging folder, and its name is the run's name")
@@ -92,82 +166,74 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_options(p)
     _add_train_overrides(p)
 
-    p = sub.add_parser("tune", help="Ray Tune search over training eps, PGD steps and mix")
-    p.add_argument("--config", help="run file (YAML) with a `search` section")
+    p = sub.add_parser("tune", help="Ray Tune search over training eps, PGD steps and mix", **common)
+    p.add_argument("--config", help="run file (YAML) with a `search` section (default: every default)")
     p.add_argument("--samples", type=int, help="trials (default: the config's search.samples)")
     p.add_argument("--out", help="experiment folder (default runs/tune-<time>). With --storage: the local staging "
                                  "folder, and its name is the search's name")
     p.add_argument("--resume", metavar="DIR|URI", help="continue an interrupted search: its folder, or its location "
                                                        "in storage ({storage}/{name})")
+    p.add_argument("--mlflow-uri", metavar="URI",
+                   help="log every trial to MLflow at this tracking URI (e.g. sqlite:///mlflow.db or http://host:5000), "
+                        "in the experiment named as the search: params, per-epoch metrics, final test figures. Implies "
+                        "search.callbacks: [mlflow]; needs pip install 'advtrain[mlflow]'")
     _add_ray_options(p)
 
-    p = sub.add_parser("evaluate", help="robust accuracy of a .keras model under a threat model")
+    p = sub.add_parser("evaluate", help="robust accuracy of a .keras model under a threat model", **common)
     p.add_argument("model", help="a .keras model file or its storage URI (loaded with safe_mode)")
-    p.add_argument("--eps", type=_floats, default=(0.3,), help="comma-separated eps values, e.g. 0.1,0.2,0.3")
-    p.add_argument("--norm", default="linf")
-    p.add_argument("--suite", default="standard", help="fgsm, quick or standard")
-    p.add_argument("--n", type=int, help="examples (default: the whole split)")
-    p.add_argument("--split", default="test", help="test or val")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="bundled",
-                   help="the images: bundled (MNIST), keras:NAME, an .npz, a folder or a file dataset (default: bundled)")
+    p.add_argument("--eps", type=_floats, default="0.3", help="comma-separated eps values, e.g. 0.1,0.2,0.3")
+    p.add_argument("--norm", type=str.lower, choices=NORMS, default="linf", help="threat norm")
+    p.add_argument("--suite", type=str.lower, choices=SUITES, default="standard",
+                   help="attacks: fgsm (seconds), quick (PGD-20), standard (PGD with restarts, APGD-CE, "
+                        "APGD-DLR targeted, Square)")
+    _add_data_options(p, batch_size=500)
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     p.add_argument("--certify", help="bound methods run beside the attacks, comma-separated (ibp, crown-ibp, crown), "
                                      "or none (default: ibp,crown-ibp)")
-    p.add_argument("--out", help="folder or storage URI for report.json, report.md and plots (default: beside the model)")
+    p.add_argument("--out", help="folder or storage URI for report.json, report.md and plots "
+                                 "(default: eval-<model name> beside the model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in the --out folder")
 
-    p = sub.add_parser("certify", help="certified accuracy of a .keras model: proven by bound propagation (IBP, CROWN)")
+    p = sub.add_parser("certify", help="certified accuracy of a .keras model: proven by bound propagation (IBP, CROWN)",
+                       **common)
     p.add_argument("model", help="a .keras model file or its storage URI (loaded with safe_mode)")
-    p.add_argument("--eps", type=_floats, default=(0.3,), help="comma-separated eps values, e.g. 0.1,0.3")
+    p.add_argument("--eps", type=_floats, default="0.3", help="comma-separated eps values, e.g. 0.1,0.3")
     p.add_argument("--method", default="ibp,crown-ibp",
-                   help="bound methods, comma-separated: ibp, crown-ibp, crown (default: ibp,crown-ibp)")
-    p.add_argument("--norm", default="linf")
-    p.add_argument("--n", type=int, help="the first N images (default: the whole split)")
-    p.add_argument("--split", default="test", help="test or val")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--data", default="bundled",
-                   help="the images: bundled (MNIST), keras:NAME, an .npz, a folder or a file dataset (default: bundled)")
+                   help="bound methods, comma-separated: ibp, crown-ibp, crown")
+    p.add_argument("--norm", type=str.lower, choices=NORMS, default="linf", help="threat norm")
+    _add_data_options(p, batch_size=256)
     p.add_argument("--out", help="folder or storage URI for report.json (default: certify-<model name> beside the model)")
 
-    p = sub.add_parser("attack", help="adversarial examples for given images")
+    p = sub.add_parser("attack", help="adversarial examples for given images", **common)
     p.add_argument("model", help="a .keras model file")
-    p.add_argument("--method", default="pgd", help="fgsm, pgd, apgd or square (gradient-free)")
-    p.add_argument("--eps", type=float, required=True)
+    p.add_argument("--method", type=str.lower, choices=ATTACK_NAMES, default="pgd",
+                   help="the attack (square: gradient-free)")
+    p.add_argument("--eps", type=float, required=True, help="perturbation radius, in [0, 1] for linf")
     p.add_argument("--steps", type=int, default=40, help="iterations; for square, queries per image")
-    p.add_argument("--step-size", type=float)
-    p.add_argument("--norm", default="linf")
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--loss", default="ce", help="ce, margin or dlr")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-size", type=float, help="PGD step (default: 2.5*eps/steps)")
+    p.add_argument("--norm", type=str.lower, choices=NORMS, default="linf", help="threat norm")
+    p.add_argument("--restarts", type=int, default=1, help="random restarts (pgd, apgd)")
+    p.add_argument("--loss", type=str.lower, choices=LOSSES, default="ce", help="loss the attack ascends")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random starts")
     p.add_argument("--input", help=".npz with x (N, H, W[, C]) in [0, 1] (or uint8) and y; default: --data's --split")
-    p.add_argument("--data", default="bundled", help="dataset the images come from without --input (default: bundled)")
-    p.add_argument("--n", type=int, default=100, help="images from --split when no --input")
-    p.add_argument("--split", default="test")
+    p.add_argument("--data", default="bundled", help="dataset the images come from without --input")
+    p.add_argument("--n", type=int, default=100, help="images from --split when no --input, in [1, inf]")
+    p.add_argument("--split", type=str.lower, choices=SPLITS, default="test", help="which split, without --input")
     p.add_argument("--out", required=True, help="output .npz (x, y, x_adv, pred, pred_adv)")
 
-    p = sub.add_parser("report", help="rebuild the report of a search from its folder or storage location")
-    p.add_argument("dir", metavar="DIR|URI")
+    p = sub.add_parser("report", help="rebuild the report of a search from its folder or storage location", **common)
+    p.add_argument("dir", metavar="DIR|URI", help="the search's folder, or its location in storage")
 
     p = sub.add_parser("cluster", help="start, stop or inspect a local Ray cluster (127.0.0.1, token auth)",
-                       description="Local Ray cluster on 127.0.0.1 with token auth. --local is required.")
+                       description="Local Ray cluster on 127.0.0.1 with token auth. --local is required.", **common)
     p.add_argument("action", choices=("up", "down", "status"), help="start, stop, or report on the cluster")
     p.add_argument("--local", action="store_true",
                    help="a cluster on this machine, on 127.0.0.1 with token auth (required: the only kind supported)")
     p.add_argument("--root", metavar="DIR", default="~/.advtrain/cluster",
-                   help="cluster folder: token, temp dir, cluster.json (default: %(default)s)")
+                   help="cluster folder: token, temp dir, cluster.json")
     p.add_argument("--num-cpus", metavar="N", type=_positive_int, default=None, help="CPUs of the head node (default: all)")
     p.add_argument("--add-node", action="store_true", help="also start a second 1-CPU node on this machine")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1. Received: {text!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +247,7 @@ def _run_folder(out: str | None, kind: str, storage: str | None):
     try:
         return RunFolder.create(out, name, storage)
     except ValueError as e:
-        raise UsageError(f"advtrain {kind}: {e}") from None
+        raise UsageError(str(e)) from None
 
 
 def _train_overrides(args) -> dict[str, Any]:
@@ -204,7 +270,7 @@ def _cmd_train(args) -> int:
 
     spec = with_absolute_paths(load_spec(args.config, train=_train_overrides(args), scaling=_scaling_overrides(args)))
     if args.local and (args.workers not in (None, 1) or args.gpu or args.address):
-        raise UsageError("advtrain train: --local runs one process; drop --workers/--gpu/--address or --local")
+        raise UsageError("--local runs one process; drop --workers/--gpu/--address or --local")
     folder = _run_folder(args.out, "train", args.storage)
     from workflows import commands
 
@@ -215,13 +281,14 @@ def _cmd_tune(args) -> int:
     from workflows import commands, tune
 
     if args.resume:
-        if args.config or args.out:
-            raise UsageError("advtrain tune: --resume DIR takes the config stored in DIR; drop --config/--out")
+        if args.config or args.out or args.mlflow_uri:
+            raise UsageError("--resume DIR takes the config stored in DIR; drop --config/--out/--mlflow-uri")
         return commands.resume(args.resume, address=args.address, storage_base=args.storage)
     from workflows.spec import load_spec, with_absolute_paths
 
     spec = with_absolute_paths(load_spec(args.config, scaling=_scaling_overrides(args)))
-    search = tune.SearchSpec.from_dict(spec.search, base=spec.train.to_dict(), samples=args.samples)
+    search = tune.SearchSpec.from_dict(spec.search, base=spec.train.to_dict(), samples=args.samples,
+                                       mlflow_uri=args.mlflow_uri)
     folder = _run_folder(args.out, "tune", args.storage)
     return commands.tune(spec, search, folder, address=args.address, storage_base=args.storage)
 
@@ -234,7 +301,7 @@ def _cmd_evaluate(args) -> int:
                      batch_size=args.batch_size, seed=args.seed, **certify)
     from workflows import commands
 
-    return commands.evaluate(args.model, cfg, args.out, args.data)
+    return commands.evaluate(args.model, cfg, args.out, args.data, overwrite=args.overwrite)
 
 
 def _cmd_certify(args) -> int:
@@ -242,7 +309,7 @@ def _cmd_certify(args) -> int:
 
     methods = check_methods("method", args.method)
     if not methods:
-        raise UsageError(f"advtrain certify: --method needs at least one of ibp, crown-ibp, crown. "
+        raise UsageError(f"--method needs at least one of ibp, crown-ibp, crown. "
                          f"Received: {args.method!r}")
     batch_size = check_number("batch_size", args.batch_size, low=1, high=65536, integer=True)
     cfg = EvalConfig(norm=args.norm, eps=args.eps, n=args.n, split=args.split, certify=methods)
@@ -257,7 +324,7 @@ def _cmd_attack(args) -> int:
     cfg = AttackConfig(name=args.method, eps=args.eps, steps=args.steps, step_size=args.step_size, norm=args.norm,
                        restarts=args.restarts, loss=args.loss, seed=args.seed)
     if not args.out.endswith(".npz"):
-        raise UsageError(f"advtrain attack: --out must end in .npz. Received: {args.out!r}")
+        raise UsageError(f"--out must end in .npz. Received: {args.out!r}")
     from workflows import commands
 
     return commands.attack(Path(args.model), cfg, args.input, args.n, args.split, Path(args.out), args.data)
@@ -273,7 +340,7 @@ def _cmd_cluster(args) -> int:
     from workflows import commands
 
     if not args.local:
-        raise UsageError("advtrain cluster: --local is required (only a local cluster is supported for now)")
+        raise UsageError("--local is required (only a local cluster is supported for now)")
     return commands.cluster(args.action, args.root, num_cpus=args.num_cpus, add_node=args.add_node)
 
 
@@ -301,7 +368,7 @@ def _is_usage_error(e: BaseException) -> bool:
     return tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
 
 
-def _unexpected(e: BaseException, verbose: bool) -> int:
+def _unexpected(e: BaseException, prefix: str, verbose: bool) -> int:
     """Exit 1 with the traceback: on stderr with -v, else in a log file the one line names."""
     import tempfile
     import traceback
@@ -309,15 +376,22 @@ def _unexpected(e: BaseException, verbose: bool) -> int:
     text = "".join(traceback.format_exception(e))
     if verbose:
         print(text, file=sys.stderr, end="")
-        print(f"advtrain: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{prefix}: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     fd, path = tempfile.mkstemp(prefix="advtrain-error-", suffix=".log")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     first = str(e).splitlines()[0] if str(e) else ""
-    print(f"advtrain: unexpected error: {type(e).__name__}: {first} (traceback in {path}; "
+    print(f"{prefix}: error: unexpected {type(e).__name__}: {first} (traceback in {path}; "
           "run with -v to print it)", file=sys.stderr)
     return 1
+
+
+def _command_of(argv: Sequence[str] | None) -> str | None:
+    """The subcommand named on the command line, for the error prefix of a line that argparse
+    refused before it could say."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return next((w for w in words if w in COMMANDS), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,43 +399,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit status: 0 done; 2 a usage, config or data error (one line on stderr, nothing written);
     1 anything unexpected (an error from Ray, TensorFlow or pyarrow, or a bug), with its traceback;
-    130 interrupted.
+    130 interrupted. Every error line starts `advtrain <command>: error: `.
     """
     # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]": that
     # would hide all but one of the workers' placement lines (rank, node, GPU ids).
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     parser = build_parser()
+    command = _command_of(argv)
+    prefix = f"advtrain {command}" if command else "advtrain"
     verbose = False
     try:
         args = parser.parse_args(argv)
+        if args.verbose and args.quiet:
+            raise UsageError("-v/--verbose and -q/--quiet contradict each other: give one")
         verbose = args.verbose
         # Before TensorFlow loads (lazily, after the cheap checks): its C++ start-up lines would
         # bury the one line a user needs. Ray workers get the same through connect's setup hook.
-        quiet.install(verbose)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+        quiet.install(verbose, quiet=args.quiet)
+        quiet.tame_ray_notices()
+        logging.basicConfig(level=logging.INFO if verbose else logging.ERROR if args.quiet else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("advtrain: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         from workflows.connect import ClusterError
 
-        if isinstance(e, UsageError):
-            print(str(e), file=sys.stderr)
-            return EXIT_USAGE
         if _is_usage_error(e):
             # Config/data validation errors: one line naming the value and the allowed range.
-            print(f"advtrain: error: {e}", file=sys.stderr)
+            print(f"{prefix}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(e, ClusterError):
             # No cluster at the address, or it refused our token: say so in one line.
-            print(f"advtrain: error: {e}", file=sys.stderr)
+            print(f"{prefix}: error: {e}", file=sys.stderr)
             return 1
-        return _unexpected(e, verbose)
+        return _unexpected(e, prefix, verbose)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ The run folder of `advtrain train`:
     metrics.json  per-epoch metrics and the summary (epochs run, early stop, restored epoch)
     model.keras   the trained model (best epoch restored if the overfitting guard fired)
     report.json / report.md / accuracy_vs_eps.png / examples.png   the final evaluation
+    tensorboard/  per-epoch scalars (TensorBoard event files), with --local
     ray/          Ray Train's run (checkpoints), unless trained with --local
 """
 
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from advtrain.config import AttackConfig, EvalConfig
+from advtrain.config import AttackConfig, EvalConfig, check_number
+from advtrain.keras_file import check_keras_file, input_shape, output_classes
 from workflows import quiet, storage
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
@@ -65,7 +67,8 @@ class _AttackProgress:
         if label != self.label:
             self.close()
             self.label = label
-            self.bar = tqdm(total=total, desc=label, unit="ex", leave=False, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=label, unit="ex", leave=False, file=sys.stderr,
+                            disable=quiet.is_quiet())
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -122,7 +125,10 @@ def check_run(spec: RunSpec, *, include_train: bool, certified: bool = False):
     from workflows.spec import eval_data
 
     t = spec.train
+    keras_config = check_keras_file(t.model) if t.model.endswith(".keras") else None
     data = eval_data(spec, include_train=include_train)
+    if keras_config is not None:
+        _check_fits(t.model, keras_config, data)
     shape = data.input_shape
     check_eps_fits("eps", t.eps, t.norm, shape)
     for eps in spec.eval.eps:
@@ -196,16 +202,25 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
             bar = bars.get(epoch)
             if bar is None:
                 bar = bars[epoch] = tqdm(total=None, desc=f"epoch {epoch + 1}/{spec.train.epochs}", unit="step",
-                                         leave=False, file=sys.stderr)
+                                         leave=False, file=sys.stderr, disable=quiet.is_quiet())
             bar.update(1)
+
+        from advtrain.summaries import EpochSummaries
+
+        summaries = EpochSummaries(folder.local / "tensorboard")  # tensorboard --logdir <run folder>
 
         def on_epoch(m: dict) -> None:
             bar = bars.pop(m["epoch"] - 1, None)
             if bar is not None:
                 bar.close()
             _say(_epoch_line(m))
+            summaries(m)
 
-        model, history, summary = fit(spec.train, on_epoch=on_epoch, progress=progress, threat_model=spec.threat_model)
+        try:
+            model, history, summary = fit(spec.train, on_epoch=on_epoch, progress=progress,
+                                          threat_model=spec.threat_model)
+        finally:
+            summaries.close()
     else:
         from workflows.train import build_trainer, read_final
 
@@ -259,10 +274,30 @@ def tune(spec: RunSpec, search, folder: RunFolder, *, address: str | None, stora
     folder.local.mkdir(parents=True, exist_ok=True)
     write_spec(folder, spec, search, storage_base)
     folder.publish()
-    staged = f" (staged in {folder.local})" if folder.remote else ""
-    _say(f"Tune: {search.num_trials} trial(s), {search.scheduler}/{search.searcher}, threat model "
-         f"{spec.threat_model.describe()}; folder {folder}{staged}")
+    for line in _tune_plan(spec, search, folder, data):
+        _say(line)
     return _search_and_finish(spec, search, folder, restore=False)
+
+
+def _tune_plan(spec: RunSpec, search, folder: RunFolder, data) -> list[str]:
+    """What the search will do before it spends minutes, and which of it is a default the
+    config did not choose."""
+    from advtrain.config import load_yaml
+    from advtrain.suites import describe_suite
+
+    given = set(load_yaml(spec.source)) if spec.source != "<defaults>" else set()
+    e = spec.eval
+    n = e.n if e.n is not None else len(data.split(e.split)[1])
+    staged = f" (staged in {folder.local})" if folder.remote else ""
+    lines = [f"Tune: {search.num_trials} trial(s), {search.scheduler} scheduler, {search.searcher} searcher, "
+             f"{spec.train.epochs} epoch(s) each; folder {folder}{staged}",
+             f"Each trial judged at {e.norm} eps {spec.threat_model.eps:g} by the {e.suite} suite "
+             f"({describe_suite(e.suite)}) on {n} {e.split} images; reported at eps {', '.join(f'{v:g}' for v in e.eps)}"]
+    defaults = [name for name in ("search", "eval") if name not in given]
+    if defaults:
+        lines.append(f"note: {' and '.join(f'`{d}`' for d in defaults)} not in {spec.source}: using the defaults "
+                     "(`advtrain config --show` prints them; set eval.suite quick and eval.n 1000 for a quicker judge)")
+    return lines
 
 
 def resume(location: str, *, address: str | None, storage_base: str | None) -> int:
@@ -323,14 +358,19 @@ def _search_and_finish(spec: RunSpec, search, folder: RunFolder, *, restore: boo
         folder.publish()
         _say(f"advtrain: search interrupted (state saved); continue with: advtrain tune --resume {folder}")
         return 130
-    return _finish(spec, grid, folder)
+    return _finish(spec, grid, folder, search)
 
 
-def _finish(spec: RunSpec, grid, folder: RunFolder) -> int:
+def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:
     from workflows import results
 
     filesystem, _ = storage.filesystem(folder.ray_location)
     rows = results.collect(grid, folder.local, spec, filesystem=filesystem)
+    if search is not None:
+        from workflows import tracking
+
+        if line := tracking.log_final(rows, search, folder.name):  # the test figures, in each trial's MLflow run
+            _say(line)
     lines = results.write_all(folder.local)
     for line in lines:
         _say(line)
@@ -345,12 +385,12 @@ def _finish(spec: RunSpec, grid, folder: RunFolder) -> int:
 
 def report(location: str) -> int:
     """`advtrain report DIR|URI`: rebuilds tables, plots and the report from the folder alone."""
-    from workflows import results
-
     folder = RunFolder.open(location)
-    if not (folder.local / "trials.json").is_file():
+    if not (folder.local / "trials.json").is_file():  # before Ray and TensorFlow load: one quick line
         raise ValueError(f"{location!r} holds no trials.json: not a finished advtrain tune folder")
-    for line in results.write_all(folder.local):
+    from workflows import render  # the folder alone: no Ray
+
+    for line in render.write_all(folder.local):
         _say(line)
     _published(folder)
     return 0
@@ -359,15 +399,20 @@ def report(location: str) -> int:
 # --------------------------------------------------------------------------- evaluate, attack
 
 
-def evaluate(model_location: str, cfg: EvalConfig, out: str | None, data_source: str = "bundled") -> int:
+def evaluate(model_location: str, cfg: EvalConfig, out: str | None, data_source: str = "bundled", *,
+             overwrite: bool = False) -> int:
     """`advtrain evaluate MODEL`: loads with safe_mode, evaluates, writes the report folder.
 
     `MODEL` and `--out` may be local paths or storage URIs; without `--out` the report goes
     beside the model (`eval-<model name>`). `data_source` is any `advtrain.data.load_data`
-    source; the model must take its images."""
-    name, model_path = _model_file("evaluate", model_location)
+    source; the model must take its images and output one logit per class. An earlier report
+    in the folder is kept unless `overwrite`."""
+    name, model_path = _model_file(model_location)
     folder = _folder_beside(model_location, model_path, out, "eval")
-    data, model = _load_model_and_data(name, model_path, cfg, data_source)
+    earlier = storage.join(str(folder), "report.json")
+    if not overwrite and storage.exists(earlier):
+        raise ValueError(f"{earlier} exists (an earlier evaluation): pass --overwrite to replace it, or another --out")
+    data, model = _load_model_and_data(name, model_path, cfg, data_source, announce=_evaluate_plan(cfg))
     d = write_evaluation(model, cfg, folder.local, data)
     _print_report_summary(d)
     _published(folder)
@@ -375,16 +420,39 @@ def evaluate(model_location: str, cfg: EvalConfig, out: str | None, data_source:
     return 0
 
 
-def _model_file(command: str, model_location: str) -> tuple[str, Path]:
-    """The model's file name and a local path to it (fetched from storage for a URI)."""
+def _evaluate_plan(cfg: EvalConfig):
+    """What `evaluate` is about to spend its minutes on, and how to spend fewer."""
+    from advtrain.suites import describe_suite
+
+    def plan(data) -> str:
+        n = len(data.split(cfg.split)[1]) if cfg.n is None else cfg.n
+        eps = ", ".join(f"{e:g}" for e in cfg.eps)
+        bounds = f"; certify {', '.join(cfg.certify)}" if cfg.certify else ""
+        quicker = []
+        if cfg.suite == "standard":
+            quicker.append("--suite quick (PGD-20)")
+        if n > 1000:
+            quicker.append("--n 1000")
+        hint = f" (quicker: {' or '.join(quicker)})" if quicker else ""
+        attacks = describe_suite(cfg.suite)
+        attacks = f" ({attacks})" if attacks != cfg.suite else ""
+        return (f"Evaluating: {cfg.suite} suite{attacks} at {cfg.norm} eps {eps}, on {n} "
+                f"{cfg.split} images{bounds}{hint}")
+
+    return plan
+
+
+def _model_file(model_location: str) -> tuple[str, Path]:
+    """The model's file name and a local path to it (fetched from storage for a URI), checked
+    to be a Keras archive before TensorFlow loads."""
     name = storage.basename(model_location)
     if not name.endswith(".keras"):
-        raise ValueError(f"advtrain {command}: model must be a .keras file. Received: {model_location!r}")
+        raise ValueError(f"model must be a .keras file. Received: {model_location!r}")
     if storage.is_uri(model_location):
-        return name, storage.fetch_file(model_location, Path(tempfile.mkdtemp(prefix="advtrain-model-")))
-    model_path = Path(model_location)
-    if not model_path.is_file():
-        raise ValueError(f"advtrain {command}: model must be an existing .keras file. Received: {model_location!r}")
+        model_path = storage.fetch_file(model_location, Path(tempfile.mkdtemp(prefix="advtrain-model-")))
+    else:
+        model_path = Path(model_location)
+    check_keras_file(model_path)
     return name, model_path
 
 
@@ -397,18 +465,51 @@ def _folder_beside(model_location: str, model_path: Path, out: str | None, prefi
             else RunFolder(Path(target)))
 
 
-def _load_model_and_data(name: str, model_path: Path, cfg: EvalConfig, data_source: str):
-    """The data (every eps checked against its images) and the model (which must take them)."""
+def _load_model_and_data(name: str, model_path: Path, cfg: EvalConfig, data_source: str, *, announce=None):
+    """The data (every eps checked against its images) and the model (which must take them and
+    output one logit per class: read from the file's config before TensorFlow loads, and from
+    the loaded model where the config does not say). `announce(data)`, when given, is said once
+    every check has passed."""
     from advtrain.config import check_eps_fits
     from advtrain.data import load_data
-    from advtrain.models import check_input, load_model
 
     data = load_data(data_source, val_size=None, include_train=False)
     for eps in cfg.eps:
         check_eps_fits("eps", eps, cfg.norm, data.input_shape)
+    _check_fits(name, check_keras_file(model_path), data)
+    from advtrain.models import check_input, load_model  # TensorFlow loads here
+
     model = load_model(model_path)
     check_input(model, name, data.input_shape)
+    try:
+        width = model.output_shape[-1]
+    except (AttributeError, ValueError, TypeError):  # a subclassed model: no static output shape
+        width = None
+    _check_classes(name, width, data)
+    if announce is not None:  # every check passed: what the minutes ahead are spent on
+        _say(announce(data))
     return data, model
+
+
+def _check_fits(name: str, config: dict, data) -> None:
+    """The model's input and output, as its `.keras` config states them, against the data's
+    images and classes: before TensorFlow loads (the loaded model is checked again after)."""
+    want = input_shape(config)
+    shape = tuple(data.input_shape)
+    if want is not None and (len(want) != len(shape) or any(w is not None and w != d for w, d in zip(want, shape))):
+        raise ValueError(f"model {name!r} expects inputs {_shape_text(want)} but the data's images are "
+                         f"{_shape_text(shape)}")
+    _check_classes(name, output_classes(config), data)
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def _check_classes(name: str, width: int | None, data) -> None:
+    if width is not None and width != data.num_classes:
+        raise ValueError(f"model {name!r} outputs {width} logits but the data ({data.source}) has "
+                         f"{data.num_classes} classes: expected one logit per class")
 
 
 def _attacked_reports(model_location: str):
@@ -448,7 +549,7 @@ def _check_not_overwriting(path: Path) -> None:
     except (OSError, ValueError, AttributeError):
         schema = None
     if schema != CERTIFY_SCHEMA:
-        raise ValueError(f"advtrain certify: {path} is not a certify report (schema {schema!r}) and would be "
+        raise ValueError(f"{path} is not a certify report (schema {schema!r}) and would be "
                          "replaced: choose another --out")
 
 
@@ -467,7 +568,7 @@ def certify(model_location: str, cfg: EvalConfig, out: str | None, data_source: 
         ValueError: a usage error (one line): an unsupported layer, a bad model file, data or eps.
         CertificationError: the certified accuracy exceeds the attacked one of that report.
     """
-    name, model_path = _model_file("certify", model_location)
+    name, model_path = _model_file(model_location)
     folder = _folder_beside(model_location, model_path, out, "certify")
     _check_not_overwriting(folder.local / "report.json")
     from advtrain import bounds, certification  # TensorFlow loads here, after the cheap checks
@@ -487,7 +588,7 @@ def certify(model_location: str, cfg: EvalConfig, out: str | None, data_source: 
         d = certification.certify_report(model, x, y, eps=cfg.eps, norm=cfg.norm, methods=cfg.certify,
                                          split=cfg.split, data=data.describe(), batch_size=batch_size)
     except bounds.UnsupportedLayerError as e:
-        raise ValueError(f"advtrain certify: {name}: {e}") from None
+        raise ValueError(f"{name}: {e}") from None
     d["model"], d["notes"] = model_location, notes
     reports = list(_attacked_reports(model_location))
     for r in d["per_eps"]:
@@ -516,17 +617,16 @@ def certify(model_location: str, cfg: EvalConfig, out: str | None, data_source: 
 def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, split: str, out: Path,
            data_source: str = "bundled") -> int:
     """`advtrain attack`: adversarial examples for given images, saved atomically as .npz."""
-    from advtrain import attacks
     from advtrain.config import check_eps_fits
     from advtrain.data import DataError, check_arrays, load_data
-    from advtrain.files import write_atomic
-    from advtrain.models import check_input, load_model
 
+    name, model_path = _model_file(str(model_path))
     if input_path is None:
-        if n < 1:
-            raise ValueError(f"`n` must be >= 1. Received: n={n}")
-        x, y = load_data(data_source, val_size=None, include_train=False).split(split)
+        check_number("n", n, low=1, integer=True)
+        data = load_data(data_source, val_size=None, include_train=False)
+        x, y = data.split(split)
         x, y = x[:n], y[:n]
+        _check_fits(name, check_keras_file(model_path), data)
     else:
         try:
             with np.load(input_path, allow_pickle=False) as f:
@@ -536,8 +636,12 @@ def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, 
         except OSError as e:
             raise DataError(f"{input_path}: cannot be read as .npz ({e})") from None
     check_eps_fits("eps", cfg.eps, cfg.norm, x.shape[1:])
+    from advtrain import attacks  # TensorFlow loads here, after the cheap checks
+    from advtrain.files import write_atomic
+    from advtrain.models import check_input, load_model
+
     model = load_model(model_path)
-    check_input(model, model_path.name, x.shape[1:])
+    check_input(model, name, x.shape[1:])
     kw = {"eps": cfg.eps, "norm": cfg.norm, "seed": cfg.seed}
     if cfg.name == "square":
         kw.update(queries=cfg.steps)

@@ -14,12 +14,19 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.machinery
+import logging
 import os
 import sys
 import tempfile
 
 # Read by Ray workers, which inherit it through the runtime environment: `-v` shows everything.
 VERBOSE_ENV = "ADVTRAIN_VERBOSE"
+# `-q`: results and errors only (no progress bars, no Tune status table).
+QUIET_ENV = "ADVTRAIN_QUIET"
+
+
+def is_quiet() -> bool:
+    return os.environ.get(QUIET_ENV) == "1"
 
 
 @contextlib.contextmanager
@@ -70,15 +77,18 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install(verbose: bool | None = None) -> None:
+def install(verbose: bool | None = None, *, quiet: bool = False) -> None:
     """Keeps TensorFlow's native log lines off descriptor 2 in this process, unless `verbose`.
 
     Call before anything imports TensorFlow; a no-op once it is loaded. `TF_CPP_MIN_LOG_LEVEL`
     is raised to 3 (errors too: the cuInit error of a CPU-only machine is one) unless the user
     set it. With `verbose=None` the choice is read from `ADVTRAIN_VERBOSE` (Ray workers).
+    `quiet` is recorded for `is_quiet()`.
     """
     if verbose is None:
         verbose = os.environ.get(VERBOSE_ENV) == "1"
+    else:  # the driver: the command line decides, for this call (tests run several in one process)
+        os.environ[QUIET_ENV] = "1" if quiet else "0"
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     if verbose or "tensorflow" in sys.modules:
         return
@@ -90,3 +100,44 @@ def install(verbose: bool | None = None) -> None:
 def worker_setup() -> None:
     """Ray's `worker_process_setup_hook`: every worker process, before it runs a task."""
     install(None)
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first record through and drops its repeats (Ray's token-auth notice is logged
+    at every `ray.init`, and a command may connect more than once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+class _DropFilter(logging.Filter):
+    def __init__(self, needle: str) -> None:
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in record.getMessage()
+
+
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_RAY_TUNE_LOGGER = "ray.tune.tune"
+
+
+def tame_ray_notices() -> None:
+    """Ray's notices that mislead or repeat, in the driver: the token-auth notice once per
+    process, and Tune's `Resume experiment with: Tuner.restore(...)` hint never (advtrain says
+    `advtrain tune --resume ...`, which restores with the search's own trainable and spec)."""
+    auth = logging.getLogger(_RAY_AUTH_LOGGER)
+    if not any(isinstance(f, _OnceFilter) for f in auth.filters):
+        auth.addFilter(_OnceFilter())
+    tune = logging.getLogger(_RAY_TUNE_LOGGER)
+    if not any(isinstance(f, _DropFilter) for f in tune.filters):
+        tune.addFilter(_DropFilter("Resume experiment with:"))

@@ -29,11 +29,12 @@ from typing import Any, Mapping
 from ray import tune
 
 from advtrain.config import CERTIFIED_METHODS, TrainConfig, check_choice, check_number
-from workflows import storage
+from workflows import quiet, storage
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
 
-__all__ = ["METRIC", "METRICS", "MODE", "SPEC_FILE", "SearchSpec", "build_param_space", "per_worker", "read_spec", "run_search",
+__all__ = ["CALLBACKS", "METRIC", "METRICS", "MODE", "SPEC_FILE", "SearchSpec", "build_callbacks",
+           "build_param_space", "per_worker", "read_spec", "run_search",
            "run_trial", "schedule_warning", "write_spec"]
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ METRICS = ("val_robust_acc", "val_certified_acc")
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "sha", "fifo")
 SEARCHERS = ("random", "optuna", "optuna-multi")
+# Ray Tune's own logger callbacks (`search.callbacks`): the module each needs, and the extra
+# that installs it.
+CALLBACKS = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
+             "wandb": ("wandb", "wandb")}
 # Searching these would change what trials are judged on, or leak the held-out data choice.
 NOT_SEARCHABLE = ("data", "val_size", "probe_size", "probe_steps", "train_size")
 DEFAULT_SPACE = {
@@ -107,6 +112,13 @@ class SearchSpec:
         metric: what schedulers, searchers and the ranked table judge trials on:
             `"val_robust_acc"` (the PGD probe) or `"val_certified_acc"` (the certified probe,
             for `method: ibp` or `crown-ibp` searches). Defaults to `"val_robust_acc"`.
+        callbacks: Ray Tune logger callbacks, any of `"tensorboard"` (event files in each
+            trial folder, which Tune also writes by default), `"mlflow"` (one MLflow run per
+            trial in the experiment named as the search: params, per-epoch metrics, and the
+            final test figures, `workflows.tracking`) and `"wandb"` (project `$WANDB_PROJECT`
+            or `advtrain`, grouped by the search's name). Defaults to `()`.
+        mlflow_uri: the MLflow tracking URI (implies `"mlflow"`), or `None` for MLflow's default
+            (`$MLFLOW_TRACKING_URI`, else `mlflow.db` in the run folder). Defaults to `None`.
     """
 
     space: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPACE))
@@ -118,10 +130,12 @@ class SearchSpec:
     max_concurrent: int | None = None
     seed: int = 0
     metric: str = METRIC
+    callbacks: tuple[str, ...] = ()
+    mlflow_uri: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: Mapping[str, Any] | None = None,
-                  samples: int | None = None) -> "SearchSpec":
+                  samples: int | None = None, mlflow_uri: str | None = None) -> "SearchSpec":
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -129,7 +143,10 @@ class SearchSpec:
             raise ValueError(f"Unknown key(s) in `search`: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
         if samples is not None:
             data["samples"] = samples
+        if mlflow_uri is not None:  # `advtrain tune --mlflow-uri`
+            data["mlflow_uri"] = mlflow_uri
         spec = cls(**data)
+        _check_callback_packages(spec.callbacks)
         object.__setattr__(spec, "space", _validate_space(spec.space, base or {}))
         if spec.metric == "val_certified_acc":
             # Only certified training reports the certified probe (`advtrain.training`).
@@ -153,6 +170,16 @@ class SearchSpec:
                                check_number("max_concurrent", self.max_concurrent, low=1, integer=True))
         object.__setattr__(self, "seed", check_number("seed", self.seed, low=0, integer=True))
         object.__setattr__(self, "metric", check_choice("metric", self.metric, METRICS))
+        callbacks = self.callbacks
+        if isinstance(callbacks, str) or not isinstance(callbacks, (list, tuple)):
+            raise ValueError(f"`search.callbacks` must be a list of {', '.join(CALLBACKS)}. Received: "
+                             f"callbacks={callbacks!r}")
+        callbacks = [check_choice("search.callbacks", c, tuple(CALLBACKS)) for c in callbacks]
+        if self.mlflow_uri is not None:
+            if not isinstance(self.mlflow_uri, str) or not self.mlflow_uri:
+                raise ValueError(f"`mlflow_uri` must be a tracking URI. Received: mlflow_uri={self.mlflow_uri!r}")
+            callbacks.append("mlflow")
+        object.__setattr__(self, "callbacks", tuple(dict.fromkeys(callbacks)))
         if self.searcher == "optuna-multi" and self.scheduler == "asha":
             raise ValueError("`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: fifo`. "
                              "Received: searcher='optuna-multi', scheduler='asha'")
@@ -168,6 +195,37 @@ class SearchSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "space": dict(self.space)}
+
+
+def _check_callback_packages(callbacks) -> None:
+    """Each chosen callback's package is installed, or one line says which extra installs it."""
+    import importlib.util
+
+    for name in callbacks:
+        module, extra = CALLBACKS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"`search.callbacks: {name}` needs the {module} package: pip install 'advtrain[{extra}]'")
+
+
+def build_callbacks(search: SearchSpec, name: str) -> list:
+    """Ray Tune's logger callbacks for `search.callbacks`; `name` is the search's name (the MLflow
+    experiment, the W&B group)."""
+    out = []
+    if "tensorboard" in search.callbacks:
+        from ray.tune.logger import TBXLoggerCallback
+
+        out.append(TBXLoggerCallback())
+    if "mlflow" in search.callbacks:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+        # Runs on the driver: a file or SQLite tracking URI is the driver's.
+        out.append(MLflowLoggerCallback(tracking_uri=search.mlflow_uri, experiment_name=name))
+    if "wandb" in search.callbacks:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT") or "advtrain", group=name))
+    return out
 
 
 def build_param_space(search: SearchSpec) -> dict[str, Any]:
@@ -315,7 +373,8 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
             scheduler=scheduler, search_alg=searcher,
             max_concurrent_trials=None if search.searcher == "random" else concurrent,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=tune_storage),
+        run_config=tune.RunConfig(name="tune", storage_path=tune_storage, verbose=0 if quiet.is_quiet() else None,
+                                  callbacks=build_callbacks(search, folder.name)),
     )
 
 
