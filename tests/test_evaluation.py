@@ -304,7 +304,7 @@ def test_report_write_json_md_atomic_no_temp_files(quick_report, tmp_path):
     json_path, md_path = quick_report.write(tmp_path / "eval")
     assert json.loads(json_path.read_text())["schema"] == "advtrain.robustness_report/3"
     assert md_path.read_text().startswith("# Robustness report")
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.html", "report.json", "report.md"]
 
 
 @pytest.mark.slow
