@@ -29,6 +29,7 @@ __all__ = [
     "EvalConfig",
     "ThreatModel",
     "check_bool",
+    "check_fields",
     "check_keys",
     "describe_fields",
     "did_you_mean",
@@ -200,7 +201,7 @@ def _kind(f: dataclasses.Field) -> tuple[str, bool]:
     return parts[0], "None" in parts[1:]
 
 
-def _check(obj: Any, *names: str) -> None:
+def check_fields(obj: Any, *names: str) -> None:
     """Checks (and normalises) the named fields of `obj` against their `option` metadata: a
     choice, a bool or a number in its range; None passes where the annotation allows it."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
@@ -371,13 +372,14 @@ class AttackConfig(_Config):
     random_start: bool = option(True, help="start uniformly inside the eps-ball")
     restarts: int = option(1, low=1, help="independent random starts; each example keeps its strongest")
     loss: str = option("ce", choices=LOSSES,
-                       help="loss the attack ascends: cross-entropy, `margin` (Carlini-Wagner) or `dlr` (Croce and Hein 2020)")
+                       help="loss the attack ascends: cross-entropy, `margin` (Carlini-Wagner) or `dlr` (Croce and "
+                            "Hein 2020)")
     seed: int = option(0, low=0, help=_SEED)
 
     def __post_init__(self) -> None:
-        _check(self, "name", "norm")
+        check_fields(self, "name", "norm")
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _check(self, "steps", "step_size", "random_start", "restarts", "loss", "seed")
+        check_fields(self, "steps", "step_size", "random_start", "restarts", "loss", "seed")
 
     def resolved_step_size(self) -> float:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
@@ -392,7 +394,8 @@ class TrainConfig(_Config):
     """
 
     model: str = option(
-        "cnn", type="string", allowed=f"{', '.join(f'`{m}`' for m in MODELS)}, a `.keras` file, `package.module:function`",
+        "cnn", type="string",
+        allowed=f"{', '.join(f'`{m}`' for m in MODELS)}, a `.keras` file, `package.module:function`",
         help="a built-in model, a `.keras` file to fine-tune, or `package.module:function` returning an uncompiled "
              "Keras model")
     method: str = option(
@@ -430,8 +433,8 @@ class TrainConfig(_Config):
                                              "own validation split)")
     train_size: int | None = option(None, low=1, help="use only the first n training examples (after the validation "
                                                       "split); null for all")
-    probe_size: int = option(500, low=1, help="validation examples attacked by the per-epoch probe (PGD at the "
-                                              "training eps: `val_robust_acc`)")
+    probe_size: int = option(500, low=1, help="validation examples attacked by the per-epoch PGD probe "
+                                              "(`val_robust_acc`)")
     probe_steps: int = option(10, low=1, help="PGD steps of the per-epoch probe")
     guard: bool = option(True, help="stop and restore the best epoch on catastrophic overfitting (the probe's "
                                     "robust accuracy collapsing)")
@@ -444,19 +447,19 @@ class TrainConfig(_Config):
 
     def __post_init__(self) -> None:
         _set(self, "model", check_model_spec(self.model))
-        _check(self, "method", "norm")
+        check_fields(self, "method", "norm")
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _check(self, "steps", "step_size", "mix", "beta", "kappa_end", "beta_end", "epochs", "batch_size",
+        check_fields(self, "steps", "step_size", "mix", "beta", "kappa_end", "beta_end", "epochs", "batch_size",
                "learning_rate", "optimizer", "schedule", "eps_ramp_epochs")
         if self.method in CERTIFIED_METHODS and self.eps > 0 and self.eps_ramp_epochs < 1:
             # The bound loss at full eps from the first step drives the model to a constant
             # (Gowal et al. 2018 ramp eps from 0); kappa and beta follow the same ramp.
             raise ValueError(f"`eps_ramp_epochs` must be >= 1 for method {self.method!r} (eps, kappa and beta ramp "
                              f"over it; e.g. half the epochs). Received: eps_ramp_epochs={self.eps_ramp_epochs}")
-        _check(self, "val_size", "train_size", "probe_size", "probe_steps", "guard")
+        check_fields(self, "val_size", "train_size", "probe_size", "probe_steps", "guard")
         if not isinstance(self.data, str) or not self.data:
             raise TypeError(f"`data` must be a non-empty string. Received: data={self.data!r}")
-        _check(self, "seed")
+        check_fields(self, "seed")
 
     def resolved_step_size(self) -> float:
         if self.step_size is not None:
@@ -495,14 +498,14 @@ class EvalConfig(_Config):
              "the per-example union; a comma-separated string is split")
 
     def __post_init__(self) -> None:
-        _check(self, "norm")
+        check_fields(self, "norm")
         eps = self.eps
         if isinstance(eps, (int, float)) and not isinstance(eps, bool):
             eps = (eps,)
         if not isinstance(eps, (tuple, list)) or not eps:
             raise ValueError(f"`eps` must be a number or a non-empty list of numbers. Received: eps={self.eps!r}")
         _set(self, "eps", tuple(_check_eps(e, self.norm) for e in eps))
-        _check(self, "suite", "n", "split", "batch_size", "sanity", "seed")
+        check_fields(self, "suite", "n", "split", "batch_size", "sanity", "seed")
         _set(self, "certify", check_methods("certify", self.certify))
 
     def to_dict(self) -> dict[str, Any]:
@@ -535,9 +538,9 @@ class ThreatModel(_Config):
     split: str = option("test", choices=SPLITS, help="the final evaluation's split")
 
     def __post_init__(self) -> None:
-        _check(self, "norm")
+        check_fields(self, "norm")
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        _check(self, "suite", "n", "split")
+        check_fields(self, "suite", "n", "split")
 
     def describe(self) -> str:
         """One line: `linf eps=0.3, standard suite, test split, n=1000`."""

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from advtrain.config import AttackConfig, EvalConfig, TrainConfig, check_eps_fits, load_yaml
@@ -279,3 +284,154 @@ def test_load_yaml_non_mapping_raises(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match=r"'.*list\.yaml' must hold a mapping at the top level. Received: list"):
         load_yaml(path)
+
+
+# --------------------------------------------------------------------------------------------
+# One unknown-key check, the key reference (docs/config.md), `advtrain config`
+# --------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def _advtrain(*argv, cwd=ROOT):
+    """`advtrain ARGV` in a fresh interpreter (what a user's shell runs)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train: {learnig_rate: 0.1}\n",
+     r"Unknown key\(s\) in `train`: learnig_rate\. .*; did you mean `learning_rate`\?$"),
+    ("eval: {suit: quick}\n", r"Unknown key\(s\) in `eval`: suit\. .*; did you mean `suite`\?$"),
+    ("scaling: {worker: 2}\n", r"Unknown key\(s\) in `scaling`: worker\. .*; did you mean `workers`\?$"),
+    ("trains: {eps: 0.1}\n", r"Unknown section\(s\) in .*: trains\. Known sections: train, eval, search, scaling; "
+                             r"did you mean `train`\?$"),
+    ("train: {epz: 0.1, stpes: 3, zzz: 1}\n",
+     r"epz, stpes, zzz\. .*; did you mean `eps` for `epz`, `steps` for `stpes`\?$"),
+    ("train: {zzz: 1}\n", r"Unknown key\(s\) in `train`: zzz\. Known keys: .*val_size\.$"),
+])
+def test_load_spec_unknown_key_says_did_you_mean_in_every_section(tmp_path, text, match):
+    from workflows.spec import load_spec
+
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_spec(tmp_path / "run.yaml")
+
+
+def test_search_and_from_dict_unknown_key_say_did_you_mean():
+    from workflows.search import SearchSpec
+
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) in `search`: sampels\. .*; did you mean `samples`\?$"):
+        SearchSpec.from_dict({"sampels": 3})
+    with pytest.raises(ValueError,
+                       match=r"Unknown or unsearchable key 'mixx' in `search.space`.*; did you mean `mix`\?$"):
+        SearchSpec.from_dict({"space": {"mixx": {"choice": [0.5]}}})
+    with pytest.raises(ValueError,
+                       match=r"Unknown TrainConfig key\(s\): learnig_rate\. .*did you mean `learning_rate`\?$"):
+        TrainConfig.from_dict({"learnig_rate": 0.1})
+
+
+def test_check_keys_is_the_one_unknown_key_check():
+    # Every section goes through advtrain.config.check_keys: no module writes its own.
+    sources = [ROOT / "advtrain/config.py", ROOT / "workflows/spec.py", ROOT / "workflows/search.py",
+               ROOT / "workflows/tune.py"]
+    for path in sources:
+        text = path.read_text()
+        assert "set(data) - known" not in text and "set(values) - known" not in text, path
+
+
+def _section_classes():
+    from workflows.configdoc import SECTION_CLASSES
+
+    return SECTION_CLASSES
+
+
+def test_every_key_of_every_section_is_documented():
+    from advtrain.config import describe_fields
+
+    for name, cls in _section_classes().items():
+        for row in describe_fields(cls):
+            assert row["help"] and row["type"] and row["allowed"], (name, row)
+
+
+def test_docs_config_md_is_up_to_date():
+    from workflows.configdoc import markdown
+
+    assert (ROOT / "docs/config.md").read_text() == markdown(), (
+        "docs/config.md is stale: regenerate it with `advtrain config --markdown > docs/config.md`")
+
+
+def test_config_show_round_trips_through_load_spec(tmp_path):
+    import yaml
+
+    from workflows.search import SearchSpec
+    from workflows.spec import load_spec
+
+    done = _advtrain("config", "--show", "--config", "configs/quick.yaml")
+    assert done.returncode == 0, done.stderr
+    shown = yaml.safe_load(done.stdout)
+    assert list(shown) == ["train", "eval", "search", "scaling"] and shown["train"]["guard"] is True  # defaults in
+    (tmp_path / "shown.yaml").write_text(done.stdout)
+    before, after = load_spec(ROOT / "configs/quick.yaml"), load_spec(tmp_path / "shown.yaml")
+    assert (after.train, after.eval, after.scaling) == (before.train, before.eval, before.scaling)
+    assert (SearchSpec.from_dict(after.search, base=after.train.to_dict())
+            == SearchSpec.from_dict(before.search, base=before.train.to_dict()))
+    again = _advtrain("config", "--show", "--config", str(tmp_path / "shown.yaml"))
+    assert again.stdout.splitlines()[1:] == done.stdout.splitlines()[1:]  # a fixed point, but for the source line
+
+
+def test_config_schema_validates_every_run_file_and_refuses_bad_ones():
+    import json
+
+    import jsonschema
+    import yaml
+
+    done = _advtrain("config", "--schema")
+    assert done.returncode == 0, done.stderr
+    schema = json.loads(done.stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert CONFIGS
+    for path in CONFIGS:
+        assert not list(validator.iter_errors(yaml.safe_load(path.read_text()))), path
+    quick = yaml.safe_load((ROOT / "configs/quick.yaml").read_text())
+    for bad in ({"train": {**quick["train"], "learnig_rate": 0.1}}, {"trian": quick["train"]},
+                {"train": {"steps": 0}}, {"train": {"learning_rate": 0}}, {"eval": {"suite": "full"}},
+                {"search": {"space": {"val_size": {"choice": [1]}}}}, {"scaling": {"workers": "two"}}):
+        assert not validator.is_valid(bad), bad
+
+
+def test_config_command_imports_neither_tensorflow_nor_ray():
+    code = ("import contextlib, io, sys\n"
+            "from workflows import cli\n"
+            "for argv in (['config', '--show', '--config', 'configs/quick.yaml'], ['config', '--schema'],\n"
+            "             ['config', '--markdown']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert cli.main(argv) == 0, argv\n"
+            "heavy = ('ray', 'tensorflow', 'keras')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_config_command_errors_are_one_line_exit_2(tmp_path):
+    done = _advtrain("config", "--show", "--config", str(tmp_path / "missing.yaml"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"advtrain config: error: Cannot read config file "
+                                        f"'{tmp_path / 'missing.yaml'}': No such file or directory"]
+    done = _advtrain("config", "--schema", "--config", "configs/quick.yaml")
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
+
+
+def test_train_key_typo_is_one_line_did_you_mean_exit_2_nothing_written(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  learnig_rate: 0.1\n")
+    done = _advtrain("train", "--local", "--config", "bad.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("advtrain train: error: Unknown key(s) in `train`: learnig_rate.")
+    assert "did you mean `learning_rate`" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no runs/ folder

@@ -233,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cluster folder: token, temp dir, cluster.json")
     p.add_argument("--num-cpus", metavar="N", type=_positive_int, default=None, help="CPUs of the head node (default: all)")
     p.add_argument("--add-node", action="store_true", help="also start a second 1-CPU node on this machine")
+
+    p = sub.add_parser("config", help="the run file's keys: its effective config, JSON schema or reference",
+                       description="Every key of a run file, from the config classes (docs/config.md). Reads no "
+                                   "data and imports neither TensorFlow nor Ray.", **common)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--show", action="store_true",
+                   help="print the effective, validated config as YAML: every key, defaults filled in (the default)")
+    g.add_argument("--schema", action="store_true", help="print the JSON schema of a run file")
+    g.add_argument("--markdown", action="store_true", help="print the key reference (docs/config.md)")
+    p.add_argument("--config", help="run file (YAML) for --show (default: every default)")
     return parser
 
 
@@ -344,8 +354,26 @@ def _cmd_cluster(args) -> int:
     return commands.cluster(args.action, args.root, num_cpus=args.num_cpus, add_node=args.add_node)
 
 
+def _cmd_config(args) -> int:
+    from workflows import configdoc
+
+    if args.config and (args.schema or args.markdown):
+        raise UsageError("--config goes with --show; --schema and --markdown describe every run file")
+    if args.schema:
+        import json
+
+        text = json.dumps(configdoc.json_schema(), indent=2) + "\n"
+    elif args.markdown:
+        text = configdoc.markdown()
+    else:
+        text = configdoc.show(args.config)
+    sys.stdout.write(text)
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "certify": _cmd_certify,
-            "attack": _cmd_attack, "report": _cmd_report, "cluster": _cmd_cluster}
+            "attack": _cmd_attack, "report": _cmd_report, "cluster": _cmd_cluster,
+            "config": _cmd_config}
 
 
 _OWN_CODE = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("advtrain", "workflows"))

@@ -6,7 +6,9 @@ eval:    {norm: linf, eps: [0.1], suite: quick, n: 500}                   # the 
 search:  {samples: 3, scheduler: asha, space: {eps: {choice: [...]}, ...}}  # Ray Tune
 scaling: {workers: 1, gpu: false, cpus_per_worker: 1}                     # Ray Train
 ```
-Every section is optional; unknown keys anywhere are an error naming them.
+Every section is optional; unknown keys anywhere are an error naming them (and the closest known key).
+Every key's type, default, range and meaning: docs/config.md, generated from the config classes
+(`advtrain config --markdown`); `advtrain config --show` prints a file's effective config.
 """
 
 from __future__ import annotations
@@ -16,32 +18,34 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from advtrain.config import MODELS, EvalConfig, ThreatModel, TrainConfig, check_bool, check_number, load_yaml
+from advtrain.config import (MODELS, EvalConfig, ThreatModel, TrainConfig, check_fields, check_keys,
+                             field_names, load_yaml, option)
 
 __all__ = ["Scaling", "RunSpec", "eval_data", "load_spec", "locate", "with_absolute_paths"]
 
 SECTIONS = ("train", "eval", "search", "scaling")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclasses.dataclass(frozen=True)
 class Scaling:
     """Ray Train scaling: workers per run, GPUs, CPUs per worker, tolerated worker failures and
-    how workers are placed on nodes (Ray placement group strategy)."""
+    how workers are placed on nodes (the `scaling` section of a run file)."""
 
-    workers: int = 1
-    gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 1
-    placement_strategy: str = "PACK"
+    workers: int = option(1, low=1, high=1024, help="Ray Train workers per run (each trains on its own shard of "
+                                                    "the data; `--workers` overrides)")
+    gpu: bool = option(False, help="one GPU per worker (`--gpu` overrides)")
+    cpus_per_worker: int = option(1, low=1, high=256, help="CPUs reserved for each worker")
+    max_failures: int = option(1, low=0, high=100, help="worker-group restarts tolerated before the run fails, from "
+                                                        "its latest checkpoint (`--max-failures` overrides)")
+    placement_strategy: str = option(
+        "PACK", choices=PLACEMENT_STRATEGIES,
+        help="how the workers of one run are placed on nodes (a Ray placement group strategy): `PACK` on as few nodes "
+             "as possible, `SPREAD` across nodes; `STRICT_PACK` and `STRICT_SPREAD` the same, strictly")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "workers", check_number("workers", self.workers, low=1, high=1024, integer=True))
-        check_bool("gpu", self.gpu)
-        object.__setattr__(
-            self, "cpus_per_worker", check_number("cpus_per_worker", self.cpus_per_worker, low=1, high=256, integer=True)
-        )
-        object.__setattr__(self, "max_failures", check_number("max_failures", self.max_failures, low=0, high=100, integer=True))
-        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        check_fields(self, "workers", "gpu", "cpus_per_worker", "max_failures")
+        strategies = PLACEMENT_STRATEGIES  # upper-case and exact, so not `check_choice`
         if self.placement_strategy not in strategies:
             raise ValueError(f"`placement_strategy` must be one of {', '.join(strategies)}. "
                              f"Received: placement_strategy={self.placement_strategy!r}")
@@ -73,10 +77,7 @@ def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def _build(cls, values: dict[str, Any], section: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"Unknown key(s) in `{section}`: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
+    check_keys(values, field_names(cls), f"Unknown key(s) in `{section}`")
     return cls(**values)
 
 
@@ -89,9 +90,7 @@ def load_spec(path: str | Path | None = None, *, train: Mapping[str, Any] | None
             range; the message names the key, the value and the allowed range.
     """
     data = load_yaml(path) if path is not None else {}
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"Unknown section(s) in {str(path)!r}: {', '.join(unknown)}. Known sections: {', '.join(SECTIONS)}.")
+    check_keys(data, SECTIONS, f"Unknown section(s) in {str(path)!r}", known_label="Known sections", sort=False)
     t = {**_section(data, "train"), **dict(train or {})}
     e = {**_section(data, "eval"), **dict(eval or {})}
     s = {**_section(data, "scaling"), **dict(scaling or {})}

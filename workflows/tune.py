@@ -24,12 +24,16 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ray import tune
 
-from advtrain.config import CERTIFIED_METHODS, TrainConfig, check_choice, check_number
+from advtrain.config import TrainConfig
 from workflows import quiet, storage
+# The search section's spec lives in a Ray-free module (`advtrain config` reads it); its names stay here too.
+from workflows.search import (CALLBACKS, DEFAULT_SPACE, DISTRIBUTIONS, METRIC, METRICS, MODE,  # noqa: F401
+                              NOT_SEARCHABLE, SCHEDULERS, SEARCHERS, SearchSpec, _check_callback_packages,
+                              _validate_space)
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
 
@@ -38,173 +42,6 @@ __all__ = ["CALLBACKS", "METRIC", "METRICS", "MODE", "SPEC_FILE", "SearchSpec", 
            "run_trial", "schedule_warning", "write_spec"]
 
 log = logging.getLogger(__name__)
-
-METRIC, MODE = "val_robust_acc", "max"
-# What a search may rank on: the PGD probe (an upper bound) or the certified probe (a lower
-# bound, reported when the model's layers are all boundable: `advtrain.bounds`).
-METRICS = ("val_robust_acc", "val_certified_acc")
-DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-SCHEDULERS = ("asha", "sha", "fifo")
-SEARCHERS = ("random", "optuna", "optuna-multi")
-# Ray Tune's own logger callbacks (`search.callbacks`): the module each needs, and the extra
-# that installs it.
-CALLBACKS = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
-             "wandb": ("wandb", "wandb")}
-# Searching these would change what trials are judged on, or leak the held-out data choice.
-NOT_SEARCHABLE = ("data", "val_size", "probe_size", "probe_steps", "train_size")
-DEFAULT_SPACE = {
-    "eps": {"choice": [0.1, 0.2, 0.3]},
-    "steps": {"choice": [3, 5, 10]},
-    "mix": {"uniform": [0.5, 1.0]},
-}
-
-
-def _validate_space(space: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, dict[str, list]]:
-    """Checks every key and every candidate value against TrainConfig before any trial runs."""
-    if not isinstance(space, Mapping) or not space:
-        raise ValueError(f"`search.space` must be a non-empty mapping. Received: space={space!r}")
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    searchable = [f for f in fields if f not in NOT_SEARCHABLE]
-    out = {}
-    for key, dist in space.items():
-        if key not in searchable:
-            raise ValueError(f"Unknown or unsearchable key {key!r} in `search.space`. Searchable: {', '.join(searchable)}.")
-        if not isinstance(dist, Mapping) or len(dist) != 1:
-            raise ValueError(
-                f"`search.space.{key}` must be one distribution such as {{choice: [...]}} "
-                f"({', '.join(DISTRIBUTIONS)}). Received: {key}={dist!r}"
-            )
-        (kind, values), = dist.items()
-        check_choice(f"search.space.{key} distribution", kind, DISTRIBUTIONS)
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"`search.space.{key}.{kind}` must be a non-empty list. Received: {key}={values!r}")
-        if kind in ("uniform", "loguniform", "randint"):
-            if len(values) != 2 or not values[0] < values[1]:
-                raise ValueError(f"`search.space.{key}.{kind}` must be [low, high] with low < high. Received: {key}={values!r}")
-            if kind == "loguniform" and values[0] <= 0:
-                raise ValueError(f"`search.space.{key}.loguniform` needs low > 0. Received: {key}={values!r}")
-        for v in values:
-            try:
-                TrainConfig.from_dict({**base, key: v})
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"search.space.{key}: {e}") from None
-        out[key] = {kind: list(values)}
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSpec:
-    """The `search` section: what to sample and how to schedule it.
-
-    Args:
-        space: TrainConfig key -> one distribution (`choice`, `grid`, `uniform`, `loguniform`,
-            `randint` with inclusive bounds). Defaults to eps, steps and mix.
-        samples: trials (times the grid, if any), >= 1. Defaults to `4`.
-        scheduler: `"asha"` (asynchronous early stopping), `"sha"` (synchronous successive
-            halving: every trial waits at each rung, fewer trial-epochs on small searches; runs
-            with `searcher: random`) or `"fifo"`. Defaults to `"asha"`.
-        searcher: `"random"`, `"optuna"` (TPE) or `"optuna-multi"` (clean and robust accuracy
-            both maximised; runs with `fifo`). Defaults to `"random"`.
-        grace_period: epochs before ASHA or SHA may stop a trial, >= 1. Defaults to `1`.
-        reduction_factor: their halving rate, >= 2. Defaults to `2`.
-        max_concurrent: trials at once, or `None` to derive from the cluster. Defaults to `None`.
-        seed: seed of the searcher. Defaults to `0`.
-        metric: what schedulers, searchers and the ranked table judge trials on:
-            `"val_robust_acc"` (the PGD probe) or `"val_certified_acc"` (the certified probe,
-            for `method: ibp` or `crown-ibp` searches). Defaults to `"val_robust_acc"`.
-        callbacks: Ray Tune logger callbacks, any of `"tensorboard"` (event files in each
-            trial folder, which Tune also writes by default), `"mlflow"` (one MLflow run per
-            trial in the experiment named as the search: params, per-epoch metrics, and the
-            final test figures, `workflows.tracking`) and `"wandb"` (project `$WANDB_PROJECT`
-            or `advtrain`, grouped by the search's name). Defaults to `()`.
-        mlflow_uri: the MLflow tracking URI (implies `"mlflow"`), or `None` for MLflow's default
-            (`$MLFLOW_TRACKING_URI`, else `mlflow.db` in the run folder). Defaults to `None`.
-    """
-
-    space: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPACE))
-    samples: int = 4
-    scheduler: str = "asha"
-    searcher: str = "random"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_concurrent: int | None = None
-    seed: int = 0
-    metric: str = METRIC
-    callbacks: tuple[str, ...] = ()
-    mlflow_uri: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, base: Mapping[str, Any] | None = None,
-                  samples: int | None = None, mlflow_uri: str | None = None) -> "SearchSpec":
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown key(s) in `search`: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
-        if samples is not None:
-            data["samples"] = samples
-        if mlflow_uri is not None:  # `advtrain tune --mlflow-uri`
-            data["mlflow_uri"] = mlflow_uri
-        spec = cls(**data)
-        _check_callback_packages(spec.callbacks)
-        object.__setattr__(spec, "space", _validate_space(spec.space, base or {}))
-        if spec.metric == "val_certified_acc":
-            # Only certified training reports the certified probe (`advtrain.training`).
-            methods = (next(iter(spec.space["method"].values())) if "method" in spec.space
-                       else [(base or {}).get("method", TrainConfig.method)])
-            if not set(methods) <= set(CERTIFIED_METHODS):
-                raise ValueError("`search.metric: val_certified_acc` ranks on the certified probe, which only "
-                                 f"certified training reports: every trial's method must be one of "
-                                 f"{', '.join(map(repr, CERTIFIED_METHODS))}. Received: method={', '.join(methods)}")
-        return spec
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", check_number("samples", self.samples, low=1, high=10000, integer=True))
-        object.__setattr__(self, "scheduler", check_choice("scheduler", self.scheduler, SCHEDULERS))
-        object.__setattr__(self, "searcher", check_choice("searcher", self.searcher, SEARCHERS))
-        object.__setattr__(self, "grace_period", check_number("grace_period", self.grace_period, low=1, integer=True))
-        object.__setattr__(self, "reduction_factor",
-                           check_number("reduction_factor", self.reduction_factor, low=2, integer=True))
-        if self.max_concurrent is not None:
-            object.__setattr__(self, "max_concurrent",
-                               check_number("max_concurrent", self.max_concurrent, low=1, integer=True))
-        object.__setattr__(self, "seed", check_number("seed", self.seed, low=0, integer=True))
-        object.__setattr__(self, "metric", check_choice("metric", self.metric, METRICS))
-        callbacks = self.callbacks
-        if isinstance(callbacks, str) or not isinstance(callbacks, (list, tuple)):
-            raise ValueError(f"`search.callbacks` must be a list of {', '.join(CALLBACKS)}. Received: "
-                             f"callbacks={callbacks!r}")
-        callbacks = [check_choice("search.callbacks", c, tuple(CALLBACKS)) for c in callbacks]
-        if self.mlflow_uri is not None:
-            if not isinstance(self.mlflow_uri, str) or not self.mlflow_uri:
-                raise ValueError(f"`mlflow_uri` must be a tracking URI. Received: mlflow_uri={self.mlflow_uri!r}")
-            callbacks.append("mlflow")
-        object.__setattr__(self, "callbacks", tuple(dict.fromkeys(callbacks)))
-        if self.searcher == "optuna-multi" and self.scheduler == "asha":
-            raise ValueError("`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: fifo`. "
-                             "Received: searcher='optuna-multi', scheduler='asha'")
-        if self.scheduler == "sha" and self.searcher != "random":
-            raise ValueError("`scheduler: sha` draws every trial before its first rung closes, so a model-based "
-                             f"searcher would learn nothing. Use `searcher: random`. Received: searcher={self.searcher!r}, "
-                             "scheduler='sha'")
-
-    @property
-    def num_trials(self) -> int:
-        """Trials the search runs: `samples` times the size of the grid, if any."""
-        return self.samples * math.prod(len(v["grid"]) for v in self.space.values() if "grid" in v)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "space": dict(self.space)}
-
-
-def _check_callback_packages(callbacks) -> None:
-    """Each chosen callback's package is installed, or one line says which extra installs it."""
-    import importlib.util
-
-    for name in callbacks:
-        module, extra = CALLBACKS[name]
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(f"`search.callbacks: {name}` needs the {module} package: pip install 'advtrain[{extra}]'")
 
 
 def build_callbacks(search: SearchSpec, name: str) -> list:
