@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_keras_file", "read_config", "input_shape", "output_classes"]
+__all__ = ["check_keras_file", "read_config", "input_shape", "output_classes", "shape_text"]
 
 # Layers that keep the width of what they are given: the logits' width is that of the layer before.
 _SAME_WIDTH = ("Activation", "Softmax", "Dropout", "ReLU", "LeakyReLU", "Identity")
@@ -111,3 +111,8 @@ def input_shape(config: dict[str, Any]) -> tuple[int | None, ...] | None:
     if not isinstance(shape, list) or len(shape) < 2 or not all(d is None or isinstance(d, int) for d in shape):
         return None
     return tuple(shape[1:])
+
+
+def shape_text(shape) -> str:
+    """`(None, 28, 28, 1)`: a shape as the model errors print it."""
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"

@@ -18,6 +18,8 @@ from typing import Callable
 import keras
 import numpy as np
 
+from advtrain.keras_file import shape_text
+
 __all__ = ["MODEL_BUILDERS", "ModelError", "build_model", "check_input", "fit_to_data", "import_model_module", "is_import_path",
            "load_model", "make_model", "save_model", "strip_softmax"]
 
@@ -213,10 +215,6 @@ def strip_softmax(model: keras.Model) -> tuple[keras.Model, str] | None:
     return logits, last.name
 
 
-def _shape(shape) -> str:
-    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
-
-
 def check_input(model: keras.Model, spec: str, input_shape) -> None:
     """Checks that `model` takes (batch, *input_shape) images.
 
@@ -233,12 +231,12 @@ def check_input(model: keras.Model, spec: str, input_shape) -> None:
     if expected is not None:
         want = tuple(expected[1:])
         if len(want) != len(input_shape) or any(w is not None and w != d for w, d in zip(want, input_shape)):
-            raise ModelError(f"model {spec!r} expects inputs {_shape(want)} but the data's images are "
-                             f"{_shape(input_shape)}")
+            raise ModelError(f"model {spec!r} expects inputs {shape_text(want)} but the data's images are "
+                             f"{shape_text(input_shape)}")
     try:
         model(np.zeros((1, *input_shape), np.float32), training=False)
     except Exception as e:  # noqa: BLE001 - a subclassed model rejecting the shape: keras raises assorted errors
-        raise ModelError(f"model {spec!r} cannot take the data's images {_shape(input_shape)}: "
+        raise ModelError(f"model {spec!r} cannot take the data's images {shape_text(input_shape)}: "
                          f"{str(e).splitlines()[0]}") from None
 
 
@@ -258,7 +256,7 @@ def fit_to_data(model: keras.Model, spec: str, input_shape, num_classes: int) ->
     check_input(model, spec, input_shape)
     out_shape = tuple(model(np.zeros((2, *input_shape), np.float32), training=False).shape)
     if len(out_shape) != 2 or out_shape[1] != num_classes:
-        raise ModelError(f"model {spec!r} outputs {_shape((None, *out_shape[1:]))} but the data has {num_classes} "
+        raise ModelError(f"model {spec!r} outputs {shape_text((None, *out_shape[1:]))} but the data has {num_classes} "
                          f"classes: expected (None, {num_classes}) logits")
     notes = []
     stripped = strip_softmax(model)

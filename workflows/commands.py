@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from advtrain.config import AttackConfig, EvalConfig, check_number
-from advtrain.keras_file import check_keras_file, input_shape, output_classes
+from advtrain.keras_file import check_keras_file, input_shape, output_classes, shape_text
 from workflows import quiet, storage
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
@@ -497,13 +497,9 @@ def _check_fits(name: str, config: dict, data) -> None:
     want = input_shape(config)
     shape = tuple(data.input_shape)
     if want is not None and (len(want) != len(shape) or any(w is not None and w != d for w, d in zip(want, shape))):
-        raise ValueError(f"model {name!r} expects inputs {_shape_text(want)} but the data's images are "
-                         f"{_shape_text(shape)}")
+        raise ValueError(f"model {name!r} expects inputs {shape_text(want)} but the data's images are "
+                         f"{shape_text(shape)}")
     _check_classes(name, output_classes(config), data)
-
-
-def _shape_text(shape) -> str:
-    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
 
 
 def _check_classes(name: str, width: int | None, data) -> None:
