@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -31,15 +31,15 @@ from advtrain.square import square
 
 __all__ = [
     "ATTACKS",
-    "fgsm",
-    "pgd",
     "apgd",
-    "square",
-    "run_attack",
-    "pgd_graph",
+    "apgd_checkpoints",
+    "fgsm",
     "fgsm_graph",
     "objective",
-    "apgd_checkpoints",
+    "pgd",
+    "pgd_graph",
+    "run_attack",
+    "square",
 ]
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,11 @@ def _value_and_grad(model, x, y, y_target, loss):
         total = tf.reduce_sum(value)  # per-example gradients: examples do not interact
     # A model whose output does not depend differentiably on x (tf.round, a cast) yields zeros:
     # the attack then stays put, and the gradient-free Square and the flags find the truth.
-    return logits, value, tape.gradient(total, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return (
+        logits,
+        value,
+        tape.gradient(total, x, unconnected_gradients=tf.UnconnectedGradients.ZERO),
+    )
 
 
 def _keep_stronger(best_x, best_loss, best_hit, x, value, hit):
@@ -200,8 +204,19 @@ def _projector(x, eps, norm: str) -> Callable:
 # --------------------------------------------------------------------------------------------
 
 
-def fgsm_graph(model, x, y, eps, *, step_size=None, norm="linf", loss="ce", random_start=False,
-               y_target=None, seed=(0, 0)):
+def fgsm_graph(
+    model,
+    x,
+    y,
+    eps,
+    *,
+    step_size=None,
+    norm="linf",
+    loss="ce",
+    random_start=False,
+    y_target=None,
+    seed=(0, 0),
+):
     """One signed-gradient step (Goodfellow et al. 2015), or FGSM-RS with `random_start`."""
     eps = tf.cast(eps, x.dtype)
     step = eps if step_size is None else tf.cast(step_size, x.dtype)
@@ -211,8 +226,21 @@ def fgsm_graph(model, x, y, eps, *, step_size=None, norm="linf", loss="ce", rand
     return _project(x0 + step * _direction(grad, norm), x, eps, norm)
 
 
-def pgd_graph(model, x, y, eps, step_size, steps, *, norm="linf", loss="ce", random_start=True,
-              y_target=None, seed=(0, 0), track_best=False):
+def pgd_graph(
+    model,
+    x,
+    y,
+    eps,
+    step_size,
+    steps,
+    *,
+    norm="linf",
+    loss="ce",
+    random_start=True,
+    y_target=None,
+    seed=(0, 0),
+    track_best=False,
+):
     """PGD (Madry et al. 2018): steps of ascent, each projected onto the eps-ball and [0, 1].
 
     With `track_best` each example keeps the first iterate that succeeds (else the highest-loss
@@ -221,12 +249,25 @@ def pgd_graph(model, x, y, eps, step_size, steps, *, norm="linf", loss="ce", ran
     soon as every example of the batch has succeeded (the result cannot change after that).
     Training uses the last iterate, as Madry et al. do.
     """
-    return _pgd_run(model, x, y, eps, step_size, steps, norm=norm, loss=loss,
-                    random_start=random_start, y_target=y_target, seed=seed, track_best=track_best)[0]
+    return _pgd_run(
+        model,
+        x,
+        y,
+        eps,
+        step_size,
+        steps,
+        norm=norm,
+        loss=loss,
+        random_start=random_start,
+        y_target=y_target,
+        seed=seed,
+        track_best=track_best,
+    )[0]
 
 
-def _pgd_run(model, x, y, eps, step_size, steps, *, norm, loss, random_start, y_target, seed,
-             track_best):
+def _pgd_run(
+    model, x, y, eps, step_size, steps, *, norm, loss, random_start, y_target, seed, track_best
+):
     """`pgd_graph` returning (x_adv, loss, success) per example, so restarts merge without
     another forward pass. Without `track_best` the loss and success are not computed (None).
 
@@ -240,12 +281,14 @@ def _pgd_run(model, x, y, eps, step_size, steps, *, norm, loss, random_start, y_
     x_adv = _random_start(x, eps, norm, seed) if random_start else tf.identity(x)
 
     if not track_best:
+
         def step(i, x_adv):
             _, _, grad = _value_and_grad(model, x_adv, y, y_target, loss)
             return i + 1, project(x_adv + step_size * _direction(grad, norm))
 
-        _, x_adv = tf.while_loop(lambda i, _: i < steps, step, (tf.constant(0), x_adv),
-                                 parallel_iterations=1)
+        _, x_adv = tf.while_loop(
+            lambda i, _: i < steps, step, (tf.constant(0), x_adv), parallel_iterations=1
+        )
         return x_adv, None, None
 
     batch = tf.shape(x)[0]
@@ -259,8 +302,9 @@ def _pgd_run(model, x, y, eps, step_size, steps, *, norm, loss, random_start, y_
     def not_done(i, x_adv, best):
         return (i < steps) & ~tf.reduce_all(best[2])
 
-    _, x_adv, best = tf.while_loop(not_done, body, (tf.constant(0), x_adv, best),
-                                   parallel_iterations=1)
+    _, x_adv, best = tf.while_loop(
+        not_done, body, (tf.constant(0), x_adv, best), parallel_iterations=1
+    )
 
     def with_last_iterate():
         logits = model(x_adv, training=False)
@@ -303,11 +347,19 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
     logits, value, grad = _value_and_grad(model, x_k, y, y_target, loss)
     hit = _success(logits, y, y_target)
     state = dict(
-        x_k=x_k, x_prev=x_k, value=value, grad=grad,
+        x_k=x_k,
+        x_prev=x_k,
+        value=value,
+        grad=grad,
         step=tf.fill([batch], 2.0) * eps,
-        x_best=x_k, loss_best=value, grad_best=grad,
-        adv=_select_rows(hit, x_k, x), found=hit,
-        increases=tf.zeros([batch]), loss_at_ckpt=value, reduced_at_ckpt=tf.ones([batch], tf.bool),
+        x_best=x_k,
+        loss_best=value,
+        grad_best=grad,
+        adv=_select_rows(hit, x_k, x),
+        found=hit,
+        increases=tf.zeros([batch]),
+        loss_at_ckpt=value,
+        reduced_at_ckpt=tf.ones([batch], tf.bool),
     )
 
     def body(k, s):
@@ -316,7 +368,9 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
         alpha = tf.where(k > 0, 0.75, 1.0)
         step = _per_example(s["step"], x)
         z = project(s["x_k"] + step * _direction(s["grad"], norm))
-        x_next = project(s["x_k"] + alpha * (z - s["x_k"]) + (1.0 - alpha) * (s["x_k"] - s["x_prev"]))
+        x_next = project(
+            s["x_k"] + alpha * (z - s["x_k"]) + (1.0 - alpha) * (s["x_k"] - s["x_prev"])
+        )
         logits, value, grad = _value_and_grad(model, x_next, y, y_target, loss)
         hit = _success(logits, y, y_target)
         new_hit = hit & ~s["found"]
@@ -345,7 +399,9 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
         return k + 1, s
 
     _, s = tf.while_loop(
-        lambda k, s: (k < steps) & ~tf.reduce_all(s["found"]), body, (tf.constant(0), state),
+        lambda k, s: (k < steps) & ~tf.reduce_all(s["found"]),
+        body,
+        (tf.constant(0), state),
         parallel_iterations=1,
     )
     # Successful points first; elsewhere the highest-loss point (for merging restarts).
@@ -356,14 +412,21 @@ def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
 # Public, validated, compiled attacks
 # --------------------------------------------------------------------------------------------
 
+
 def _with_restarts(run_once, x, restarts, seed):
     """Runs `run_once(seed) -> (x_adv, loss, success)` up to `restarts` times inside the graph,
     keeping each example's strongest; stops once every example has succeeded."""
     batch = tf.shape(x)[0]
-    best = (tf.identity(x), tf.fill([batch], tf.constant(-np.inf, x.dtype)), tf.zeros([batch], tf.bool))
+    best = (
+        tf.identity(x),
+        tf.fill([batch], tf.constant(-np.inf, x.dtype)),
+        tf.zeros([batch], tf.bool),
+    )
 
     def body(r, best):
-        return r + 1, _keep_stronger(*best, *run_once(tf.stack([seed[0], seed[1] * 1009 + r * 7919])))
+        return r + 1, _keep_stronger(
+            *best, *run_once(tf.stack([seed[0], seed[1] * 1009 + r * 7919]))
+        )
 
     def not_done(r, best):
         return (r < restarts) & ~tf.reduce_all(best[2])
@@ -372,8 +435,19 @@ def _with_restarts(run_once, x, restarts, seed):
     return best[0]
 
 
-def fgsm(model, x, y, *, eps, norm="linf", loss="ce", random_start=False, step_size=None,
-         y_target=None, seed=0):
+def fgsm(
+    model,
+    x,
+    y,
+    *,
+    eps,
+    norm="linf",
+    loss="ce",
+    random_start=False,
+    step_size=None,
+    y_target=None,
+    seed=0,
+):
     """Fast Gradient Sign Method (Goodfellow et al. 2015, arXiv:1412.6572).
 
     x' = clip(x + eps * sign(grad_x L(model(x), y)), 0, 1) for linf (the l2 form steps along
@@ -398,8 +472,16 @@ def fgsm(model, x, y, *, eps, norm="linf", loss="ce", random_start=False, step_s
     Example:
         >>> x_adv = fgsm(model, x, y, eps=0.1)
     """
-    cfg = AttackConfig(name="fgsm", eps=eps, steps=1, step_size=step_size, norm=norm,
-                       random_start=random_start, loss=loss, seed=seed)
+    cfg = AttackConfig(
+        name="fgsm",
+        eps=eps,
+        steps=1,
+        step_size=step_size,
+        norm=norm,
+        random_start=random_start,
+        loss=loss,
+        seed=seed,
+    )
     x, y, y_target = check_attack_inputs(x, y, y_target)
     # The default is resolved after validation: eps=0 with random_start gives step 0, not an error.
     if cfg.step_size is not None:
@@ -410,16 +492,41 @@ def fgsm(model, x, y, *, eps, norm="linf", loss="ce", random_start=False, step_s
 
     def build():
         def run(x, y, y_target, eps, step, seed):
-            return fgsm_graph(model, x, y, eps, step_size=step, norm=cfg.norm, loss=cfg.loss,
-                              random_start=cfg.random_start, y_target=y_target, seed=seed)
+            return fgsm_graph(
+                model,
+                x,
+                y,
+                eps,
+                step_size=step,
+                norm=cfg.norm,
+                loss=cfg.loss,
+                random_start=cfg.random_start,
+                y_target=y_target,
+                seed=seed,
+            )
+
         return run
 
-    return compiled(model, key, build)(x, y, y_target, tf.constant(cfg.eps), tf.constant(step),
-                                        tf.constant([cfg.seed, 0]))
+    return compiled(model, key, build)(
+        x, y, y_target, tf.constant(cfg.eps), tf.constant(step), tf.constant([cfg.seed, 0])
+    )
 
 
-def pgd(model, x, y, *, eps, steps=40, step_size=None, norm="linf", loss="ce", random_start=True,
-        restarts=1, y_target=None, seed=0):
+def pgd(
+    model,
+    x,
+    y,
+    *,
+    eps,
+    steps=40,
+    step_size=None,
+    norm="linf",
+    loss="ce",
+    random_start=True,
+    restarts=1,
+    y_target=None,
+    seed=0,
+):
     """Projected Gradient Descent attack (Madry et al. 2018, arXiv:1706.06083).
 
     From a uniform random start in the eps-ball, `steps` steps of gradient **ascent** on the
@@ -451,28 +558,55 @@ def pgd(model, x, y, *, eps, steps=40, step_size=None, norm="linf", loss="ce", r
     Example:
         >>> x_adv = pgd(model, x, y, eps=0.3, steps=40)
     """
-    cfg = AttackConfig(name="pgd", eps=eps, steps=steps, step_size=step_size, norm=norm,
-                       random_start=random_start, restarts=restarts, loss=loss, seed=seed)
+    cfg = AttackConfig(
+        name="pgd",
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        norm=norm,
+        random_start=random_start,
+        restarts=restarts,
+        loss=loss,
+        seed=seed,
+    )
     x, y, y_target = check_attack_inputs(x, y, y_target)
     key = ("pgd", cfg.norm, cfg.loss, cfg.random_start, y_target is not None)
 
     def build():
         def run(x, y, y_target, eps, step_size, steps, restarts, seed):
             def once(s):
-                return _pgd_run(model, x, y, eps, step_size, steps, norm=cfg.norm, loss=cfg.loss,
-                                random_start=cfg.random_start, y_target=y_target, seed=s,
-                                track_best=True)
+                return _pgd_run(
+                    model,
+                    x,
+                    y,
+                    eps,
+                    step_size,
+                    steps,
+                    norm=cfg.norm,
+                    loss=cfg.loss,
+                    random_start=cfg.random_start,
+                    y_target=y_target,
+                    seed=s,
+                    track_best=True,
+                )
+
             return _with_restarts(once, x, restarts, seed)
+
         return run
 
     return compiled(model, key, build)(
-        x, y, y_target, tf.constant(cfg.eps), tf.constant(cfg.resolved_step_size()),
-        tf.constant(cfg.steps), tf.constant(cfg.restarts), tf.constant([cfg.seed, 0]),
+        x,
+        y,
+        y_target,
+        tf.constant(cfg.eps),
+        tf.constant(cfg.resolved_step_size()),
+        tf.constant(cfg.steps),
+        tf.constant(cfg.restarts),
+        tf.constant([cfg.seed, 0]),
     )
 
 
-def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, y_target=None,
-         seed=0):
+def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, y_target=None, seed=0):
     """Auto-PGD (Croce and Hein 2020, arXiv:2003.01690): APGD-CE, APGD-DLR and targeted APGD-DLR.
 
     Step-size free: starts at 2 * eps, halves it at fixed checkpoints when the loss stopped
@@ -497,8 +631,9 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, y_t
     Example:
         >>> x_adv = apgd(model, x, y, eps=0.3, loss="dlr")
     """
-    cfg = AttackConfig(name="apgd", eps=eps, steps=steps, norm=norm, restarts=restarts, loss=loss,
-                       seed=seed)
+    cfg = AttackConfig(
+        name="apgd", eps=eps, steps=steps, norm=norm, restarts=restarts, loss=loss, seed=seed
+    )
     x, y, y_target = check_attack_inputs(x, y, y_target)
     # steps is static here: the checkpoint schedule is baked into the graph.
     key = ("apgd", cfg.norm, cfg.loss, cfg.steps, y_target is not None)
@@ -506,13 +641,25 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, y_t
     def build():
         def run(x, y, y_target, eps, restarts, seed):
             def once(s):
-                return _apgd_graph(model, x, y, eps, cfg.steps, norm=cfg.norm, loss=cfg.loss,
-                                   y_target=y_target, seed=s)
+                return _apgd_graph(
+                    model,
+                    x,
+                    y,
+                    eps,
+                    cfg.steps,
+                    norm=cfg.norm,
+                    loss=cfg.loss,
+                    y_target=y_target,
+                    seed=s,
+                )
+
             return _with_restarts(once, x, restarts, seed)
+
         return run
 
-    return compiled(model, key, build)(x, y, y_target, tf.constant(cfg.eps),
-                                        tf.constant(cfg.restarts), tf.constant([cfg.seed, 0]))
+    return compiled(model, key, build)(
+        x, y, y_target, tf.constant(cfg.eps), tf.constant(cfg.restarts), tf.constant([cfg.seed, 0])
+    )
 
 
 # Square lives in its own module (`advtrain.square`): it queries logits only and shares none of the
@@ -520,8 +667,9 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, y_t
 ATTACKS: dict[str, Callable] = {"fgsm": fgsm, "pgd": pgd, "apgd": apgd, "square": square}
 
 
-def run_attack(name, model, x, y, *, batch_size=256, y_target=None, on_batch=None,
-               **kwargs) -> np.ndarray:
+def run_attack(
+    name, model, x, y, *, batch_size=256, y_target=None, on_batch=None, **kwargs
+) -> np.ndarray:
     """Runs an attack over whole arrays in fixed-size batches (the last one padded, so the
     compiled graph is traced once).
 
@@ -543,11 +691,15 @@ def run_attack(name, model, x, y, *, batch_size=256, y_target=None, on_batch=Non
     if name not in ATTACKS:
         raise ValueError(f"Unknown attack {name!r}. Expected one of: {', '.join(sorted(ATTACKS))}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an integer >= 1. Received: batch_size={batch_size!r}")
+        raise ValueError(
+            f"`batch_size` must be an integer >= 1. Received: batch_size={batch_size!r}"
+        )
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int32)
     if len(x) != len(y):
-        raise ValueError(f"`x` and `y` must hold as many examples. Received: len(x)={len(x)}, len(y)={len(y)}")
+        raise ValueError(
+            f"`x` and `y` must hold as many examples. Received: len(x)={len(x)}, len(y)={len(y)}"
+        )
     if len(x) and (not np.all(np.isfinite(x)) or x.min() < CLIP_MIN or x.max() > CLIP_MAX):
         raise ValueError(
             f"`x` must be finite and in [{CLIP_MIN}, {CLIP_MAX}]. Received: x in "

@@ -42,7 +42,8 @@ import dataclasses
 import logging
 import math
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -54,8 +55,8 @@ from advtrain.graphs import compiled
 __all__ = [
     "METHODS",
     "UnsupportedLayerError",
-    "check_supported",
     "certify",
+    "check_supported",
     "margin_lower_bounds",
     "margins_graph",
     "worst_case_logits",
@@ -69,9 +70,23 @@ CERTIFY_TOL = 1e-5
 # Floats of the largest coefficient tensor in one backward pass of `crown` (chunks of neurons).
 CROWN_BUDGET = 1 << 24
 
-BOUNDED_LAYERS = ("Dense", "Conv2D", "ReLU", "Activation(relu|linear)", "Flatten", "Reshape",
-                  "Rescaling", "Normalization", "BatchNormalization", "AveragePooling2D",
-                  "GlobalAveragePooling2D", "MaxPooling2D", "Add", "Dropout", "Discretization")
+BOUNDED_LAYERS = (
+    "Dense",
+    "Conv2D",
+    "ReLU",
+    "Activation(relu|linear)",
+    "Flatten",
+    "Reshape",
+    "Rescaling",
+    "Normalization",
+    "BatchNormalization",
+    "AveragePooling2D",
+    "GlobalAveragePooling2D",
+    "MaxPooling2D",
+    "Add",
+    "Dropout",
+    "Discretization",
+)
 
 
 class UnsupportedLayerError(ValueError):
@@ -80,8 +95,10 @@ class UnsupportedLayerError(ValueError):
     def __init__(self, layer, why: str):
         self.layer = layer.name if hasattr(layer, "name") else str(layer)
         kind = type(layer).__name__
-        super().__init__(f"layer {self.layer!r} ({kind}) cannot be bounded: {why}. Bounded layers: "
-                         f"{', '.join(BOUNDED_LAYERS)}")
+        super().__init__(
+            f"layer {self.layer!r} ({kind}) cannot be bounded: {why}. Bounded layers: "
+            f"{', '.join(BOUNDED_LAYERS)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +168,8 @@ def _dense(layer, in_shape, out_shape):
         transpose=lambda a: matmul(a, kernel(), transpose_b=True),
         bias=(lambda: tf.convert_to_tensor(layer.bias)) if layer.use_bias else None,
         l2_radius=(lambda: tf.sqrt(tf.reduce_sum(tf.square(kernel()), axis=0)))
-        if len(in_shape) == 1 else None,
+        if len(in_shape) == 1
+        else None,
     )
 
 
@@ -193,7 +211,9 @@ def _elementwise(scale: Callable, offset: Callable | None):
 
 def _batch_norm(layer, in_shape, out_shape):
     if layer.axis not in (-1, len(in_shape)):
-        raise UnsupportedLayerError(layer, f"only the channel axis is normalised (axis={layer.axis})")
+        raise UnsupportedLayerError(
+            layer, f"only the channel axis is normalised (axis={layer.axis})"
+        )
 
     def scale():
         s = tf.math.rsqrt(tf.convert_to_tensor(layer.moving_variance) + layer.epsilon)
@@ -207,14 +227,16 @@ def _batch_norm(layer, in_shape, out_shape):
 
 
 def _rescaling(layer, in_shape, out_shape):
-    return _elementwise(lambda: tf.cast(layer.scale, tf.float32), lambda: tf.cast(layer.offset, tf.float32))
+    return _elementwise(
+        lambda: tf.cast(layer.scale, tf.float32), lambda: tf.cast(layer.offset, tf.float32)
+    )
 
 
 def _normalization(layer, in_shape, out_shape):
     def std():
         return tf.maximum(tf.sqrt(tf.convert_to_tensor(layer.variance)), keras.config.epsilon())
 
-    mean = lambda: tf.convert_to_tensor(layer.mean)  # noqa: E731
+    mean = lambda: tf.convert_to_tensor(layer.mean)
     if layer.invert:
         return _elementwise(std, mean)
     return _elementwise(lambda: 1.0 / std(), lambda: -mean() / std())
@@ -257,7 +279,9 @@ def _global_avg_pool(layer, in_shape, out_shape):
 
     def transpose(a):
         a = a if layer.keepdims else a[:, None, None, :]
-        return tf.broadcast_to(a, tf.concat([tf.shape(a)[:1], tf.constant(in_shape, tf.int32)], 0)) / (h * w)
+        return tf.broadcast_to(
+            a, tf.concat([tf.shape(a)[:1], tf.constant(in_shape, tf.int32)], 0)
+        ) / (h * w)
 
     return dict(apply=fn, abs_apply=fn, transpose=transpose)
 
@@ -273,8 +297,14 @@ _LINEAR = {
     keras.layers.AveragePooling2D: _avg_pool,
     keras.layers.GlobalAveragePooling2D: _global_avg_pool,
 }
-_IDENTITY = (keras.layers.Dropout, keras.layers.InputLayer, keras.layers.SpatialDropout2D,
-             keras.layers.GaussianDropout, keras.layers.AlphaDropout, keras.layers.Identity)
+_IDENTITY = (
+    keras.layers.Dropout,
+    keras.layers.InputLayer,
+    keras.layers.SpatialDropout2D,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.Identity,
+)
 
 
 class _Builder:
@@ -315,7 +345,9 @@ class _Builder:
                 raise UnsupportedLayerError(layer, "broadcasting additions are not bounded")
             return self.op("add", layer, inputs, in_shape, out_shape)
         if len(inputs) != 1:
-            raise UnsupportedLayerError(layer, "layers with several inputs other than Add are not bounded")
+            raise UnsupportedLayerError(
+                layer, "layers with several inputs other than Add are not bounded"
+            )
         if isinstance(layer, _IDENTITY):
             return inputs[0]
         if isinstance(layer, keras.layers.MaxPooling2D):
@@ -325,20 +357,37 @@ class _Builder:
         if isinstance(layer, keras.layers.Discretization):
             return self.op("monotone", layer, inputs, in_shape, out_shape)
         if isinstance(layer, keras.layers.ReLU):
-            if layer.max_value is not None or float(layer.negative_slope) != 0 or float(layer.threshold) != 0:
-                raise UnsupportedLayerError(layer, "only the plain ReLU (no max_value, slope, threshold) is bounded")
+            if (
+                layer.max_value is not None
+                or float(layer.negative_slope) != 0
+                or float(layer.threshold) != 0
+            ):
+                raise UnsupportedLayerError(
+                    layer, "only the plain ReLU (no max_value, slope, threshold) is bounded"
+                )
             return self.op("relu", layer, inputs, in_shape, out_shape)
         for cls, parts in _LINEAR.items():
             if type(layer) is cls:  # a subclass may compute something else
                 relu = _relu_activation(layer)
                 if relu is None:
-                    raise UnsupportedLayerError(layer, f"activation {layer.activation.__name__!r} is not bounded")
-                t = self.op("linear", layer, inputs, in_shape, out_shape, **parts(layer, in_shape, out_shape))
+                    raise UnsupportedLayerError(
+                        layer, f"activation {layer.activation.__name__!r} is not bounded"
+                    )
+                t = self.op(
+                    "linear",
+                    layer,
+                    inputs,
+                    in_shape,
+                    out_shape,
+                    **parts(layer, in_shape, out_shape),
+                )
                 return self.op("relu", layer, [t], out_shape, out_shape) if relu else t
         if type(layer) is keras.layers.Activation:
             relu = _relu_activation(layer)
             if relu is None:
-                raise UnsupportedLayerError(layer, f"activation {layer.activation.__name__!r} is not bounded")
+                raise UnsupportedLayerError(
+                    layer, f"activation {layer.activation.__name__!r} is not bounded"
+                )
             return self.op("relu", layer, inputs, in_shape, out_shape) if relu else inputs[0]
         raise UnsupportedLayerError(layer, "no bound is implemented for this layer")
 
@@ -353,7 +402,7 @@ class _Builder:
         return self.walk(model.outputs[0], {id(model.inputs[0]): inputs[0]})
 
 
-_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _plan(model) -> _Plan:
@@ -362,8 +411,11 @@ def _plan(model) -> _Plan:
         return _PLANS[model]
     inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
     if not isinstance(model, keras.Model) or not inputs or not outputs:
-        raise UnsupportedLayerError(model, "only built Sequential or functional Keras models are bounded "
-                                           "(a subclassed model has no readable graph)")
+        raise UnsupportedLayerError(
+            model,
+            "only built Sequential or functional Keras models are bounded "
+            "(a subclassed model has no readable graph)",
+        )
     if len(inputs) != 1 or len(outputs) != 1:
         raise UnsupportedLayerError(model, "the model must have one input and one output")
     b = _Builder()
@@ -371,7 +423,9 @@ def _plan(model) -> _Plan:
     out = b.walk(outputs[0], {id(inputs[0]): 0})
     shape = b.shapes[out]
     if len(shape) != 1:
-        raise UnsupportedLayerError(model, f"the output must be (batch, classes), not (batch, {shape})")
+        raise UnsupportedLayerError(
+            model, f"the output must be (batch, classes), not (batch, {shape})"
+        )
     after = set()
     for op in b.ops:
         if op.kind in ("relu", "maxpool", "monotone") or any(i in after for i in op.inputs):
@@ -502,7 +556,7 @@ def _maxpool_backward(op: _Op, pos, neg, bounds, batch, k):
     with tf.GradientTape() as tape:  # the gradient of max at lo is the selection's adjoint
         tape.watch(tiled)
         out = pool(tiled)
-    select_t = lambda c: _unflat(tape.gradient(out, tiled, output_gradients=_flat(c)), batch, k)  # noqa: E731
+    select_t = lambda c: _unflat(tape.gradient(out, tiled, output_gradients=_flat(c)), batch, k)
     lo_max, hi_max = pool(lo), pool(hi)
     strides = tuple(op.layer.strides)
     dominated = tf.zeros_like(lo_max, dtype=tf.bool)
@@ -579,7 +633,12 @@ def _forward_one(plan, op, bounds):
         out = (_call(op.layer, lo), _call(op.layer, hi))
     # Tensors computed from this output keep their IBP boxes: sound, if looser; the next
     # nonlinearity's input is tightened again by its own backward pass.
-    return {op.output: (tf.maximum(out[0], bounds[op.output][0]), tf.minimum(out[1], bounds[op.output][1]))}
+    return {
+        op.output: (
+            tf.maximum(out[0], bounds[op.output][0]),
+            tf.minimum(out[1], bounds[op.output][1]),
+        )
+    }
 
 
 def margins_graph(model, x, y, eps, norm: str, methods: tuple[str, ...]) -> dict[str, tf.Tensor]:
@@ -598,7 +657,9 @@ def margins_graph(model, x, y, eps, norm: str, methods: tuple[str, ...]) -> dict
     for method in methods:
         if method == "ibp":
             # Fold the margin into the trailing linear layers, then the IBP box before them.
-            coeffs, bias = _backward(plan, spec, plan.output, bounds, stop=lambda op: op.kind != "linear")
+            coeffs, bias = _backward(
+                plan, spec, plan.output, bounds, stop=lambda op: op.kind != "linear"
+            )
             out[method] = _concretize(coeffs, bias, bounds, x, eps, norm)
         else:
             b = bounds if method == "crown-ibp" else _crown_bounds(plan, bounds, x, eps, norm)
@@ -620,9 +681,13 @@ def _check(x, y, eps, norm, method):
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
     if x.ndim < 2 or y.shape != (len(x),):
-        raise ValueError(f"`x` must be (n, ...) and `y` (n,). Received: x.shape={x.shape}, y.shape={y.shape}")
+        raise ValueError(
+            f"`x` must be (n, ...) and `y` (n,). Received: x.shape={x.shape}, y.shape={y.shape}"
+        )
     if len(x) and (not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0):
-        raise ValueError(f"`x` must be finite and in [0, 1]. Received: x in [{np.nanmin(x)}, {np.nanmax(x)}]")
+        raise ValueError(
+            f"`x` must be finite and in [0, 1]. Received: x in [{np.nanmin(x)}, {np.nanmax(x)}]"
+        )
     if x.ndim == 4:
         check_eps_fits("eps", eps, norm, x.shape[1:])
     return x, y, eps, norm, method
@@ -680,12 +745,15 @@ def certify(model, x, y, *, eps, norm="linf", method="crown-ibp", batch_size=256
     batch_size = check_number("batch_size", batch_size, low=1, integer=True)
     plan = _plan(model)
     if len(y) and int(y.max()) >= plan.classes:
-        raise ValueError(f"Labels exceed the model's {plan.classes} classes. Received: max label={int(y.max())}")
+        raise ValueError(
+            f"Labels exceed the model's {plan.classes} classes. Received: max label={int(y.max())}"
+        )
 
     def build():
         def run(xb, yb, e):
             m = margins_graph(model, xb, yb, e, norm, (method,))[method]
             return _proven(m, yb, plan.classes)
+
         return run
 
     # `crown` sizes its chunks from the batch: eager, never retraced per chunk.
@@ -693,11 +761,16 @@ def certify(model, x, y, *, eps, norm="linf", method="crown-ibp", batch_size=256
     n, bs = len(x), min(batch_size, max(len(x), 1))
     out = np.zeros(n, bool)
     for lo in range(0, n, bs):
-        xb, yb = x[lo: lo + bs], y[lo: lo + bs]
+        xb, yb = x[lo : lo + bs], y[lo : lo + bs]
         pad = bs - len(xb)
         if pad:  # one static shape: the last batch is padded, so the graph is traced once
-            xb, yb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)]), np.concatenate([yb, np.repeat(yb[-1:], pad)])
-        out[lo: lo + bs] = run(tf.constant(xb), tf.constant(yb), tf.constant(eps, tf.float32)).numpy()[: bs - pad]
+            xb, yb = (
+                np.concatenate([xb, np.repeat(xb[-1:], pad, 0)]),
+                np.concatenate([yb, np.repeat(yb[-1:], pad)]),
+            )
+        out[lo : lo + bs] = run(
+            tf.constant(xb), tf.constant(yb), tf.constant(eps, tf.float32)
+        ).numpy()[: bs - pad]
     return out
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 import numpy as np
@@ -58,7 +59,8 @@ class StraightThrough(keras.layers.Layer):
     def __init__(self, layer, **kwargs):
         if not isinstance(layer, keras.layers.Layer):
             raise TypeError(
-                f"`layer` must be a Keras layer. Received: layer={type(layer).__name__}")
+                f"`layer` must be a Keras layer. Received: layer={type(layer).__name__}"
+            )
         super().__init__(name=kwargs.pop("name", f"{layer.name}_bpda"), autocast=False, **kwargs)
         self.layer = layer
 
@@ -124,8 +126,9 @@ def _same_shape_single_tensor(layer) -> bool:
 def _clone(model, wrap: dict[int, Any]):
     """`model` with each layer whose id is in `wrap` replaced by `wrap[id]`; the other layers
     are the original objects (shared weights)."""
-    return keras.models.clone_model(model, clone_function=lambda layer: wrap.get(id(layer), layer),
-                                    recursive=True)
+    return keras.models.clone_model(
+        model, clone_function=lambda layer: wrap.get(id(layer), layer), recursive=True
+    )
 
 
 def find_gradient_free_layers(model, x) -> tuple[str, ...]:
@@ -187,14 +190,18 @@ def straight_through_model(model, layers) -> keras.Model:
         >>> surrogate = straight_through_model(model, ("discretization",))
     """
     if not _is_graph(model):
-        raise TypeError("`model` must be a Sequential or Functional Keras model. "
-                        f"Received: model={type(model).__name__}")
+        raise TypeError(
+            "`model` must be a Sequential or Functional Keras model. "
+            f"Received: model={type(model).__name__}"
+        )
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
     by_path = dict(_walk(model))
     unknown = [p for p in layers if p not in by_path]
     if not layers or unknown:
-        raise ValueError("`layers` must name one or more layers of the model. Expected some of: "
-                         f"{', '.join(sorted(by_path))}. Received: layers={layers!r}")
+        raise ValueError(
+            "`layers` must name one or more layers of the model. Expected some of: "
+            f"{', '.join(sorted(by_path))}. Received: layers={layers!r}"
+        )
     return _clone(model, {id(by_path[p]): StraightThrough(by_path[p]) for p in layers})
 
 
@@ -234,8 +241,10 @@ def bpda_surrogate(model, x) -> Surrogate:
     got = np.asarray(surrogate(x, training=False))
     if want.shape != got.shape or not np.allclose(want, got, rtol=0.0, atol=1e-6):
         diff = float(np.abs(want - got).max()) if want.shape == got.shape else float("nan")
-        note = (f"BPDA not run: the straight-through surrogate of layers {_quoted(layers)} changes "
-                f"the model's outputs (max difference {diff:.3g})")
+        note = (
+            f"BPDA not run: the straight-through surrogate of layers {_quoted(layers)} changes "
+            f"the model's outputs (max difference {diff:.3g})"
+        )
         log.warning(note)
         return Surrogate(None, layers, note)
     return Surrogate(surrogate, layers)

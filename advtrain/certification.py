@@ -18,12 +18,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["CERTIFY_SCHEMA", "CertificationError", "attacked_figure", "certified_by", "certify_at", "certify_lines",
-           "certify_report", "check_certified", "mask_from_hex", "mask_hex", "unavailable_reason"]
+__all__ = [
+    "CERTIFY_SCHEMA",
+    "CertificationError",
+    "attacked_figure",
+    "certified_by",
+    "certify_at",
+    "certify_lines",
+    "certify_report",
+    "check_certified",
+    "mask_from_hex",
+    "mask_hex",
+    "unavailable_reason",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +66,9 @@ def mask_from_hex(text: str, n: int) -> np.ndarray:
     except (TypeError, ValueError):
         raise ValueError(f"`mask` must be a hex string. Received: mask={text!r}") from None
     if raw.size * 8 < n:
-        raise ValueError(f"`mask` holds {raw.size * 8} bits, fewer than n={n}. Received: mask={text!r}")
+        raise ValueError(
+            f"`mask` holds {raw.size * 8} bits, fewer than n={n}. Received: mask={text!r}"
+        )
     return np.unpackbits(raw)[:n].astype(bool)
 
 
@@ -68,8 +82,11 @@ def certified_by(certified: dict[str, float], masks: dict[str, str] | None = Non
     if not masks or best not in masks:
         return best
     top = int(masks[best] or "0", 16)
-    extra = [m for m in sorted(certified, key=lambda m: -certified[m])
-             if m != best and m in masks and int(masks[m] or "0", 16) & ~top]
+    extra = [
+        m
+        for m in sorted(certified, key=lambda m: -certified[m])
+        if m != best and m in masks and int(masks[m] or "0", 16) & ~top
+    ]
     return " + ".join([best, *extra])
 
 
@@ -96,15 +113,18 @@ def check_certified(certified, attacked, *, eps: float, method: str) -> None:
     """
     certified, attacked = np.asarray(certified, dtype=bool), np.asarray(attacked, dtype=bool)
     if certified.shape != attacked.shape:
-        raise ValueError(f"`certified` and `attacked` must have the same shape. Received: "
-                         f"certified.shape={certified.shape}, attacked.shape={attacked.shape}")
+        raise ValueError(
+            f"`certified` and `attacked` must have the same shape. Received: "
+            f"certified.shape={certified.shape}, attacked.shape={attacked.shape}"
+        )
     bad = np.flatnonzero(certified & ~attacked)
     if bad.size:
         shown = ", ".join(str(i) for i in bad[:SHOWN]) + (", ..." if bad.size > SHOWN else "")
         raise CertificationError(
             f"{bad.size} example(s) certified by {method} at eps {eps:g} were misclassified or broken by an "
             f"attack (indices {shown}): a certified figure above the attacked one is a bug in the bound or the "
-            "attack, not a result")
+            "attack, not a result"
+        )
 
 
 def unavailable_reason(error: Exception) -> str:
@@ -124,9 +144,18 @@ def _note(unavailable: dict[str, str], ran: bool) -> str | None:
     return "not available (" + "; ".join(f"{m}: {why}" for m, why in unavailable.items()) + ")"
 
 
-def certify_at(model, x, y, attacked, *, eps: float, norm: str, methods: Sequence[str],
-               unavailable: dict[str, str], progress: Callable[[str, int, int], None] | None = None
-               ) -> dict[str, Any]:
+def certify_at(
+    model,
+    x,
+    y,
+    attacked,
+    *,
+    eps: float,
+    norm: str,
+    methods: Sequence[str],
+    unavailable: dict[str, str],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
     """Runs each bound method on the examples of one eps and checks it against the attacks.
 
     Args:
@@ -161,7 +190,9 @@ def certify_at(model, x, y, attacked, *, eps: float, norm: str, methods: Sequenc
             progress(label, 0, len(y))
         t0 = time.perf_counter()
         try:
-            mask = np.asarray(bounds.certify(model, x, y, eps=eps, norm=norm, method=method), dtype=bool)
+            mask = np.asarray(
+                bounds.certify(model, x, y, eps=eps, norm=norm, method=method), dtype=bool
+            )
         except bounds.UnsupportedLayerError as e:
             unavailable[method] = unavailable_reason(e)
             log.info("certify %s: %s", method, e)
@@ -172,19 +203,42 @@ def certify_at(model, x, y, attacked, *, eps: float, norm: str, methods: Sequenc
         check_certified(mask, attacked, eps=eps, method=method)
         certified[method], masks[method] = float(mask.mean()), mask_hex(mask)
         union |= mask
-        log.info("certify %s %s eps=%g: certified %.4f (%d/%d), %.1fs", method, norm, eps, mask.mean(),
-                 int(mask.sum()), len(mask), seconds[method])
-    return {"certified_acc": float(union.mean()) if certified else None, "certified": certified,
-            "certified_masks": masks, "certified_note": _note({m: unavailable[m] for m in methods if m in unavailable},
-                                                              bool(certified)),
-            "certify_seconds": seconds}
+        log.info(
+            "certify %s %s eps=%g: certified %.4f (%d/%d), %.1fs",
+            method,
+            norm,
+            eps,
+            mask.mean(),
+            int(mask.sum()),
+            len(mask),
+            seconds[method],
+        )
+    return {
+        "certified_acc": float(union.mean()) if certified else None,
+        "certified": certified,
+        "certified_masks": masks,
+        "certified_note": _note(
+            {m: unavailable[m] for m in methods if m in unavailable}, bool(certified)
+        ),
+        "certify_seconds": seconds,
+    }
 
 
 # -- the `advtrain certify` report --------------------------------------------------------------
 
 
-def certify_report(model, x, y, *, eps: Sequence[float], norm: str, methods: Sequence[str], split: str,
-                   data: dict | None = None, batch_size: int = 256) -> dict[str, Any]:
+def certify_report(
+    model,
+    x,
+    y,
+    *,
+    eps: Sequence[float],
+    norm: str,
+    methods: Sequence[str],
+    split: str,
+    data: dict | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
     """Certified accuracy of `model` at each eps and method, with per-example masks.
 
     Args:
@@ -216,25 +270,50 @@ def certify_report(model, x, y, *, eps: Sequence[float], norm: str, methods: Seq
         per_method, union = {}, np.zeros(len(y), dtype=bool)
         for method in methods:
             t0 = time.perf_counter()
-            mask = np.asarray(bounds.certify(model, x, y, eps=e, norm=norm, method=method,
-                                             batch_size=batch_size), dtype=bool)
+            mask = np.asarray(
+                bounds.certify(model, x, y, eps=e, norm=norm, method=method, batch_size=batch_size),
+                dtype=bool,
+            )
             # Proven implies clean-correct: the one per-example check possible without attacks.
             check_certified(mask, correct, eps=e, method=method)
-            per_method[method] = {"certified_acc": float(mask.mean()), "certified_mask": mask_hex(mask),
-                                  "seconds": time.perf_counter() - t0}
+            per_method[method] = {
+                "certified_acc": float(mask.mean()),
+                "certified_mask": mask_hex(mask),
+                "seconds": time.perf_counter() - t0,
+            }
             union |= mask
         accs = {m: v["certified_acc"] for m, v in per_method.items()}
-        rows.append({"norm": norm, "eps": e, "split": split, "n": len(y), "clean_acc": float(correct.mean()),
-                     "certified_acc": float(union.mean()), "certified_mask": mask_hex(union),
-                     "certified_by": certified_by(accs, {m: v["certified_mask"] for m, v in per_method.items()}),
-                     "methods": per_method})
-    return {"schema": CERTIFY_SCHEMA, "threat_model": {"norm": norm, "eps": list(eps), "clip": [0.0, 1.0]},
-            "methods": list(methods), "n": len(y), "split": split, "data": data,
-            "clean_acc": float(correct.mean()), "per_eps": rows, "seconds": time.perf_counter() - start}
+        rows.append(
+            {
+                "norm": norm,
+                "eps": e,
+                "split": split,
+                "n": len(y),
+                "clean_acc": float(correct.mean()),
+                "certified_acc": float(union.mean()),
+                "certified_mask": mask_hex(union),
+                "certified_by": certified_by(
+                    accs, {m: v["certified_mask"] for m, v in per_method.items()}
+                ),
+                "methods": per_method,
+            }
+        )
+    return {
+        "schema": CERTIFY_SCHEMA,
+        "threat_model": {"norm": norm, "eps": list(eps), "clip": [0.0, 1.0]},
+        "methods": list(methods),
+        "n": len(y),
+        "split": split,
+        "data": data,
+        "clean_acc": float(correct.mean()),
+        "per_eps": rows,
+        "seconds": time.perf_counter() - start,
+    }
 
 
-def attacked_figure(report: dict, *, eps: float, norm: str, n: int, split: str,
-                    data: dict | None = None) -> dict | None:
+def attacked_figure(
+    report: dict, *, eps: float, norm: str, n: int, split: str, data: dict | None = None
+) -> dict | None:
     """The attacked figure of an `advtrain evaluate` report (a `RobustnessReport.to_dict()`)
     made under the same threat model on the same examples: its per-eps entry, or None when the
     report is not one, or was made at another norm, eps, n or split (or on other data, when
@@ -263,8 +342,12 @@ def certify_lines(d: dict[str, Any]) -> list[str]:
         accs = sorted(r["methods"].items(), key=lambda kv: -kv[1]["certified_acc"])
         each = ", ".join(f"{m} {v['certified_acc']:.3f}" for m, v in accs)
         line = f"eps {r['eps']:g}: certified {r['certified_acc']:.3f} ({each})  clean {r['clean_acc']:.3f}"
-        if r.get("robust_acc") is not None:  # an upper bound in any case; flags say why it may be loose
+        if (
+            r.get("robust_acc") is not None
+        ):  # an upper bound in any case; flags say why it may be loose
             failed = r.get("robust_flags_failed") or []
-            line += f"  robust <= {r['robust_acc']:.3f}" + (f" (upper bound: {', '.join(failed)})" if failed else "")
+            line += f"  robust <= {r['robust_acc']:.3f}" + (
+                f" (upper bound: {', '.join(failed)})" if failed else ""
+            )
         lines.append(line)
     return lines

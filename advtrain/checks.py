@@ -17,10 +17,10 @@ __all__ = [
     "PERTURBATION_TOL",
     "AttackOutputError",
     "check_attack_inputs",
-    "predict_logits",
-    "input_gradients",
-    "verify_adversarial",
     "check_model",
+    "input_gradients",
+    "predict_logits",
+    "verify_adversarial",
 ]
 
 PERTURBATION_TOL = 1e-5

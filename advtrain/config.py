@@ -13,37 +13,38 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
-    "NORMS",
+    "CERTIFY_METHODS",
     "LOSSES",
     "METHODS",
     "MODELS",
+    "NORMS",
     "SCHEDULES",
     "SUITES",
-    "CERTIFY_METHODS",
     "AttackConfig",
-    "TrainConfig",
     "EvalConfig",
     "ThreatModel",
+    "TrainConfig",
     "check_bool",
+    "check_choice",
+    "check_eps_fits",
     "check_fields",
     "check_keys",
+    "check_methods",
+    "check_model_spec",
+    "check_number",
     "describe_fields",
     "did_you_mean",
     "field_names",
+    "load_yaml",
+    "max_eps",
     "option",
     "range_text",
     "schema_of",
-    "check_methods",
-    "check_eps_fits",
-    "check_model_spec",
-    "max_eps",
-    "check_choice",
-    "check_number",
-    "load_yaml",
 ]
 
 NORMS = ("linf", "l2")
@@ -122,8 +123,10 @@ def check_eps_fits(name: str, eps: float, norm: str, input_shape) -> None:
     high = max_eps(norm, input_shape)
     if eps > high + 1e-9:
         dims = "x".join(str(d) for d in input_shape)
-        raise ValueError(f"`{name}` must be in [0.0, {high:.4g}] for {dims} images ({norm} diameter of [0, 1]^"
-                         f"{math.prod(input_shape)}). Received: {name}={eps!r}")
+        raise ValueError(
+            f"`{name}` must be in [0.0, {high:.4g}] for {dims} images ({norm} diameter of [0, 1]^"
+            f"{math.prod(input_shape)}). Received: {name}={eps!r}"
+        )
 
 
 def check_model_spec(value: Any) -> str:
@@ -132,10 +135,14 @@ def check_model_spec(value: Any) -> str:
 
     if isinstance(value, str) and value.lower() in MODELS:
         return value.lower()
-    if isinstance(value, str) and (value.endswith(".keras") or re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value)):
+    if isinstance(value, str) and (
+        value.endswith(".keras") or re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value)
+    ):
         return value
-    raise ValueError(f"`model` must be one of {', '.join(repr(m) for m in MODELS)}, a .keras file or "
-                     f"package.module:function. Received: model={value!r}")
+    raise ValueError(
+        f"`model` must be one of {', '.join(repr(m) for m in MODELS)}, a .keras file or "
+        f"package.module:function. Received: model={value!r}"
+    )
 
 
 def check_methods(name: str, value: Any) -> tuple[str, ...]:
@@ -145,15 +152,23 @@ def check_methods(name: str, value: Any) -> tuple[str, ...]:
     method at all.
     """
     if isinstance(value, str):
-        value = () if value.strip().lower() in ("", "none") else tuple(v.strip() for v in value.split(","))
+        value = (
+            ()
+            if value.strip().lower() in ("", "none")
+            else tuple(v.strip() for v in value.split(","))
+        )
     if not isinstance(value, (tuple, list)):
-        raise TypeError(f"`{name}` must be a list of bound methods ({', '.join(CERTIFY_METHODS)}) or 'none'. "
-                        f"Received: {name}={value!r}")
+        raise TypeError(
+            f"`{name}` must be a list of bound methods ({', '.join(CERTIFY_METHODS)}) or 'none'. "
+            f"Received: {name}={value!r}"
+        )
     out: list[str] = []
     for v in value:
         if not isinstance(v, str) or v.lower() not in CERTIFY_METHODS:
-            raise ValueError(f"`{name}` must list methods among {', '.join(repr(m) for m in CERTIFY_METHODS)} "
-                             f"(or be 'none'). Received: {name}={v!r}")
+            raise ValueError(
+                f"`{name}` must list methods among {', '.join(repr(m) for m in CERTIFY_METHODS)} "
+                f"(or be 'none'). Received: {name}={v!r}"
+            )
         if v.lower() not in out:
             out.append(v.lower())
     return tuple(out)
@@ -171,10 +186,19 @@ def check_bool(name: str, value: Any) -> bool:
 # JSON schema (`advtrain config --schema`) and the range checks of `__post_init__`.
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
-           low: float | None = None, high: float | None = None, low_open: bool = False,
-           choices: tuple[str, ...] | None = None, allowed: str | None = None, type: str | None = None,
-           schema: Mapping[str, Any] | None = None):
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    default_factory: Any = dataclasses.MISSING,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+    allowed: str | None = None,
+    type: str | None = None,
+    schema: Mapping[str, Any] | None = None,
+):
     """A config dataclass field with its meaning, range and schema in its metadata.
 
     Args:
@@ -189,7 +213,12 @@ def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: An
     meta: dict[str, Any] = {"help": help}
     if low is not None or high is not None:
         meta["range"] = {"low": low, "high": high, "low_open": low_open}
-    for key, value in (("choices", choices), ("allowed", allowed), ("type", type), ("schema", schema)):
+    for key, value in (
+        ("choices", choices),
+        ("allowed", allowed),
+        ("type", type),
+        ("schema", schema),
+    ):
         if value is not None:
             meta[key] = value
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
@@ -230,8 +259,14 @@ def did_you_mean(name: Any, known) -> str | None:
     return close[0] if close else None
 
 
-def check_keys(data: Mapping[str, Any], known, what: str = "Unknown key(s)", *, known_label: str = "Known keys",
-               sort: bool = True) -> None:
+def check_keys(
+    data: Mapping[str, Any],
+    known,
+    what: str = "Unknown key(s)",
+    *,
+    known_label: str = "Known keys",
+    sort: bool = True,
+) -> None:
     """The one unknown-key check of every section: refuses keys of `data` not in `known`, naming
     them, listing the known ones and suggesting the closest: one line,
     `{what}: learnig_rate. Known keys: ...; did you mean `learning_rate`?`.
@@ -298,8 +333,15 @@ def describe_fields(cls) -> list[dict[str, Any]]:
             allowed = "`true`, `false`"
         else:
             allowed = ""
-        rows.append({"key": f.name, "type": type_, "default": _plain(_default(f)), "allowed": allowed,
-                     "help": meta.get("help", "")})
+        rows.append(
+            {
+                "key": f.name,
+                "type": type_,
+                "default": _plain(_default(f)),
+                "allowed": allowed,
+                "help": meta.get("help", ""),
+            }
+        )
     return rows
 
 
@@ -311,7 +353,14 @@ def schema_of(cls, description: str | None = None) -> dict[str, Any]:
         if "schema" in meta:
             s = dict(meta["schema"])
         else:
-            s = {"type": {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}.get(kind, "object")}
+            s = {
+                "type": {
+                    "int": "integer",
+                    "float": "number",
+                    "bool": "boolean",
+                    "str": "string",
+                }.get(kind, "object")
+            }
             if "choices" in meta:
                 s["enum"] = list(meta["choices"])
             rng = meta.get("range", {})
@@ -325,8 +374,12 @@ def schema_of(cls, description: str | None = None) -> dict[str, Any]:
         s["default"] = _plain(_default(f))
         props[f.name] = s
     doc = description or (cls.__doc__ or "").strip().split("\n\n")[0]
-    return {"type": ["object", "null"], "description": " ".join(doc.split()), "properties": props,
-            "additionalProperties": False}
+    return {
+        "type": ["object", "null"],
+        "description": " ".join(doc.split()),
+        "properties": props,
+        "additionalProperties": False,
+    }
 
 
 class _Config:
@@ -363,17 +416,32 @@ class AttackConfig(_Config):
     """
 
     name: str = option("pgd", choices=ATTACK_NAMES, help="the attack; `square` is gradient-free")
-    eps: float = option(0.3, allowed=_EPS_RANGE, schema=_EPS_SCHEMA,
-                        help="radius of the perturbation ball (pixels are in [0, 1])")
-    steps: int = option(40, low=1, help="gradient steps (FGSM always takes one; for square, queries per image)")
-    step_size: float | None = option(None, low=0.0, low_open=True,
-                                     help="step length; null means 2.5 * eps / steps (Madry et al. 2018)")
+    eps: float = option(
+        0.3,
+        allowed=_EPS_RANGE,
+        schema=_EPS_SCHEMA,
+        help="radius of the perturbation ball (pixels are in [0, 1])",
+    )
+    steps: int = option(
+        40, low=1, help="gradient steps (FGSM always takes one; for square, queries per image)"
+    )
+    step_size: float | None = option(
+        None,
+        low=0.0,
+        low_open=True,
+        help="step length; null means 2.5 * eps / steps (Madry et al. 2018)",
+    )
     norm: str = option("linf", choices=NORMS, help="threat norm")
     random_start: bool = option(True, help="start uniformly inside the eps-ball")
-    restarts: int = option(1, low=1, help="independent random starts; each example keeps its strongest")
-    loss: str = option("ce", choices=LOSSES,
-                       help="loss the attack ascends: cross-entropy, `margin` (Carlini-Wagner) or `dlr` (Croce and "
-                            "Hein 2020)")
+    restarts: int = option(
+        1, low=1, help="independent random starts; each example keeps its strongest"
+    )
+    loss: str = option(
+        "ce",
+        choices=LOSSES,
+        help="loss the attack ascends: cross-entropy, `margin` (Carlini-Wagner) or `dlr` (Croce and "
+        "Hein 2020)",
+    )
     seed: int = option(0, low=0, help=_SEED)
 
     def __post_init__(self) -> None:
@@ -394,68 +462,126 @@ class TrainConfig(_Config):
     """
 
     model: str = option(
-        "cnn", type="string",
+        "cnn",
+        type="string",
         allowed=f"{', '.join(f'`{m}`' for m in MODELS)}, a `.keras` file, `package.module:function`",
         help="a built-in model, a `.keras` file to fine-tune, or `package.module:function` returning an uncompiled "
-             "Keras model")
+        "Keras model",
+    )
     method: str = option(
-        "pgd", choices=METHODS,
+        "pgd",
+        choices=METHODS,
         help="`clean`, `fgsm` (FGSM-RS, Wong et al. 2020), `pgd` (Madry et al. 2018), `trades` (Zhang et al. 2019), "
-             "or certified training: `ibp` (Gowal et al. 2018) and `crown-ibp` (Zhang et al. 2020), whose loss bounds "
-             "the worst case over the eps-ball instead of attacking it")
-    eps: float = option(0.3, allowed=_EPS_RANGE, schema=_EPS_SCHEMA, help="training perturbation radius")
-    steps: int = option(10, low=1, high=1000, help="PGD steps in training (ignored by `clean` and `fgsm`)")
-    step_size: float | None = option(None, low=0.0, low_open=True,
-                                     help="PGD step; null means 2.5 * eps / steps (FGSM-RS uses 1.25 * eps)")
+        "or certified training: `ibp` (Gowal et al. 2018) and `crown-ibp` (Zhang et al. 2020), whose loss bounds "
+        "the worst case over the eps-ball instead of attacking it",
+    )
+    eps: float = option(
+        0.3, allowed=_EPS_RANGE, schema=_EPS_SCHEMA, help="training perturbation radius"
+    )
+    steps: int = option(
+        10, low=1, high=1000, help="PGD steps in training (ignored by `clean` and `fgsm`)"
+    )
+    step_size: float | None = option(
+        None,
+        low=0.0,
+        low_open=True,
+        help="PGD step; null means 2.5 * eps / steps (FGSM-RS uses 1.25 * eps)",
+    )
     norm: str = option("linf", choices=NORMS, help="threat norm of training")
-    mix: float = option(1.0, low=0.0, high=1.0,
-                        help="weight of the adversarial loss: loss = (1 - mix) CE(x) + mix CE(x_adv); 1 is Madry "
-                             "training, 0.5 is Goodfellow et al. 2015")
+    mix: float = option(
+        1.0,
+        low=0.0,
+        high=1.0,
+        help="weight of the adversarial loss: loss = (1 - mix) CE(x) + mix CE(x_adv); 1 is Madry "
+        "training, 0.5 is Goodfellow et al. 2015",
+    )
     beta: float = option(6.0, low=0.0, help="TRADES trade-off")
     kappa_end: float = option(
-        0.5, low=0.0, high=1.0,
+        0.5,
+        low=0.0,
+        high=1.0,
         help="certified training (`ibp`, `crown-ibp`): weight of the natural loss at the end of the eps ramp; it "
-             "falls linearly from 1 over `eps_ramp_epochs`: loss = kappa CE(x) + (1 - kappa) CE(worst-case logits) "
-             "(Gowal et al. 2018)")
+        "falls linearly from 1 over `eps_ramp_epochs`: loss = kappa CE(x) + (1 - kappa) CE(worst-case logits) "
+        "(Gowal et al. 2018)",
+    )
     beta_end: float = option(
-        0.0, low=0.0, high=1.0,
+        0.0,
+        low=0.0,
+        high=1.0,
         help="`crown-ibp` only: weight of the CROWN-IBP bound at the end of the eps ramp; it falls linearly from 1, "
-             "the rest of the bound being IBP's (Zhang et al. 2020 end at 0, pure IBP)")
+        "the rest of the bound being IBP's (Zhang et al. 2020 end at 0, pure IBP)",
+    )
     epochs: int = option(5, low=1, high=10000, help="passes over the training split")
     batch_size: int = option(128, low=1, high=65536, help="examples per step on each worker")
-    learning_rate: float = option(1e-3, low=0.0, high=10.0, low_open=True, help="peak learning rate")
+    learning_rate: float = option(
+        1e-3, low=0.0, high=10.0, low_open=True, help="peak learning rate"
+    )
     optimizer: str = option("adam", choices=OPTIMIZERS, help="`adam`, or `sgd` with momentum 0.9")
     schedule: str = option("onecycle", choices=SCHEDULES, help="learning-rate schedule")
     eps_ramp_epochs: int = option(
-        0, low=0, help="epochs over which eps grows linearly from 0; at least 1 for `ibp` and `crown-ibp` at eps > 0, "
-                       "whose kappa and beta follow the same ramp")
-    val_size: int = option(5000, low=1, help="validation examples held out of the training split (data without its "
-                                             "own validation split)")
-    train_size: int | None = option(None, low=1, help="use only the first n training examples (after the validation "
-                                                      "split); null for all")
-    probe_size: int = option(500, low=1, help="validation examples attacked by the per-epoch PGD probe "
-                                              "(`val_robust_acc`)")
+        0,
+        low=0,
+        help="epochs over which eps grows linearly from 0; at least 1 for `ibp` and `crown-ibp` at eps > 0, "
+        "whose kappa and beta follow the same ramp",
+    )
+    val_size: int = option(
+        5000,
+        low=1,
+        help="validation examples held out of the training split (data without its "
+        "own validation split)",
+    )
+    train_size: int | None = option(
+        None,
+        low=1,
+        help="use only the first n training examples (after the validation split); null for all",
+    )
+    probe_size: int = option(
+        500,
+        low=1,
+        help="validation examples attacked by the per-epoch PGD probe (`val_robust_acc`)",
+    )
     probe_steps: int = option(10, low=1, help="PGD steps of the per-epoch probe")
-    guard: bool = option(True, help="stop and restore the best epoch on catastrophic overfitting (the probe's "
-                                    "robust accuracy collapsing)")
+    guard: bool = option(
+        True,
+        help="stop and restore the best epoch on catastrophic overfitting (the probe's "
+        "robust accuracy collapsing)",
+    )
     data: str = option(
-        "bundled", schema={"type": "string", "minLength": 1}, allowed="a non-empty string",
+        "bundled",
+        schema={"type": "string", "minLength": 1},
+        allowed="a non-empty string",
         help="the dataset, a source of `advtrain.data.load_data`: `bundled` (MNIST), `keras:fashion_mnist`, "
-             "`keras:cifar10`, an .npz, a folder, or a file dataset (folder or URI) streamed to Ray Train workers by "
-             "Ray Data")
+        "`keras:cifar10`, an .npz, a folder, or a file dataset (folder or URI) streamed to Ray Train workers by "
+        "Ray Data",
+    )
     seed: int = option(0, low=0, help="seed of initialisation, shuffling and attacks")
 
     def __post_init__(self) -> None:
         _set(self, "model", check_model_spec(self.model))
         check_fields(self, "method", "norm")
         _set(self, "eps", _check_eps(self.eps, self.norm))
-        check_fields(self, "steps", "step_size", "mix", "beta", "kappa_end", "beta_end", "epochs", "batch_size",
-               "learning_rate", "optimizer", "schedule", "eps_ramp_epochs")
+        check_fields(
+            self,
+            "steps",
+            "step_size",
+            "mix",
+            "beta",
+            "kappa_end",
+            "beta_end",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "optimizer",
+            "schedule",
+            "eps_ramp_epochs",
+        )
         if self.method in CERTIFIED_METHODS and self.eps > 0 and self.eps_ramp_epochs < 1:
             # The bound loss at full eps from the first step drives the model to a constant
             # (Gowal et al. 2018 ramp eps from 0); kappa and beta follow the same ramp.
-            raise ValueError(f"`eps_ramp_epochs` must be >= 1 for method {self.method!r} (eps, kappa and beta ramp "
-                             f"over it; e.g. half the epochs). Received: eps_ramp_epochs={self.eps_ramp_epochs}")
+            raise ValueError(
+                f"`eps_ramp_epochs` must be >= 1 for method {self.method!r} (eps, kappa and beta ramp "
+                f"over it; e.g. half the epochs). Received: eps_ramp_epochs={self.eps_ramp_epochs}"
+            )
         check_fields(self, "val_size", "train_size", "probe_size", "probe_steps", "guard")
         if not isinstance(self.data, str) or not self.data:
             raise TypeError(f"`data` must be a non-empty string. Received: data={self.data!r}")
@@ -478,24 +604,40 @@ class EvalConfig(_Config):
 
     norm: str = option("linf", choices=NORMS, help="threat norm")
     eps: tuple[float, ...] = option(
-        (0.3,), type="number or list of numbers", allowed=f"each in {_EPS_RANGE}",
+        (0.3,),
+        type="number or list of numbers",
+        allowed=f"each in {_EPS_RANGE}",
         schema={"anyOf": [_EPS_SCHEMA, {"type": "array", "items": _EPS_SCHEMA, "minItems": 1}]},
-        help="radius (or radii, a sweep) judged; the largest is the search's fixed threat model")
+        help="radius (or radii, a sweep) judged; the largest is the search's fixed threat model",
+    )
     suite: str = option(
-        "standard", choices=SUITES,
+        "standard",
+        choices=SUITES,
         help="`fgsm` (weak reference), `quick` (PGD-20) or `standard` (PGD-100 x 5 restarts, then AutoAttack's "
-             "APGD-CE, APGD-T and Square)")
-    n: int | None = option(None, low=1, help="examples evaluated (the first n of the split); null for the whole split")
+        "APGD-CE, APGD-T and Square)",
+    )
+    n: int | None = option(
+        None, low=1, help="examples evaluated (the first n of the split); null for the whole split"
+    )
     split: str = option("test", choices=SPLITS, help="which split is evaluated")
-    batch_size: int = option(500, low=1, high=65536, help="examples per attack batch (the last one is padded)")
+    batch_size: int = option(
+        500, low=1, high=65536, help="examples per attack batch (the last one is padded)"
+    )
     sanity: bool = option(True, help="run the gradient-masking sanity checks")
     seed: int = option(0, low=0, help="seed of random starts and sample choice")
     certify: tuple[str, ...] = option(
-        ("ibp", "crown-ibp"), type="list of strings, or string",
+        ("ibp", "crown-ibp"),
+        type="list of strings, or string",
         allowed=f"any of {', '.join(f'`{m}`' for m in CERTIFY_METHODS)}; `none` or `[]` for none",
-        schema={"anyOf": [{"type": "array", "items": {"enum": list(CERTIFY_METHODS)}}, {"type": "string"}]},
+        schema={
+            "anyOf": [
+                {"type": "array", "items": {"enum": list(CERTIFY_METHODS)}},
+                {"type": "string"},
+            ]
+        },
         help="bound methods run beside the attacks at every eps, on the same examples; the certified accuracy is "
-             "the per-example union; a comma-separated string is split")
+        "the per-example union; a comma-separated string is split",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "norm")
@@ -503,7 +645,9 @@ class EvalConfig(_Config):
         if isinstance(eps, (int, float)) and not isinstance(eps, bool):
             eps = (eps,)
         if not isinstance(eps, (tuple, list)) or not eps:
-            raise ValueError(f"`eps` must be a number or a non-empty list of numbers. Received: eps={self.eps!r}")
+            raise ValueError(
+                f"`eps` must be a number or a non-empty list of numbers. Received: eps={self.eps!r}"
+            )
         _set(self, "eps", tuple(_check_eps(e, self.norm) for e in eps))
         check_fields(self, "suite", "n", "split", "batch_size", "sanity", "seed")
         _set(self, "certify", check_methods("certify", self.certify))
@@ -517,8 +661,9 @@ class EvalConfig(_Config):
     @property
     def threat_model(self) -> ThreatModel:
         """The judged point of this evaluation: its norm at the largest eps of the sweep."""
-        return ThreatModel(norm=self.norm, eps=max(self.eps), suite=self.suite, n=self.n,
-                           split=self.split)
+        return ThreatModel(
+            norm=self.norm, eps=max(self.eps), suite=self.suite, n=self.n, split=self.split
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -534,7 +679,9 @@ class ThreatModel(_Config):
     norm: str = option("linf", choices=NORMS, help="threat norm")
     eps: float = option(0.3, allowed=_EPS_RANGE, schema=_EPS_SCHEMA, help="the judged radius")
     suite: str = option("standard", choices=SUITES, help="the final evaluation's suite")
-    n: int | None = option(None, low=1, help="examples of the final evaluation; null for the whole split")
+    n: int | None = option(
+        None, low=1, help="examples of the final evaluation; null for the whole split"
+    )
     split: str = option("test", choices=SPLITS, help="the final evaluation's split")
 
     def __post_init__(self) -> None:
@@ -544,8 +691,10 @@ class ThreatModel(_Config):
 
     def describe(self) -> str:
         """One line: `linf eps=0.3, standard suite, test split, n=1000`."""
-        return (f"{self.norm} eps={self.eps:g}, {self.suite} suite, {self.split} split, "
-                f"n={self.n or 'all'}")
+        return (
+            f"{self.norm} eps={self.eps:g}, {self.suite} suite, {self.split} split, "
+            f"n={self.n or 'all'}"
+        )
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -567,5 +716,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"Config file {str(path)!r} must hold a mapping at the top level. Received: {type(data).__name__}")
+        raise ValueError(
+            f"Config file {str(path)!r} must hold a mapping at the top level. Received: {type(data).__name__}"
+        )
     return data

@@ -29,23 +29,23 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "DataError",
-    "ImageData",
-    "KERAS_DATASETS",
+    "BUNDLED_SHA256",
     "FILE_FORMATS",
     "GRAY_MODES",
     "IMAGE_SUFFIXES",
+    "KERAS_DATASETS",
+    "DataError",
+    "ImageData",
+    "check_arrays",
+    "count_split_rows",
+    "is_file_dataset",
     "load_data",
+    "make_dataset",
     "read_idx",
     "read_split_files",
-    "split_files",
-    "count_split_rows",
-    "write_file_dataset",
-    "is_file_dataset",
     "shard",
-    "make_dataset",
-    "check_arrays",
-    "BUNDLED_SHA256",
+    "split_files",
+    "write_file_dataset",
 ]
 
 IMAGE_MAGIC = 0x00000803
@@ -104,14 +104,22 @@ class ImageData:
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in ("train", "val", "test"):
-            raise ValueError(f"`split` must be one of 'train', 'val', 'test'. Received: split={name!r}")
+            raise ValueError(
+                f"`split` must be one of 'train', 'val', 'test'. Received: split={name!r}"
+            )
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
     def describe(self) -> dict:
         """What a report says about the data: source, shape, classes, split sizes."""
         h, w, c = self.input_shape
-        return {"source": self.source, "input_shape": [h, w, c], "num_classes": self.num_classes,
-                "train": self.n_train, "val": len(self.y_val), "test": len(self.y_test)}
+        return {
+            "source": self.source,
+            "input_shape": [h, w, c],
+            "num_classes": self.num_classes,
+            "train": self.n_train,
+            "val": len(self.y_val),
+            "test": len(self.y_test),
+        }
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -182,7 +190,9 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise DataError(f"{folder}: missing {stem}(.gz)")
 
 
-def check_arrays(x: np.ndarray, y: np.ndarray, where: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def check_arrays(
+    x: np.ndarray, y: np.ndarray, where: str, split: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Converts one split to float32 [0, 1] images (N, H, W, C) and int32 labels >= 0.
 
     Args:
@@ -199,7 +209,9 @@ def check_arrays(x: np.ndarray, y: np.ndarray, where: str, split: str) -> tuple[
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or min(x.shape[1:], default=0) < 1:
-        raise DataError(f"{where}: x_{split} has shape {x.shape}, expected (N, H, W) or (N, H, W, C)")
+        raise DataError(
+            f"{where}: x_{split} has shape {x.shape}, expected (N, H, W) or (N, H, W, C)"
+        )
     if y.ndim == 2 and y.shape[1] == 1:  # Keras' CIFAR-10 labels are (N, 1)
         y = y[:, 0]
     if y.ndim != 1:
@@ -216,16 +228,28 @@ def check_arrays(x: np.ndarray, y: np.ndarray, where: str, split: str) -> tuple[
             raise DataError(f"{where}: x_{split} holds NaN or infinite values")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
-            raise DataError(f"{where}: x_{split} values span [{lo}, {hi}], expected [0, 1] (or uint8)")
+            raise DataError(
+                f"{where}: x_{split} values span [{lo}, {hi}], expected [0, 1] (or uint8)"
+            )
     else:
-        raise DataError(f"{where}: x_{split} has dtype {x.dtype}, expected uint8 in [0, 255] or float in [0, 1]")
+        raise DataError(
+            f"{where}: x_{split} has dtype {x.dtype}, expected uint8 in [0, 255] or float in [0, 1]"
+        )
     if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        if (
+            np.issubdtype(y.dtype, np.floating)
+            and np.all(np.isfinite(y))
+            and np.all(y == np.round(y))
+        ):
             y = y.astype(np.int64)
         else:
-            raise DataError(f"{where}: y_{split} must hold integer class labels, found dtype {y.dtype}")
+            raise DataError(
+                f"{where}: y_{split} must hold integer class labels, found dtype {y.dtype}"
+            )
     if y.min() < 0:
-        raise DataError(f"{where}: y_{split} labels span [{y.min()}, {y.max()}], expected class indices >= 0")
+        raise DataError(
+            f"{where}: y_{split} labels span [{y.min()}, {y.max()}], expected class indices >= 0"
+        )
     return x, y.astype(np.int32)
 
 
@@ -236,7 +260,9 @@ def _load_idx_folder(folder: Path, checksums: dict[str, str] | None) -> dict[str
         arr = read_idx(path, expected_sha256=checksums[stem] if checksums else None)
         want_images = key.startswith("x_")
         if (arr.ndim == 3) != want_images:
-            raise DataError(f"{path}: holds {'labels' if want_images else 'images'}, expected {'images' if want_images else 'labels'}")
+            raise DataError(
+                f"{path}: holds {'labels' if want_images else 'images'}, expected {'images' if want_images else 'labels'}"
+            )
         out[key] = arr
     return out
 
@@ -246,9 +272,13 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in FILES if k not in f.files]
             if missing:
-                raise DataError(f"{path}: missing key(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'})")
+                raise DataError(
+                    f"{path}: missing key(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'})"
+                )
             if ("x_val" in f.files) != ("y_val" in f.files):
-                raise DataError(f"{path}: holds only one of x_val, y_val (found: {', '.join(f.files)})")
+                raise DataError(
+                    f"{path}: holds only one of x_val, y_val (found: {', '.join(f.files)})"
+                )
             return {k: f[k] for k in (*FILES, "x_val", "y_val") if k in f.files}
     except (OSError, ValueError) as e:
         if isinstance(e, DataError):
@@ -285,7 +315,7 @@ def _filesystem(source: str):
     if "://" in source:
         try:
             return pafs.FileSystem.from_uri(source)
-        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes
+        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for unknown schemes
             raise DataError(f"{source}: cannot be opened ({e})") from None
     return pafs.LocalFileSystem(), str(Path(os.path.expanduser(source)).resolve())
 
@@ -314,10 +344,16 @@ def split_files(source: str, split: str) -> tuple[str, list[str], list[str] | No
     folder = f"{source.rstrip('/')}/{split}"
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.NotFound:
-        raise DataError(f"{folder}: missing (a file dataset needs train/, val/ and test/ folders; {_LAYOUT})")
+        raise DataError(
+            f"{folder}: missing (a file dataset needs train/, val/ and test/ folders; {_LAYOUT})"
+        )
     if kind != pafs.FileType.Directory:
         raise DataError(f"{folder}: is a file, expected a folder ({_LAYOUT})")
-    visible = [e for e in fs.get_file_info(pafs.FileSelector(path)) if not e.base_name.startswith((".", "_"))]
+    visible = [
+        e
+        for e in fs.get_file_info(pafs.FileSelector(path))
+        if not e.base_name.startswith((".", "_"))
+    ]
     kinds: dict[str, list[str]] = {}
     for entry in visible:
         ext = entry.extension.lower()
@@ -326,22 +362,30 @@ def split_files(source: str, split: str) -> tuple[str, list[str], list[str] | No
         elif ext in ("parquet", "npz"):
             found = ext
         elif "." + ext in IMAGE_SUFFIXES:
-            raise DataError(f"{folder}: image {entry.base_name!r} outside a class folder ({_LAYOUT})")
+            raise DataError(
+                f"{folder}: image {entry.base_name!r} outside a class folder ({_LAYOUT})"
+            )
         else:
             raise DataError(f"{folder}: unexpected file {entry.base_name!r} ({_LAYOUT})")
         kinds.setdefault(found, []).append(entry.base_name)
     if not kinds:
         raise DataError(f"{folder}: empty ({_LAYOUT})")
     if len(kinds) > 1:
-        listed = "; ".join(f"{k} ({', '.join(sorted(v)[:2])}{', ...' if len(v) > 2 else ''})"
-                           for k, v in sorted(kinds.items()))
+        listed = "; ".join(
+            f"{k} ({', '.join(sorted(v)[:2])}{', ...' if len(v) > 2 else ''})"
+            for k, v in sorted(kinds.items())
+        )
         raise DataError(f"{folder}: mixes {listed} ({_LAYOUT})")
     found = next(iter(kinds))
     if found != "class folders":
         return found, sorted(e.path for e in visible), None
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                   if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))
-                   and "." + i.extension.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if i.type == pafs.FileType.File
+        and not i.base_name.startswith((".", "_"))
+        and "." + i.extension.lower() in IMAGE_SUFFIXES
+    )
     if not files:
         raise DataError(f"{folder}: its class folders hold no *.png, *.jpg or *.jpeg images")
     return "images", files, sorted(kinds[found])
@@ -372,12 +416,17 @@ def count_split_rows(source: str, split: str) -> int:
             lengths = {}
             for key in ("x", "y"):
                 if f"{key}.npy" not in z.namelist():
-                    raise DataError(f"{p}: missing array {key!r} (found: {', '.join(z.namelist()) or 'none'})")
+                    raise DataError(
+                        f"{p}: missing array {key!r} (found: {', '.join(z.namelist()) or 'none'})"
+                    )
                 with z.open(f"{key}.npy") as member:
                     # Only the header is read; format 3.0 (utf-8 field names) has 2.0's layout.
                     version = np.lib.format.read_magic(member)
-                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape = read(member)[0]
                     lengths[key] = shape[0] if shape else 0
         if lengths["x"] != lengths["y"]:
@@ -401,14 +450,18 @@ def _tensor_column(table, name: str, where: str) -> np.ndarray:
     if not shape:
         if pa.types.is_integer(field.type) or pa.types.is_floating(field.type):
             return col.to_numpy()
-        raise DataError(f"{where}: column `{name}` ({field.type}) is not a fixed-shape tensor column "
-                        "(write it with ray.data.from_numpy(...).write_parquet or as Ray Data's tensor type)")
+        raise DataError(
+            f"{where}: column `{name}` ({field.type}) is not a fixed-shape tensor column "
+            "(write it with ray.data.from_numpy(...).write_parquet or as Ray Data's tensor type)"
+        )
     chunks = [c.storage if isinstance(c, pa.ExtensionArray) else c for c in col.chunks]
     values = np.concatenate([np.asarray(c.flatten()) for c in chunks]) if chunks else np.zeros(0)
     return values.reshape(-1, *shape)
 
 
-def read_split_files(source: str, split: str, classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_split_files(
+    source: str, split: str, classes: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Reads one split of a file dataset whole: (images as stored, labels).
 
     Image folders are labelled by `classes` (the training split's class folders, so a class
@@ -419,8 +472,10 @@ def read_split_files(source: str, split: str, classes: list[str] | None = None) 
         classes = classes or own
         extra = sorted(set(own) - set(classes))
         if extra:
-            raise DataError(f"{source.rstrip('/')}/{split}: class folder(s) {', '.join(extra)} are not in the "
-                            f"training split's classes ({', '.join(classes)})")
+            raise DataError(
+                f"{source.rstrip('/')}/{split}: class folder(s) {', '.join(extra)} are not in the "
+                f"training split's classes ({', '.join(classes)})"
+            )
     fs, _ = _filesystem(source)
     xs, ys, mode = [], [], None
     for f in files:
@@ -430,8 +485,10 @@ def read_split_files(source: str, split: str, classes: list[str] | None = None) 
 
             try:
                 table = pq.read_table(f, filesystem=fs, columns=["image", "label"])
-            except Exception as e:  # ArrowInvalid on a damaged file or a missing column
-                raise DataError(f"{where}: cannot be read as Parquet with `image` and `label` columns ({e})") from None
+            except Exception as e:  # noqa: BLE001 - ArrowInvalid on a damaged file or a missing column
+                raise DataError(
+                    f"{where}: cannot be read as Parquet with `image` and `label` columns ({e})"
+                ) from None
             xs.append(_tensor_column(table, "image", where))
             ys.append(table.column("label").to_numpy())
         elif kind == "npz":
@@ -440,7 +497,9 @@ def read_split_files(source: str, split: str, classes: list[str] | None = None) 
             try:
                 with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                     if "x" not in z.files or "y" not in z.files:
-                        raise DataError(f"{where}: needs arrays 'x' and 'y' (found: {', '.join(z.files) or 'none'})")
+                        raise DataError(
+                            f"{where}: needs arrays 'x' and 'y' (found: {', '.join(z.files) or 'none'})"
+                        )
                     xs.append(z["x"])
                     ys.append(z["y"])
             except (OSError, ValueError) as e:
@@ -455,8 +514,10 @@ def read_split_files(source: str, split: str, classes: list[str] | None = None) 
             ys.append(np.array([classes.index(f.split(f"/{split}/", 1)[-1].split("/", 1)[0])]))
     shapes = {x.shape[1:] for x in xs}
     if len(shapes) > 1:
-        raise DataError(f"{source.rstrip('/')}/{split}: images of different shapes {sorted(shapes)}; "
-                        "every image of a dataset must share one (H, W, C)")
+        raise DataError(
+            f"{source.rstrip('/')}/{split}: images of different shapes {sorted(shapes)}; "
+            "every image of a dataset must share one (H, W, C)"
+        )
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -474,7 +535,7 @@ def _open_image(fs, path: str, where: str):
 
 
 def _image_mode(fs, path: str, where: str) -> str:
-    """"L" for a one-channel image, else "RGB"."""
+    """ "L" for a one-channel image, else "RGB"."""
     return "L" if _open_image(fs, path, where).mode in GRAY_MODES else "RGB"
 
 
@@ -482,7 +543,9 @@ def _read_image(fs, path: str, where: str, mode: str) -> np.ndarray:
     return np.asarray(_open_image(fs, path, where).convert(mode), dtype=np.uint8)
 
 
-def write_file_dataset(root: str | Path, splits: dict, *, fmt: str = "parquet", rows_per_file: int = 8192) -> Path:
+def write_file_dataset(
+    root: str | Path, splits: dict, *, fmt: str = "parquet", rows_per_file: int = 8192
+) -> Path:
     """Writes arrays as a file dataset that `load_data` reads and Ray Data streams.
 
     Args:
@@ -502,17 +565,25 @@ def write_file_dataset(root: str | Path, splits: dict, *, fmt: str = "parquet", 
     if fmt not in ("parquet", "npz"):
         raise ValueError(f"`fmt` must be one of 'parquet', 'npz'. Received: fmt={fmt!r}")
     if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
-        raise ValueError(f"`rows_per_file` must be an integer >= 1. Received: rows_per_file={rows_per_file!r}")
+        raise ValueError(
+            f"`rows_per_file` must be an integer >= 1. Received: rows_per_file={rows_per_file!r}"
+        )
     root = Path(root)
     if root.exists():
         raise ValueError(f"`root` must not exist yet. Received: root={str(root)!r}")
     missing = [s for s in FILE_SPLITS if s not in splits]
     if missing:
-        raise ValueError(f"`splits` must hold {', '.join(FILE_SPLITS)}. Missing: {', '.join(missing)}")
+        raise ValueError(
+            f"`splits` must hold {', '.join(FILE_SPLITS)}. Missing: {', '.join(missing)}"
+        )
     for split in FILE_SPLITS:
         value = splits[split]
         # (x, y) arrays, or an iterable of (x, y) chunks: a large split written piece by piece.
-        chunks = [value] if isinstance(value, tuple) and len(value) == 2 and hasattr(value[0], "shape") else value
+        chunks = (
+            [value]
+            if isinstance(value, tuple) and len(value) == 2 and hasattr(value[0], "shape")
+            else value
+        )
         k = 0
         for x, y in chunks:
             x, y = np.asarray(x), np.asarray(y)
@@ -536,27 +607,45 @@ def _write_parquet(path: str, x: np.ndarray, y: np.ndarray) -> None:
 
     x = np.ascontiguousarray(x)
     per = int(np.prod(x.shape[1:]))
-    storage = pa.LargeListArray.from_arrays(np.arange(0, len(x) * per + 1, per, dtype=np.int64), pa.array(x.reshape(-1)))
+    storage = pa.LargeListArray.from_arrays(
+        np.arange(0, len(x) * per + 1, per, dtype=np.int64), pa.array(x.reshape(-1))
+    )
     # Ray Data's tensor column, as `Dataset.write_parquet` writes it: large_list storage and the
     # shape in the extension metadata, so Ray reads (N, H, W, C) arrays back without Ray here.
-    field = pa.field("image", storage.type, metadata={b"ARROW:extension:name": b"ray.data.arrow_tensor_v2",
-                                                      b"ARROW:extension:metadata": json.dumps(list(x.shape[1:])).encode()})
-    table = pa.Table.from_arrays([storage, pa.array(y)], schema=pa.schema([field, pa.field("label", pa.int64())]))
+    field = pa.field(
+        "image",
+        storage.type,
+        metadata={
+            b"ARROW:extension:name": b"ray.data.arrow_tensor_v2",
+            b"ARROW:extension:metadata": json.dumps(list(x.shape[1:])).encode(),
+        },
+    )
+    table = pa.Table.from_arrays(
+        [storage, pa.array(y)], schema=pa.schema([field, pa.field("label", pa.int64())])
+    )
     pq.write_table(table, path)
 
 
-def _load_file_dataset(source: str, include_train: bool) -> tuple[dict[str, np.ndarray], list[str] | None, int]:
+def _load_file_dataset(
+    source: str, include_train: bool
+) -> tuple[dict[str, np.ndarray], list[str] | None, int]:
     arrays: dict[str, np.ndarray] = {}
     names = split_files(source, "train")[2]
     for split in FILE_SPLITS:
         if split == "train" and not include_train:
             continue
         arrays[f"x_{split}"], arrays[f"y_{split}"] = read_split_files(source, split, names)
-    return arrays, names, len(arrays["y_train"]) if include_train else count_split_rows(source, "train")
+    return (
+        arrays,
+        names,
+        len(arrays["y_train"]) if include_train else count_split_rows(source, "train"),
+    )
 
 
 @functools.lru_cache(maxsize=4)
-def _load_raw(source: str, include_train: bool = True) -> tuple[str, tuple[tuple[str, np.ndarray], ...], int, int]:
+def _load_raw(
+    source: str, include_train: bool = True
+) -> tuple[str, tuple[tuple[str, np.ndarray], ...], int, int]:
     n_classes = None
     n_train = None
     if source == "bundled":
@@ -566,7 +655,9 @@ def _load_raw(source: str, include_train: bool = True) -> tuple[str, tuple[tuple
     elif source.startswith("keras:"):
         name = source.split(":", 1)[1]
         if name not in KERAS_DATASETS:
-            raise DataError(f"Keras dataset {name!r} is not one of {', '.join(KERAS_DATASETS)}. Received: data={source!r}")
+            raise DataError(
+                f"Keras dataset {name!r} is not one of {', '.join(KERAS_DATASETS)}. Received: data={source!r}"
+            )
         arrays, where = _load_keras(name), f"keras.datasets.{name}"
     elif is_file_dataset(source):
         arrays, names, n_train = _load_file_dataset(source, include_train)
@@ -595,7 +686,9 @@ def _load_raw(source: str, include_train: bool = True) -> tuple[str, tuple[tuple
     shapes = {k: v.shape[1:] for k, v in checked.items() if k.startswith("x_")}
     if len(set(shapes.values())) > 1:
         detail = ", ".join(f"{k} {v}" for k, v in shapes.items())
-        raise DataError(f"{where}: the splits' images differ in shape ({detail}); every split must share one (H, W, C)")
+        raise DataError(
+            f"{where}: the splits' images differ in shape ({detail}); every split must share one (H, W, C)"
+        )
     # The classes are the image folders, else those the training labels name (a val or test
     # label beyond them is a mislabelled file, not a new class).
     ref = "y_train" if "y_train" in checked else next(k for k in checked if k.startswith("y_"))
@@ -603,15 +696,22 @@ def _load_raw(source: str, include_train: bool = True) -> tuple[str, tuple[tuple
         n_classes = max(2, 1 + int(checked[ref].max()))
     for k, v in checked.items():
         if k.startswith("y_") and int(v.max()) >= n_classes:
-            raise DataError(f"{where}: {k} labels span [{int(v.min())}, {int(v.max())}] but the {ref[2:]} labels "
-                            f"name {n_classes} classes [0, {n_classes - 1}]")
+            raise DataError(
+                f"{where}: {k} labels span [{int(v.min())}, {int(v.max())}] but the {ref[2:]} labels "
+                f"name {n_classes} classes [0, {n_classes - 1}]"
+            )
     if n_train is None:
         n_train = len(checked["y_train"])
     return where, tuple(checked.items()), n_classes, n_train
 
 
-def load_data(source: str = "bundled", *, val_size: int | None = 5000, seed: int = 0,
-              include_train: bool = True) -> ImageData:
+def load_data(
+    source: str = "bundled",
+    *,
+    val_size: int | None = 5000,
+    seed: int = 0,
+    include_train: bool = True,
+) -> ImageData:
     """Loads a dataset and, unless it brings its own validation split, carves one out of train.
 
     Args:
@@ -634,7 +734,9 @@ def load_data(source: str = "bundled", *, val_size: int | None = 5000, seed: int
         ValueError: `val_size` out of range.
     """
     source = str(source)
-    where, items, n_classes, n_train = _load_raw(source, include_train or not is_file_dataset(source))
+    where, items, n_classes, n_train = _load_raw(
+        source, include_train or not is_file_dataset(source)
+    )
     a = dict(items)
     if "x_val" in a:
         x_train, y_train, x_val, y_val = a.get("x_train"), a.get("y_train"), a["x_val"], a["y_val"]
@@ -652,8 +754,17 @@ def load_data(source: str = "bundled", *, val_size: int | None = 5000, seed: int
         x_train, y_train = a["x_train"][train_idx], a["y_train"][train_idx]
         x_val, y_val = a["x_train"][val_idx], a["y_train"][val_idx]
         n_train = len(train_idx)
-    return ImageData(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=a["x_test"],
-                     y_test=a["y_test"], source=where, num_classes=n_classes, n_train=n_train)
+    return ImageData(
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        x_test=a["x_test"],
+        y_test=a["y_test"],
+        source=where,
+        num_classes=n_classes,
+        n_train=n_train,
+    )
 
 
 def shard(n: int, rank: int, world_size: int, *, seed: int = 0) -> np.ndarray:
@@ -675,11 +786,15 @@ def shard(n: int, rank: int, world_size: int, *, seed: int = 0) -> np.ndarray:
         int64 indices, sorted, length n // world_size.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"`world_size` must be an integer >= 1. Received: world_size={world_size!r}")
+        raise ValueError(
+            f"`world_size` must be an integer >= 1. Received: world_size={world_size!r}"
+        )
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"`rank` must be in [0, {world_size - 1}]. Received: rank={rank!r}")
     if n < world_size:
-        raise ValueError(f"Cannot shard {n} examples over {world_size} workers. Received: n={n}, world_size={world_size}")
+        raise ValueError(
+            f"Cannot shard {n} examples over {world_size} workers. Received: n={n}, world_size={world_size}"
+        )
     per = n // world_size
     perm = np.random.default_rng(seed).permutation(n)[: per * world_size]
     return np.sort(perm[rank::world_size])

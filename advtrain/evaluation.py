@@ -30,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,13 @@ from advtrain.config import EvalConfig
 from advtrain.robustness_report import EpsResult, RobustnessReport
 from advtrain.suites import FGSM_REFERENCE, SuiteAttack, suite_attacks
 
-__all__ = ["CertificationError", "Progress", "evaluate_robustness", "evaluate_split", "evaluate_model_file"]
+__all__ = [
+    "CertificationError",
+    "Progress",
+    "evaluate_model_file",
+    "evaluate_robustness",
+    "evaluate_split",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +106,18 @@ class _Eval:
         on_batch = None
         if self.progress is not None:
             self.progress(label, 0, len(idx))
-            on_batch = lambda done: self.progress(label, done, len(idx))  # noqa: E731
-        adv = attacks.run_attack(attack.attack, model, x, y, batch_size=self.batch_size,
-                                 y_target=y_target, seed=seed, on_batch=on_batch,
-                                 **attack.budget(eps, self.norm))
+            on_batch = lambda done: self.progress(label, done, len(idx))
+        adv = attacks.run_attack(
+            attack.attack,
+            model,
+            x,
+            y,
+            batch_size=self.batch_size,
+            y_target=y_target,
+            seed=seed,
+            on_batch=on_batch,
+            **attack.budget(eps, self.norm),
+        )
         verify_adversarial(x, adv, eps=eps, norm=self.norm)
         return adv
 
@@ -133,8 +148,16 @@ def _timed(ev: _Eval, attack: SuiteAttack, label: str, eps, robust, adv_out, see
     t0 = time.perf_counter()
     _attack_into(ev, attack, f"eps {eps:g} {label}", eps, robust, adv_out, seed)
     seconds = time.perf_counter() - t0
-    log.info("%s %s eps=%g: accuracy %.4f (%d/%d), %.1fs", label, ev.norm, eps, robust.mean(),
-             int(robust.sum()), len(robust), seconds)
+    log.info(
+        "%s %s eps=%g: accuracy %.4f (%d/%d), %.1fs",
+        label,
+        ev.norm,
+        eps,
+        robust.mean(),
+        int(robust.sum()),
+        len(robust),
+        seconds,
+    )
     return seconds
 
 
@@ -145,8 +168,9 @@ def _evaluate_eps(ev: _Eval, eps: float, suite, config: EvalConfig):
     per_attack, broken, seconds = {"clean": float(correct.mean())}, {}, {}
     for j, attack in enumerate(suite):
         before = int(robust.sum())
-        seconds[attack.name] = _timed(ev, attack, attack.name, eps, robust, adv_out,
-                                      config.seed + 97 * j)
+        seconds[attack.name] = _timed(
+            ev, attack, attack.name, eps, robust, adv_out, config.seed + 97 * j
+        )
         per_attack[attack.name] = float(robust.mean())
         broken[attack.name] = before - int(robust.sum())
     if config.suite == "fgsm":
@@ -171,13 +195,24 @@ def _eps_flags(ev: _Eval, eps, config, suite, per_attack, fgsm_acc, robust, refe
         flags.check_gradient_free_gap(eps, suite[free[0]].name if free else None, before, rob, n),
         flags.check_robust_le_clean(eps, clean, rob, n),
         flags.check_pgd_le_fgsm(eps, first, per_attack.get(first), rob, fgsm_acc, n),
-        flags.check_more_steps(ev.model, x[:m], y[:m], eps=eps, norm=norm, batch_size=bs,
-                               seed=seed),
-        flags.check_whitebox_vs_transfer(ev.model, reference, x[:m], y[:m], robust[:m], eps=eps,
-                                         norm=norm, batch_size=bs, seed=seed,
-                                         verify=verify_adversarial),
-        flags.check_whitebox_vs_noise(ev.model, x, y, robust, eps=eps, norm=norm, batch_size=bs,
-                                      seed=seed),
+        flags.check_more_steps(
+            ev.model, x[:m], y[:m], eps=eps, norm=norm, batch_size=bs, seed=seed
+        ),
+        flags.check_whitebox_vs_transfer(
+            ev.model,
+            reference,
+            x[:m],
+            y[:m],
+            robust[:m],
+            eps=eps,
+            norm=norm,
+            batch_size=bs,
+            seed=seed,
+            verify=verify_adversarial,
+        ),
+        flags.check_whitebox_vs_noise(
+            ev.model, x, y, robust, eps=eps, norm=norm, batch_size=bs, seed=seed
+        ),
     ]
 
 
@@ -238,7 +273,8 @@ def evaluate_robustness(
     split = config.split if split is None else split
     if split not in ("train", "val", "test"):
         raise ValueError(
-            f"`split` must be one of 'train', 'val', 'test'. Received: split={split!r}")
+            f"`split` must be one of 'train', 'val', 'test'. Received: split={split!r}"
+        )
     suite = suite_attacks(config.suite, steps_scale)
     start = time.perf_counter()
     x, y, given = _check_data(x, y, config)
@@ -249,12 +285,16 @@ def evaluate_robustness(
     first = "all" if len(x) == given else f"the first {len(x)} of the"
     notes.append(f"{first} {given} examples given ({split} split) were evaluated")
     if steps_scale != 1.0:
-        notes.append(f"REDUCED SUITE: step counts scaled by {steps_scale:g}; not the "
-                     f"{config.suite!r} suite's budget, for tests only")
+        notes.append(
+            f"REDUCED SUITE: step counts scaled by {steps_scale:g}; not the "
+            f"{config.suite!r} suite's budget, for tests only"
+        )
     clean_logits = predict_logits(model, x, config.batch_size)
     if int(y.max()) >= clean_logits.shape[1]:
-        raise ValueError(f"Labels exceed the model's {clean_logits.shape[1]} classes. "
-                         f"Received: max label={int(y.max())}")
+        raise ValueError(
+            f"Labels exceed the model's {clean_logits.shape[1]} classes. "
+            f"Received: max label={int(y.max())}"
+        )
     # BPDA: only where the suite has such an attack and the model has layers without a gradient.
     bpda = bpda_surrogate(model, x[:m]) if any(a.bpda for a in suite) else None
     if bpda is not None and bpda.note:
@@ -266,31 +306,69 @@ def evaluate_robustness(
     results, unavailable = [], {}  # {bound method: why it cannot bound this model}, for every eps
     for eps in config.eps:
         t0 = time.perf_counter()
-        per_attack, broken, fgsm_acc, seconds, robust, adv, fgsm_robust = _evaluate_eps(ev, eps, suite, config)
+        per_attack, broken, fgsm_acc, seconds, robust, adv, fgsm_robust = _evaluate_eps(
+            ev, eps, suite, config
+        )
         # Every attack run here, the FGSM reference included, must leave certified examples alone.
-        certified = certify_at(model, x, y, robust & fgsm_robust, eps=eps, norm=config.norm,
-                               methods=config.certify, unavailable=unavailable, progress=progress)
+        certified = certify_at(
+            model,
+            x,
+            y,
+            robust & fgsm_robust,
+            eps=eps,
+            norm=config.norm,
+            methods=config.certify,
+            unavailable=unavailable,
+            progress=progress,
+        )
         if config.sanity:
-            found += _eps_flags(ev, eps, config, suite, per_attack, fgsm_acc, robust,
-                                reference_model)
-        results.append(EpsResult(
-            eps=eps, clean_acc=per_attack["clean"], robust_acc=list(per_attack.values())[-1],
-            fgsm_acc=fgsm_acc, per_attack=per_attack, broken=broken, attack_seconds=seconds,
-            seconds=time.perf_counter() - t0, adversarial=adv if keep_adversarial else None,
-            **certified))
+            found += _eps_flags(
+                ev, eps, config, suite, per_attack, fgsm_acc, robust, reference_model
+            )
+        results.append(
+            EpsResult(
+                eps=eps,
+                clean_acc=per_attack["clean"],
+                robust_acc=list(per_attack.values())[-1],
+                fgsm_acc=fgsm_acc,
+                per_attack=per_attack,
+                broken=broken,
+                attack_seconds=seconds,
+                seconds=time.perf_counter() - t0,
+                adversarial=adv if keep_adversarial else None,
+                **certified,
+            )
+        )
     if config.sanity:
         found.append(flags.check_eps_monotone([(r.eps, r.robust_acc) for r in results], len(x)))
-        found.append(flags.check_large_eps(model, x[:m], y[:m], norm=config.norm,
-                                           batch_size=config.batch_size, seed=config.seed))
+        found.append(
+            flags.check_large_eps(
+                model,
+                x[:m],
+                y[:m],
+                norm=config.norm,
+                batch_size=config.batch_size,
+                seed=config.seed,
+            )
+        )
     else:
         notes.append("sanity checks were switched off (config.sanity=False)")
     return RobustnessReport(
-        norm=config.norm, eps=tuple(config.eps), suite=config.suite,
+        norm=config.norm,
+        eps=tuple(config.eps),
+        suite=config.suite,
         attacks=tuple(a.describe(bpda.layers if a.bpda else ()) for a in suite),
         reference_attack=FGSM_REFERENCE.describe(),
-        steps_scale=float(steps_scale), n=len(x), split=split, seed=config.seed,
-        results=tuple(results), flags=tuple(found), notes=tuple(notes),
-        seconds=time.perf_counter() - start, certify=tuple(config.certify))
+        steps_scale=float(steps_scale),
+        n=len(x),
+        split=split,
+        seed=config.seed,
+        results=tuple(results),
+        flags=tuple(found),
+        notes=tuple(notes),
+        seconds=time.perf_counter() - start,
+        certify=tuple(config.certify),
+    )
 
 
 def evaluate_split(model, config: EvalConfig, data, **kwargs) -> RobustnessReport:

@@ -12,12 +12,13 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["write_atomic", "write_text", "write_json", "copy_file"]
+__all__ = ["copy_file", "write_atomic", "write_json", "write_text"]
 
 
 def write_atomic(path, write: Callable[[str], Any]) -> Path:
@@ -33,8 +34,9 @@ def write_atomic(path, write: Callable[[str], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The suffix is kept: writers such as Keras' `model.save` and `np.savez` check it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
-                               dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)

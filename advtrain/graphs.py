@@ -7,13 +7,13 @@ retraces; Python-level options that change the graph (norm, loss, targeted) are 
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 
-__all__ = ["compiled", "cached"]
+__all__ = ["cached", "compiled"]
 
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled(model, key: tuple, build: Callable[[], Callable]) -> Callable:

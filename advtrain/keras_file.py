@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_keras_file", "read_config", "input_shape", "output_classes", "shape_text"]
+__all__ = ["check_keras_file", "input_shape", "output_classes", "read_config", "shape_text"]
 
 # Layers that keep the width of what they are given: the logits' width is that of the layer before.
 _SAME_WIDTH = ("Activation", "Softmax", "Dropout", "ReLU", "LeakyReLU", "Identity")
@@ -27,17 +27,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{str(path)!r} is not a Keras .keras file: not a zip archive (save models with "
-                         "model.save('name.keras'))")
+        raise ValueError(
+            f"{str(path)!r} is not a Keras .keras file: not a zip archive (save models with "
+            "model.save('name.keras'))"
+        )
     try:
         with zipfile.ZipFile(path) as z:
             config = json.loads(z.read("config.json"))
     except KeyError:
-        raise ValueError(f"{str(path)!r} is not a Keras .keras file: the zip archive holds no config.json") from None
+        raise ValueError(
+            f"{str(path)!r} is not a Keras .keras file: the zip archive holds no config.json"
+        ) from None
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a readable Keras .keras file: {e}") from None
     if not isinstance(config, dict) or "class_name" not in config:
-        raise ValueError(f"{str(path)!r} is not a Keras .keras file: its config.json names no model class")
+        raise ValueError(
+            f"{str(path)!r} is not a Keras .keras file: its config.json names no model class"
+        )
     return config
 
 
@@ -98,17 +104,26 @@ def input_shape(config: dict[str, Any]) -> tuple[int | None, ...] | None:
     shape = None
     if config.get("class_name") == "Sequential":
         first = layers[0] if layers else {}
-        shape = ((first.get("config") or {}).get("batch_shape") if first.get("class_name") == "InputLayer"
-                 else inner.get("build_input_shape"))
+        shape = (
+            (first.get("config") or {}).get("batch_shape")
+            if first.get("class_name") == "InputLayer"
+            else inner.get("build_input_shape")
+        )
     else:
         inputs = inner.get("input_layers")
         if inputs and isinstance(inputs[0], list):
             inputs = inputs[0] if len(inputs) == 1 else None
         if inputs:
-            layer = next((l for l in layers if (l.get("config") or {}).get("name") == inputs[0]), {})
+            layer = next(
+                (l for l in layers if (l.get("config") or {}).get("name") == inputs[0]), {}
+            )
             if layer.get("class_name") == "InputLayer":
                 shape = (layer.get("config") or {}).get("batch_shape")
-    if not isinstance(shape, list) or len(shape) < 2 or not all(d is None or isinstance(d, int) for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) < 2
+        or not all(d is None or isinstance(d, int) for d in shape)
+    ):
         return None
     return tuple(shape[1:])
 

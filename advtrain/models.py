@@ -12,16 +12,27 @@ import inspect
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
 
 from advtrain.keras_file import shape_text
 
-__all__ = ["MODEL_BUILDERS", "ModelError", "build_model", "check_input", "fit_to_data", "import_model_module", "is_import_path",
-           "load_model", "make_model", "save_model", "strip_softmax"]
+__all__ = [
+    "MODEL_BUILDERS",
+    "ModelError",
+    "build_model",
+    "check_input",
+    "fit_to_data",
+    "import_model_module",
+    "is_import_path",
+    "load_model",
+    "make_model",
+    "save_model",
+    "strip_softmax",
+]
 
 MNIST_SHAPE = (28, 28, 1)
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -69,8 +80,11 @@ def _resnet(inputs, classes: int):
     x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
     for filters, stride in ((16, 1), (32, 2), (64, 2)):
         h = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
-        shortcut = x if stride == 1 and x.shape[-1] == filters else keras.layers.Conv2D(
-            filters, 1, strides=stride, use_bias=False)(h)
+        shortcut = (
+            x
+            if stride == 1 and x.shape[-1] == filters
+            else keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False)(h)
+        )
         h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(h)
         h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
         h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
@@ -83,7 +97,9 @@ def _resnet(inputs, classes: int):
 MODEL_BUILDERS: dict[str, Callable] = {"mlp": _mlp, "cnn": _cnn, "madry": _madry, "resnet": _resnet}
 
 
-def build_model(name: str, *, input_shape=MNIST_SHAPE, num_classes: int = 10, seed: int | None = None) -> keras.Model:
+def build_model(
+    name: str, *, input_shape=MNIST_SHAPE, num_classes: int = 10, seed: int | None = None
+) -> keras.Model:
     """Builds a built-in model for float32 inputs in [0, 1].
 
     Args:
@@ -130,8 +146,10 @@ def import_model_module(spec: str, extra_paths=()):
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
-            raise ModelError(f"model {spec!r}: no module named {e.name!r} (looked in {os.getcwd()} and the "
-                             "installed packages)") from None
+            raise ModelError(
+                f"model {spec!r}: no module named {e.name!r} (looked in {os.getcwd()} and the "
+                "installed packages)"
+            ) from None
         raise
     func = getattr(module, func_name, None)
     if not callable(func):
@@ -142,15 +160,20 @@ def import_model_module(spec: str, extra_paths=()):
 def _call_builder(func, spec: str, input_shape, num_classes: int):
     params = inspect.signature(func).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in (("input_shape", tuple(input_shape)), ("num_classes", num_classes))
-              if k in params or takes_kwargs}
+    kwargs = {
+        k: v
+        for k, v in (("input_shape", tuple(input_shape)), ("num_classes", num_classes))
+        if k in params or takes_kwargs
+    }
     model = func(**kwargs)
     if not isinstance(model, keras.Model):
         raise ModelError(f"model {spec!r} returned {type(model).__name__}, expected a keras.Model")
     return model
 
 
-def make_model(spec: str, *, input_shape, num_classes: int, seed: int | None = None, extra_paths=()) -> tuple[keras.Model, list[str]]:
+def make_model(
+    spec: str, *, input_shape, num_classes: int, seed: int | None = None, extra_paths=()
+) -> tuple[keras.Model, list[str]]:
     """The model a run trains: built-in, loaded from `.keras` (fine-tuning) or imported.
 
     Args:
@@ -175,10 +198,14 @@ def make_model(spec: str, *, input_shape, num_classes: int, seed: int | None = N
     if spec.endswith(".keras"):
         model = load_model(spec)
     elif is_import_path(spec):
-        model = _call_builder(import_model_module(spec, extra_paths), spec, input_shape, num_classes)
+        model = _call_builder(
+            import_model_module(spec, extra_paths), spec, input_shape, num_classes
+        )
     else:
-        raise ModelError(f"`model` must be one of {', '.join(MODEL_BUILDERS)}, a .keras file or "
-                         f"package.module:function. Received: model={spec!r}")
+        raise ModelError(
+            f"`model` must be one of {', '.join(MODEL_BUILDERS)}, a .keras file or "
+            f"package.module:function. Received: model={spec!r}"
+        )
     return fit_to_data(model, spec, input_shape, num_classes)
 
 
@@ -205,13 +232,17 @@ def strip_softmax(model: keras.Model) -> tuple[keras.Model, str] | None:
 
     try:
         if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
-            logits = keras.Model(model.inputs, last.input, name=model.name)  # the same layers, minus the last
+            logits = keras.Model(
+                model.inputs, last.input, name=model.name
+            )  # the same layers, minus the last
         else:  # e.g. Dense(10, activation="softmax"): a copy whose last layer is linear
             logits = keras.models.clone_model(model, clone_function=linear_last)
             logits.set_weights(model.get_weights())
     except Exception as e:  # noqa: BLE001 - subclassed models, custom layers: keras raises assorted errors
-        raise ModelError(f"the model's final softmax (layer {last.name!r}) cannot be removed ({e}); "
-                         "attacks and training need logits: return the model without it") from None
+        raise ModelError(
+            f"the model's final softmax (layer {last.name!r}) cannot be removed ({e}); "
+            "attacks and training need logits: return the model without it"
+        ) from None
     return logits, last.name
 
 
@@ -227,20 +258,30 @@ def check_input(model: keras.Model, spec: str, input_shape) -> None:
     except (AttributeError, ValueError):  # a subclassed model not yet called has no input shape
         expected = None
     if isinstance(expected, list):
-        raise ModelError(f"model {spec!r} takes {len(expected)} inputs; advtrain feeds one image batch")
+        raise ModelError(
+            f"model {spec!r} takes {len(expected)} inputs; advtrain feeds one image batch"
+        )
     if expected is not None:
         want = tuple(expected[1:])
-        if len(want) != len(input_shape) or any(w is not None and w != d for w, d in zip(want, input_shape)):
-            raise ModelError(f"model {spec!r} expects inputs {shape_text(want)} but the data's images are "
-                             f"{shape_text(input_shape)}")
+        if len(want) != len(input_shape) or any(
+            w is not None and w != d for w, d in zip(want, input_shape)
+        ):
+            raise ModelError(
+                f"model {spec!r} expects inputs {shape_text(want)} but the data's images are "
+                f"{shape_text(input_shape)}"
+            )
     try:
         model(np.zeros((1, *input_shape), np.float32), training=False)
     except Exception as e:  # noqa: BLE001 - a subclassed model rejecting the shape: keras raises assorted errors
-        raise ModelError(f"model {spec!r} cannot take the data's images {shape_text(input_shape)}: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise ModelError(
+            f"model {spec!r} cannot take the data's images {shape_text(input_shape)}: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
 
 
-def fit_to_data(model: keras.Model, spec: str, input_shape, num_classes: int) -> tuple[keras.Model, list[str]]:
+def fit_to_data(
+    model: keras.Model, spec: str, input_shape, num_classes: int
+) -> tuple[keras.Model, list[str]]:
     """Checks that `model` takes the data's images and outputs one logit per class.
 
     A final softmax layer is removed (noted); a model whose output still looks like
@@ -256,18 +297,24 @@ def fit_to_data(model: keras.Model, spec: str, input_shape, num_classes: int) ->
     check_input(model, spec, input_shape)
     out_shape = tuple(model(np.zeros((2, *input_shape), np.float32), training=False).shape)
     if len(out_shape) != 2 or out_shape[1] != num_classes:
-        raise ModelError(f"model {spec!r} outputs {shape_text((None, *out_shape[1:]))} but the data has {num_classes} "
-                         f"classes: expected (None, {num_classes}) logits")
+        raise ModelError(
+            f"model {spec!r} outputs {shape_text((None, *out_shape[1:]))} but the data has {num_classes} "
+            f"classes: expected (None, {num_classes}) logits"
+        )
     notes = []
     stripped = strip_softmax(model)
     if stripped is not None:
         model, layer = stripped
-        notes.append(f"the final softmax (layer {layer!r}) was removed; training and attacks use its logits")
+        notes.append(
+            f"the final softmax (layer {layer!r}) was removed; training and attacks use its logits"
+        )
     probe = np.random.default_rng(0).uniform(0, 1, (8, *input_shape)).astype(np.float32)
     z = np.asarray(model(probe, training=False))
     if np.all(z >= 0) and np.allclose(z.sum(axis=1), 1.0, atol=1e-4):
-        raise ModelError(f"model {spec!r} outputs probabilities (rows summing to 1) and its last layer is not a "
-                         "softmax that can be removed: return logits (no final softmax)")
+        raise ModelError(
+            f"model {spec!r} outputs probabilities (rows summing to 1) and its last layer is not a "
+            "softmax that can be removed: return logits (no final softmax)"
+        )
     return model, notes
 
 

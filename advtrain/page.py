@@ -30,8 +30,10 @@ a { color: #0969da; }
 
 # A cell that is a number: an accuracy (maybe an upper bound `<= 0.960 (upper bound: ...)` or
 # with its method `0.912 (crown-ibp)`), a count, or a duration (`57 s`, `4 min 12 s`).
-_NUMERIC = re.compile(r"^(<= )?[-+]?\d+(\.\d+)?(e[-+]?\d+)?( \(.*\))?$"
-                      r"|^\d+ (s|min \d+ s|h \d+ min)$")
+_NUMERIC = re.compile(
+    r"^(<= )?[-+]?\d+(\.\d+)?(e[-+]?\d+)?( \(.*\))?$"
+    r"|^\d+ (s|min \d+ s|h \d+ min)$"
+)
 
 
 def slug(text: str) -> str:
@@ -80,7 +82,9 @@ def html_page(markdown: str, title: str) -> str:
     tokens = md.parse(markdown)
     _mark_tokens(tokens)
     body = md.renderer.render(tokens, md.options, {})
-    return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-            f"{body}</body>\n</html>\n")
+    return (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        f"{body}</body>\n</html>\n"
+    )

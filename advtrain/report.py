@@ -23,12 +23,12 @@ __all__ = [
     "bracket",
     "certified_cell",
     "duration",
-    "robust_cell",
     "markdown_table",
     "pareto_front",
     "plot_accuracy_vs_eps",
     "plot_adversarial_grid",
     "plot_pareto",
+    "robust_cell",
 ]
 
 
@@ -64,8 +64,9 @@ def robust_cell(acc: float | None, failed: Sequence[str] = (), digits: int = 4) 
     return f"<= {acc:.{digits}f} (upper bound: {', '.join(failed)})"
 
 
-def certified_cell(acc: float | None, method: str | None = None, note: str | None = None,
-                   digits: int = 4) -> str:
+def certified_cell(
+    acc: float | None, method: str | None = None, note: str | None = None, digits: int = 4
+) -> str:
     """A certified accuracy as shown to people: `0.9120 (crown-ibp)` (the method that certified
     most), `not available (layer 'lstm')` when no bound method could bound the model (never 0),
     or `-` when certification did not run. `digits` decimals (4; report.html shows 3).
@@ -75,8 +76,14 @@ def certified_cell(acc: float | None, method: str | None = None, note: str | Non
     return f"{acc:.{digits}f}" + (f" ({method})" if method else "")
 
 
-def bracket(clean: float, robust: float, failed: Sequence[str] = (), certified: float | None = None,
-            method: str | None = None, note: str | None = None) -> str:
+def bracket(
+    clean: float,
+    robust: float,
+    failed: Sequence[str] = (),
+    certified: float | None = None,
+    method: str | None = None,
+    note: str | None = None,
+) -> str:
     """The honest bracket at one eps: `certified 0.912 (crown-ibp) <= robust 0.934 <= clean 0.991`.
 
     The certified accuracy is proven (a lower bound on the true robust accuracy), the robust one
@@ -95,8 +102,11 @@ def bracket(clean: float, robust: float, failed: Sequence[str] = (), certified: 
         >>> bracket(0.991, 0.934, certified=0.912, method="crown-ibp")
         'certified 0.912 (crown-ibp) <= robust 0.934 <= clean 0.991'
     """
-    rob = f"robust {robust:.3f}" if not failed else (
-        f"robust <= {robust:.3f} (upper bound: {', '.join(failed)})")
+    rob = (
+        f"robust {robust:.3f}"
+        if not failed
+        else (f"robust <= {robust:.3f} (upper bound: {', '.join(failed)})")
+    )
     upper = f"{rob} <= clean {clean:.3f}"
     if certified is not None:
         return f"certified {certified:.3f}" + (f" ({method})" if method else "") + f" <= {upper}"
@@ -242,20 +252,51 @@ def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
         prefix = f"{label}: " if several and label else (f"{label} " if label else "")
         for j, name in enumerate(names[:-1] if len(names) > 1 else names):
             color = colors[i % len(colors)] if several else colors[j % len(colors)]
-            ax.plot(eps, at(lambda r, n=name: r["per_attack"][n]), marker="o", lw=1, alpha=0.7,
-                    color=color, linestyle=":" if several else "-", label=f"{prefix}{name}")
+            ax.plot(
+                eps,
+                at(lambda r, n=name: r["per_attack"][n]),
+                marker="o",
+                lw=1,
+                alpha=0.7,
+                color=color,
+                linestyle=":" if several else "-",
+                label=f"{prefix}{name}",
+            )
         color = colors[i % len(colors)] if several else "black"
-        ax.plot(eps, at(lambda r: r["robust_acc"]), marker="s", lw=2.5, color=color,
-                label=f"{prefix}worst case ({names[-1]})")
-        certified = [(e, a) for e, a in zip(eps, at(lambda r: r.get("certified_acc")), strict=True)
-                     if a is not None]
+        ax.plot(
+            eps,
+            at(lambda r: r["robust_acc"]),
+            marker="s",
+            lw=2.5,
+            color=color,
+            label=f"{prefix}worst case ({names[-1]})",
+        )
+        certified = [
+            (e, a)
+            for e, a in zip(eps, at(lambda r: r.get("certified_acc")), strict=True)
+            if a is not None
+        ]
         if len(certified) > 1:  # eps 0 alone (the clean accuracy) is no curve
             ce, ca = zip(*certified, strict=True)
-            ax.plot(ce, ca, marker="D", lw=2, linestyle="-.", color=color if several else "tab:green",
-                    label=f"{prefix}certified (lower bound)")
+            ax.plot(
+                ce,
+                ca,
+                marker="D",
+                lw=2,
+                linestyle="-.",
+                color=color if several else "tab:green",
+                label=f"{prefix}certified (lower bound)",
+            )
         if rows[0].get("fgsm_acc") is not None and "fgsm" not in names:
-            ax.plot(eps, at(lambda r: r["fgsm_acc"]), marker="^", lw=1, linestyle="--",
-                    color=color if several else "gray", label=f"{prefix}fgsm (reference)")
+            ax.plot(
+                eps,
+                at(lambda r: r["fgsm_acc"]),
+                marker="^",
+                lw=1,
+                linestyle="--",
+                color=color if several else "gray",
+                label=f"{prefix}fgsm (reference)",
+            )
     first = series[0][1][0] if series[0][1] else {}
     norm = first.get("norm", "")
     ax.set_xlabel(f"eps ({norm})" if norm else "eps")
@@ -267,7 +308,9 @@ def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
     )
     ax.set_title(title or default)
     ax.set_xlim(left=0.0)
-    if several:  # a dozen entries would hide the curves: beside the axes (kept by bbox_inches="tight")
+    if (
+        several
+    ):  # a dozen entries would hide the curves: beside the axes (kept by bbox_inches="tight")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     else:
         ax.legend(fontsize=7, loc="best")
@@ -341,8 +384,9 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, path, n: int = 16) 
     return _save(fig, path)
 
 
-def plot_pareto(points: Sequence, front: Sequence, path, *, title: str | None = None,
-                flagged: Sequence = ()) -> Path:
+def plot_pareto(
+    points: Sequence, front: Sequence, path, *, title: str | None = None, flagged: Sequence = ()
+) -> Path:
     """Clean accuracy (x) against robust accuracy (y): every trial as a dot, the Pareto front
     as a highlighted, labelled line, and trials whose model failed a sanity check as labelled
     crosses marked "upper bound" (never on the front).
@@ -370,8 +414,14 @@ def plot_pareto(points: Sequence, front: Sequence, path, *, title: str | None = 
     labels = []
     if flagged:
         xs, ys = zip(*(_xy(p) for p in flagged), strict=True)
-        ax.scatter(xs, ys, s=40, marker="x", color="tab:orange",
-                   label=f"upper bound: sanity check failed ({len(flagged)})")
+        ax.scatter(
+            xs,
+            ys,
+            s=40,
+            marker="x",
+            color="tab:orange",
+            label=f"upper bound: sanity check failed ({len(flagged)})",
+        )
         for p in flagged:
             label = p.get("label") if isinstance(p, Mapping) else None
             failed = p.get("flags_failed", ()) if isinstance(p, Mapping) else ()
@@ -407,7 +457,15 @@ def _label_inside(ax, labels) -> None:
         right = x > (x0 + x1) / 2
         # Above the point unless that is the top of the plot; below it unless that is the bottom.
         up = (y < y0 + 0.85 * (y1 - y0)) if side > 0 else (y < y0 + 0.15 * (y1 - y0))
-        ax.annotate(text, (x, y), textcoords="offset points",
-                    xytext=(-5 if right else 5, 5 if up else -5), ha="right" if right else "left",
-                    va="bottom" if up else "top", fontsize=size, color=color,
-                    annotation_clip=True, clip_on=True)
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(-5 if right else 5, 5 if up else -5),
+            ha="right" if right else "left",
+            va="bottom" if up else "top",
+            fontsize=size,
+            color=color,
+            annotation_clip=True,
+            clip_on=True,
+        )

@@ -21,8 +21,15 @@ from advtrain.flag_text import ANCHOR, flag_link, flags_markdown
 from advtrain.page import html_page
 from advtrain.report import bracket, certified_cell, duration, markdown_table, robust_cell
 
-__all__ = ["SCHEMA", "EpsResult", "RobustnessReport", "bpda_layers", "bracket_of", "per_eps",
-           "summary_lines"]
+__all__ = [
+    "SCHEMA",
+    "EpsResult",
+    "RobustnessReport",
+    "bpda_layers",
+    "bracket_of",
+    "per_eps",
+    "summary_lines",
+]
 
 # /3 added the certified accuracy (per bound method, with per-example masks) and the bracket;
 # /2 the upper-bound marking and the examples each attack broke. /2 and /1 files still read.
@@ -146,8 +153,13 @@ class RobustnessReport:
     def failed_at(self, eps: float) -> list[str]:
         """Ids of the failed flags that bear on the robust accuracy at `eps`: those checked at
         this eps and those of the whole evaluation (zero gradients, large eps, eps sweep)."""
-        return sorted({f.id for f in self.failed_flags
-                       if f.eps is None or math.isclose(f.eps, eps, abs_tol=1e-9)})
+        return sorted(
+            {
+                f.id
+                for f in self.failed_flags
+                if f.eps is None or math.isclose(f.eps, eps, abs_tol=1e-9)
+            }
+        )
 
     @property
     def bpda_layers(self) -> tuple[str, ...]:
@@ -165,8 +177,11 @@ class RobustnessReport:
         parts = []
         for a in self.attacks:
             what = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD", "square": "Square"}[a["attack"]]
-            unit = "quer" + ("ies" if a["steps"] > 1 else "y") if a["attack"] == "square" else (
-                "step" + "s" * (a["steps"] > 1))
+            unit = (
+                "quer" + ("ies" if a["steps"] > 1 else "y")
+                if a["attack"] == "square"
+                else ("step" + "s" * (a["steps"] > 1))
+            )
             s = f"{a['name']} ({what}, {a['steps']} {unit}"
             if a["restarts"] > 1:
                 s += f", {a['restarts']} restarts"
@@ -176,8 +191,10 @@ class RobustnessReport:
             if a.get("gradient_free"):
                 s += ", gradient-free"
             if a.get("bpda"):
-                s += (", BPDA: gradients through the identity at layers "
-                      f"{_quoted(a['bpda_layers'])}, judged on the model")
+                s += (
+                    ", BPDA: gradients through the identity at layers "
+                    f"{_quoted(a['bpda_layers'])}, judged on the model"
+                )
             parts.append(s + ")")
         scaled = "" if self.steps_scale == 1.0 else f" [REDUCED: steps x{self.steps_scale:g}]"
         return f"`{self.suite}`{scaled}: " + "; ".join(parts)
@@ -289,8 +306,14 @@ class RobustnessReport:
             "certified_note": r.certified_note,
             "certified_display": self._certified_display(r),
             "certify_seconds": dict(r.certify_seconds),
-            "bracket": bracket(r.clean_acc, r.robust_acc, self.failed_at(r.eps), r.certified_acc, method,
-                               r.certified_note),
+            "bracket": bracket(
+                r.clean_acc,
+                r.robust_acc,
+                self.failed_at(r.eps),
+                r.certified_acc,
+                method,
+                r.certified_note,
+            ),
         }
 
     def _certified_display(self, r: EpsResult, digits: int = 4) -> str:
@@ -330,7 +353,9 @@ class RobustnessReport:
         """
         names = [k for k in self.results[0].per_attack if k != "clean"]
         columns = ["eps", "clean", *names, "robust (worst case)"]
-        certifying = bool(self.certify) or any(r.certified or r.certified_note for r in self.results)
+        certifying = bool(self.certify) or any(
+            r.certified or r.certified_note for r in self.results
+        )
         if certifying:
             columns.append("certified")
         if self.suite != "fgsm":
@@ -351,36 +376,67 @@ class RobustnessReport:
         lines = [
             "# Robustness report",
             "",
-            f"- Threat model: {self.norm}, eps {', '.join(f'{e:g}' for e in self.eps)}, "
-            "inputs in [0, 1]",
+            (
+                f"- Threat model: {self.norm}, eps {', '.join(f'{e:g}' for e in self.eps)}, "
+                "inputs in [0, 1]"
+            ),
             f"- Suite {self.describe_suite()}",
-            "- Robust accuracy is the per-example worst case over the suite; each attack column is "
-            "the accuracy after that attack (attacks run in order on the examples still robust).",
+            (
+                "- Robust accuracy is the per-example worst case over the suite; each attack column is "
+                "the accuracy after that attack (attacks run in order on the examples still robust)."
+            ),
             "- FGSM is a weak reference, reported apart"
             + (
                 " (here it is the suite)."
                 if self.suite == "fgsm"
                 else " (not part of the worst case)."
             ),
-            *([f"- Certified accuracy: proven by bound propagation ({', '.join(self.certify)}; the per-example "
-               "union) on the same examples: no input in the eps-ball (within [0, 1]) changes the "
-               "prediction. It is a lower bound on the true robust accuracy, the attacked figure an upper one; "
-               "every certified example was checked against every attack."] if certifying else []),
-            *([f"- BPDA (Athalye et al. 2018): layers {_quoted(self.bpda_layers)} have no useful "
-               "gradient; the BPDA attack took its gradients from a copy of the model that computes "
-               "them in the forward pass and the identity in the backward pass, and its adversarial "
-               "inputs were judged on the model itself."] if self.bpda_layers else []),
+            *(
+                [
+                    (
+                        f"- Certified accuracy: proven by bound propagation ({', '.join(self.certify)}; the per-example "
+                        "union) on the same examples: no input in the eps-ball (within [0, 1]) changes the "
+                        "prediction. It is a lower bound on the true robust accuracy, the attacked figure an upper one; "
+                        "every certified example was checked against every attack."
+                    )
+                ]
+                if certifying
+                else []
+            ),
+            *(
+                [
+                    (
+                        f"- BPDA (Athalye et al. 2018): layers {_quoted(self.bpda_layers)} have no useful "
+                        "gradient; the BPDA attack took its gradients from a copy of the model that computes "
+                        "them in the forward pass and the identity in the backward pass, and its adversarial "
+                        "inputs were judged on the model itself."
+                    )
+                ]
+                if self.bpda_layers
+                else []
+            ),
             f"- Examples: n = {self.n} from the `{self.split}` split; seed {self.seed}",
             *([_data_line(self.data)] if self.data else []),
             "",
             markdown_table(rows, columns, digits),
             "",
             *[f"- At eps {r.eps:g}: {self._certified_entry(r)['bracket']}" for r in self.results],
-            *[f"- Examples broken at eps {r.eps:g}, by attack (each on those still robust): "
-              + _broken(r.broken) for r in self.results],
-            *(["- **A robust accuracy marked `<=` is an upper bound**: a sanity check failed "
-               "(named beside it), so the attacks may have been fooled by the model; see "
-               f"[{HEADING_LINK}](#{ANCHOR})."] if self.failed_flags else []),
+            *[
+                f"- Examples broken at eps {r.eps:g}, by attack (each on those still robust): "
+                + _broken(r.broken)
+                for r in self.results
+            ],
+            *(
+                [
+                    (
+                        "- **A robust accuracy marked `<=` is an upper bound**: a sanity check failed "
+                        "(named beside it), so the attacks may have been fooled by the model; see "
+                        f"[{HEADING_LINK}](#{ANCHOR})."
+                    )
+                ]
+                if self.failed_flags
+                else []
+            ),
             "",
             "## Sanity checks",
             "",
@@ -417,8 +473,10 @@ class RobustnessReport:
 
 def _data_line(d: dict) -> str:
     h, w, c = d["input_shape"]
-    return (f"- Data: {d['source']}, {h}x{w}x{c} images, {d['num_classes']} classes "
-            f"({d['train']} train / {d['val']} val / {d['test']} test)")
+    return (
+        f"- Data: {d['source']}, {h}x{w}x{c} images, {d['num_classes']} classes "
+        f"({d['train']} train / {d['val']} val / {d['test']} test)"
+    )
 
 
 def bpda_layers(attacks) -> tuple[str, ...]:
@@ -450,8 +508,14 @@ def bracket_of(entry: dict[str, Any]) -> str:
     if entry.get("bracket"):
         return entry["bracket"]
     failed = entry.get("robust_flags_failed") or []
-    return bracket(entry["clean_acc"], entry["robust_acc"], failed, entry.get("certified_acc"),
-                   entry.get("certified_by"), entry.get("certified_note"))
+    return bracket(
+        entry["clean_acc"],
+        entry["robust_acc"],
+        failed,
+        entry.get("certified_acc"),
+        entry.get("certified_by"),
+        entry.get("certified_note"),
+    )
 
 
 def summary_lines(d: dict[str, Any]) -> list[str]:
@@ -463,13 +527,19 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
     scaled = "" if tm.get("steps_scale", 1.0) == 1.0 else f", REDUCED: steps x{tm['steps_scale']:g}"
     approximated = bpda_layers(tm["attacks"])
     bpda = f"; bpda: layers {_quoted(approximated)}" if approximated else ""
-    lines = [f"Threat model: {tm['norm']} eps {', '.join(f'{e:g}' for e in tm['eps'])}; suite "
-             f"{tm['suite']} ({names}{scaled}{bpda}); n={d['n']} {d['split']} examples"]
+    lines = [
+        (
+            f"Threat model: {tm['norm']} eps {', '.join(f'{e:g}' for e in tm['eps'])}; suite "
+            f"{tm['suite']} ({names}{scaled}{bpda}); n={d['n']} {d['split']} examples"
+        )
+    ]
     for r in rows:
         attacks = "  ".join(f"{k} {v:.4f}" for k, v in r["per_attack"].items() if k != "clean")
         ref = "" if tm["suite"] == "fgsm" else f"  | fgsm (reference) {r['fgsm_acc']:.4f}"
-        lines.append(f"eps {r['eps']:g}: {bracket_of(r)}"
-                     f"  | after each attack: {attacks}{ref}  ({r['seconds']:.1f}s)")
+        lines.append(
+            f"eps {r['eps']:g}: {bracket_of(r)}"
+            f"  | after each attack: {attacks}{ref}  ({r['seconds']:.1f}s)"
+        )
         certified, by = r.get("certified") or {}, ""
         if certified:  # a note here names the methods that could not run beside those that did
             by = "  | certified by: " + ", ".join(f"{m} {a:.4f}" for m, a in certified.items())
@@ -477,8 +547,10 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
         lines.append(f"  broken by: {_broken(r['broken'])}{by}")
     s = d["sanity"]
     if d["flags"]:
-        lines.append(f"Sanity checks: {len(s['passed'])} passed, {len(s['failed'])} failed, "
-                     f"{len(s['not_run'])} not run")
+        lines.append(
+            f"Sanity checks: {len(s['passed'])} passed, {len(s['failed'])} failed, "
+            f"{len(s['not_run'])} not run"
+        )
     else:
         lines.append("Sanity checks: not run (switched off)")
     failed = [f for f in d["flags"] if f["passed"] is False]

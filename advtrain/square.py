@@ -274,18 +274,22 @@ def square_graph(model, x, y, eps, queries, *, norm="linf", p_init=0.8, y_target
         # scattered back. Proposals are drawn for the whole batch and then gathered, so an
         # example's random stream does not depend on which others are still active.
         idx = tf.where(~done)
-        draws = _draws(tf.random.experimental.stateless_fold_in(seed, i + 1), tf.shape(x)[0],
-                       x.shape[-1], norm)
+        draws = _draws(
+            tf.random.experimental.stateless_fold_in(seed, i + 1), tf.shape(x)[0], x.shape[-1], norm
+        )
         draws = {k: tf.gather_nd(v, idx) for k, v in draws.items()}
         x_a = tf.gather_nd(x, idx)
         margin_a = tf.gather_nd(margin, idx)
         x_new = propose(x_a, tf.gather_nd(x_best, idx), eps, s, draws)
-        margin_new, hit = _margin(model(x_new, training=False),
-                                  tf.gather_nd(y, idx),
-                                  None if y_target is None else tf.gather_nd(y_target, idx))
+        margin_new, hit = _margin(
+            model(x_new, training=False),
+            tf.gather_nd(y, idx),
+            None if y_target is None else tf.gather_nd(y_target, idx),
+        )
         better = hit | (margin_new < margin_a)
-        x_best = tf.tensor_scatter_nd_update(x_best, tf.boolean_mask(idx, better),
-                                             tf.boolean_mask(x_new, better))
+        x_best = tf.tensor_scatter_nd_update(
+            x_best, tf.boolean_mask(idx, better), tf.boolean_mask(x_new, better)
+        )
         margin = tf.tensor_scatter_nd_update(margin, idx, tf.where(better, margin_new, margin_a))
         used = used + tf.cast(~done, tf.int32)
         done = tf.tensor_scatter_nd_update(done, idx, hit)
@@ -303,6 +307,7 @@ def square_graph(model, x, y, eps, queries, *, norm="linf", p_init=0.8, y_target
 # --------------------------------------------------------------------------------------------
 # Public, validated, compiled attack
 # --------------------------------------------------------------------------------------------
+
 
 def _check_p_init(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -359,11 +364,26 @@ def square(model, x, y, *, eps, queries=5000, norm="linf", p_init=0.8, y_target=
 
     def build():
         def run(x, y, y_target, eps, queries, p_init, seed):
-            return square_graph(model, x, y, eps, queries, norm=cfg.norm, p_init=p_init,
-                                y_target=y_target, seed=seed)[0]
+            return square_graph(
+                model,
+                x,
+                y,
+                eps,
+                queries,
+                norm=cfg.norm,
+                p_init=p_init,
+                y_target=y_target,
+                seed=seed,
+            )[0]
+
         return run
 
     return compiled(model, key, build)(
-        x, y, y_target, tf.constant(cfg.eps), tf.constant(cfg.steps), tf.constant(p_init),
+        x,
+        y,
+        y_target,
+        tf.constant(cfg.eps),
+        tf.constant(cfg.steps),
+        tf.constant(p_init),
         tf.constant([cfg.seed, 0]),
     )

@@ -16,7 +16,7 @@ import dataclasses
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["SuiteAttack", "SUITES", "FGSM_REFERENCE", "describe_suite", "suite_attacks"]
+__all__ = ["FGSM_REFERENCE", "SUITES", "SuiteAttack", "describe_suite", "suite_attacks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +80,12 @@ class SuiteAttack:
     def describe(self, bpda_layers: tuple[str, ...] = ()) -> dict[str, Any]:
         """The attack as the report lists it; a BPDA attack adds `bpda: True` and
         `bpda_layers`, the layers it approximated (the other attacks carry neither key)."""
-        step = {"fgsm": "eps", "pgd": "2.5*eps/steps", "apgd": "auto (from 2*eps)",
-                "square": "square size from p_init 0.8"}[self.attack]
+        step = {
+            "fgsm": "eps",
+            "pgd": "2.5*eps/steps",
+            "apgd": "auto (from 2*eps)",
+            "square": "square size from p_init 0.8",
+        }[self.attack]
         bpda = {"bpda": True, "bpda_layers": list(bpda_layers)} if self.bpda else {}
         return {
             "name": self.name,

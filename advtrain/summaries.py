@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["EpochSummaries"]
 
@@ -29,7 +30,6 @@ class EpochSummaries:
 
     def __call__(self, metrics: Mapping[str, Any]) -> None:
         import tensorflow as tf
-
         from tensorflow.core.framework.summary_pb2 import SummaryMetadata
 
         if self._writer is None:
@@ -40,8 +40,14 @@ class EpochSummaries:
         step = int(metrics["epoch"])
         with self._writer.as_default():
             for key, value in metrics.items():
-                if key != "epoch" and isinstance(value, numbers.Real) and not isinstance(value, bool):
-                    tf.summary.write(key, tf.constant(float(value), tf.float32), step=step, metadata=scalar)
+                if (
+                    key != "epoch"
+                    and isinstance(value, numbers.Real)
+                    and not isinstance(value, bool)
+                ):
+                    tf.summary.write(
+                        key, tf.constant(float(value), tf.float32), step=step, metadata=scalar
+                    )
         self._writer.flush()
 
     def close(self) -> None:

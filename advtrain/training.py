@@ -73,7 +73,11 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         return tf.where(step < up, rising, falling)
 
     def get_config(self) -> dict:
-        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_fraction": self.warmup_fraction}
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_fraction": self.warmup_fraction,
+        }
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -145,16 +149,32 @@ class AdversarialTraining:
         advtrain.models.ModelError: a model that does not fit the data.
     """
 
-    def __init__(self, cfg: TrainConfig, *, steps_per_epoch: int, strategy=None, rank: int = 0,
-                 threat_model: ThreatModel | None = None, steps_per_call: int = STEPS_PER_CALL,
-                 input_shape=MNIST_SHAPE, num_classes: int = 10, model_paths=()):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        steps_per_epoch: int,
+        strategy=None,
+        rank: int = 0,
+        threat_model: ThreatModel | None = None,
+        steps_per_call: int = STEPS_PER_CALL,
+        input_shape=MNIST_SHAPE,
+        num_classes: int = 10,
+        model_paths=(),
+    ):
         if steps_per_epoch < 1:
             raise ValueError(
                 f"`steps_per_epoch` must be >= 1 (is the training split smaller than one batch?). "
                 f"Received: steps_per_epoch={steps_per_epoch}"
             )
-        if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
-            raise ValueError(f"`steps_per_call` must be an integer >= 1. Received: steps_per_call={steps_per_call!r}")
+        if (
+            isinstance(steps_per_call, bool)
+            or not isinstance(steps_per_call, int)
+            or steps_per_call < 1
+        ):
+            raise ValueError(
+                f"`steps_per_call` must be an integer >= 1. Received: steps_per_call={steps_per_call!r}"
+            )
         self.cfg = cfg
         self.steps_per_epoch = steps_per_epoch
         self.steps_per_call = steps_per_call
@@ -163,8 +183,13 @@ class AdversarialTraining:
         self.threat_model = threat_model or ThreatModel(norm=cfg.norm, eps=cfg.eps)
         # Variables must be created in the strategy's scope to be mirrored across workers.
         with self.strategy.scope():
-            self.model, _notes = make_model(cfg.model, input_shape=input_shape, num_classes=num_classes,
-                                            seed=cfg.seed, extra_paths=model_paths)
+            self.model, _notes = make_model(
+                cfg.model,
+                input_shape=input_shape,
+                num_classes=num_classes,
+                seed=cfg.seed,
+                extra_paths=model_paths,
+            )
             self.optimizer = make_optimizer(cfg, steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
             self.metrics = {
@@ -223,18 +248,32 @@ class AdversarialTraining:
     def _adversary(self, x, y, eps, seed):
         cfg = self.cfg
         if cfg.method == "fgsm":
-            return attacks.fgsm_graph(self.model, x, y, eps, step_size=cfg.resolved_step_size() / cfg.eps * eps
-                                      if cfg.eps > 0 else 0.0, norm=cfg.norm, random_start=True, seed=seed)
+            return attacks.fgsm_graph(
+                self.model,
+                x,
+                y,
+                eps,
+                step_size=cfg.resolved_step_size() / cfg.eps * eps if cfg.eps > 0 else 0.0,
+                norm=cfg.norm,
+                random_start=True,
+                seed=seed,
+            )
         step_size = cfg.resolved_step_size() / cfg.eps * eps if cfg.eps > 0 else 0.0
         if cfg.method == "pgd":
-            return attacks.pgd_graph(self.model, x, y, eps, step_size, cfg.steps, norm=cfg.norm, seed=seed)
+            return attacks.pgd_graph(
+                self.model, x, y, eps, step_size, cfg.steps, norm=cfg.norm, seed=seed
+            )
         # TRADES (Zhang et al. 2019, arXiv:1901.08573): maximise KL(p(x) || p(x')).
         p_clean = tf.stop_gradient(tf.nn.softmax(self.model(x, training=False)))
 
         def kl(logits):
-            return tf.reduce_sum(p_clean * (tf.math.log(p_clean + 1e-12) - tf.nn.log_softmax(logits)), -1)
+            return tf.reduce_sum(
+                p_clean * (tf.math.log(p_clean + 1e-12) - tf.nn.log_softmax(logits)), -1
+            )
 
-        return attacks.pgd_graph(self.model, x, y, eps, step_size, cfg.steps, norm=cfg.norm, loss=kl, seed=seed)
+        return attacks.pgd_graph(
+            self.model, x, y, eps, step_size, cfg.steps, norm=cfg.norm, loss=kl, seed=seed
+        )
 
     def replica_gradients(self, x, y):
         """One replica's loss gradients for a batch, before any all-reduce or update.
@@ -252,9 +291,17 @@ class AdversarialTraining:
         adversarial = cfg.method != "clean" and not certified and cfg.mix > 0 and cfg.eps > 0
         step = self.optimizer.iterations
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        seed = tf.stack([cfg.seed * 4099 + self.rank * 131 + tf.cast(replica, tf.int32),
-                         tf.cast(step, tf.int32)])
-        x_adv = tf.stop_gradient(self._adversary(x, y, self.current_eps(step), seed)) if adversarial else x
+        seed = tf.stack(
+            [
+                cfg.seed * 4099 + self.rank * 131 + tf.cast(replica, tf.int32),
+                tf.cast(step, tf.int32),
+            ]
+        )
+        x_adv = (
+            tf.stop_gradient(self._adversary(x, y, self.current_eps(step), seed))
+            if adversarial
+            else x
+        )
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             ce_clean = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
@@ -266,12 +313,16 @@ class AdversarialTraining:
             elif cfg.method == "trades":
                 adv_logits = model(x_adv, training=True)
                 p = tf.nn.softmax(logits)
-                kl = tf.reduce_sum(p * (tf.nn.log_softmax(logits) - tf.nn.log_softmax(adv_logits)), -1)
+                kl = tf.reduce_sum(
+                    p * (tf.nn.log_softmax(logits) - tf.nn.log_softmax(adv_logits)), -1
+                )
                 per_example = ce_clean + cfg.beta * kl
             else:
                 adv_logits = model(x_adv, training=True)
                 ce_adv = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=adv_logits)
-                per_example = ce_adv if cfg.mix == 1.0 else (1.0 - cfg.mix) * ce_clean + cfg.mix * ce_adv
+                per_example = (
+                    ce_adv if cfg.mix == 1.0 else (1.0 - cfg.mix) * ce_clean + cfg.mix * ce_adv
+                )
             # Averaged once over the GLOBAL batch; optimizer.apply sums across replicas.
             loss = tf.nn.compute_average_loss(per_example)
         return tape.gradient(loss, model.trainable_variables), per_example, logits, adv_logits
@@ -301,7 +352,9 @@ class AdversarialTraining:
 
     # -- epochs, probe, guard -------------------------------------------------------------
 
-    def train_epoch(self, dataset, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    def train_epoch(
+        self, dataset, progress: Callable[[int], None] | None = None
+    ) -> dict[str, float]:
         """Runs `steps_per_epoch` steps over a (distributed) dataset; returns mean metrics.
 
         Steps run `steps_per_call` at a time (the last call takes the remainder); `progress`
@@ -340,14 +393,25 @@ class AdversarialTraining:
         def pgd_acc(norm, eps):
             if eps == 0:
                 return _accuracy(self.model, x, y)
-            x_adv = attacks.run_attack("pgd", self.model, x, y, eps=eps, norm=norm, steps=cfg.probe_steps,
-                                       seed=cfg.seed, batch_size=len(x))
+            x_adv = attacks.run_attack(
+                "pgd",
+                self.model,
+                x,
+                y,
+                eps=eps,
+                norm=norm,
+                steps=cfg.probe_steps,
+                seed=cfg.seed,
+                batch_size=len(x),
+            )
             return _accuracy(self.model, x_adv, y)
 
         if cfg.eps == 0:
             out["val_fgsm_acc"] = out["val_pgd_acc"] = _accuracy(self.model, x, y)
         else:
-            x_fgsm = attacks.run_attack("fgsm", self.model, x, y, eps=cfg.eps, norm=cfg.norm, batch_size=len(x))
+            x_fgsm = attacks.run_attack(
+                "fgsm", self.model, x, y, eps=cfg.eps, norm=cfg.norm, batch_size=len(x)
+            )
             out["val_fgsm_acc"] = _accuracy(self.model, x_fgsm, y)
             out["val_pgd_acc"] = pgd_acc(cfg.norm, cfg.eps)
         tm = self.threat_model
@@ -358,8 +422,9 @@ class AdversarialTraining:
             # methods: their models certify almost nothing, and the tracing would cost every run.
             proven = np.zeros(len(y), bool)
             for method in PROBE_BOUNDS:
-                proven |= bounds.certify(self.model, x, y, eps=tm.eps, norm=tm.norm, method=method,
-                                         batch_size=len(x))
+                proven |= bounds.certify(
+                    self.model, x, y, eps=tm.eps, norm=tm.norm, method=method, batch_size=len(x)
+                )
             out["val_certified_acc"] = float(proven.mean())
         return out
 
@@ -376,8 +441,13 @@ def _accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> fl
     return correct / max(len(x), 1)
 
 
-def save_run(run_dir: str | os.PathLike, model: keras.Model, cfg: TrainConfig, history: list[dict],
-             summary: dict[str, Any]) -> None:
+def save_run(
+    run_dir: str | os.PathLike,
+    model: keras.Model,
+    cfg: TrainConfig,
+    history: list[dict],
+    summary: dict[str, Any],
+) -> None:
     """Writes model.keras, config.json and metrics.json into a run folder, each atomically."""
     run_dir = Path(run_dir)
     save_model(model, run_dir / "model.keras")
@@ -385,9 +455,14 @@ def save_run(run_dir: str | os.PathLike, model: keras.Model, cfg: TrainConfig, h
     write_json(run_dir / "metrics.json", {"epochs": history, **summary})
 
 
-def fit(cfg: TrainConfig, *, on_epoch: Callable[[dict], None] | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        threat_model: ThreatModel | None = None, steps_per_call: int = STEPS_PER_CALL):
+def fit(
+    cfg: TrainConfig,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    threat_model: ThreatModel | None = None,
+    steps_per_call: int = STEPS_PER_CALL,
+):
     """Trains one model in this process: data, epochs, probe, guard.
 
     Args:
@@ -414,19 +489,45 @@ def fit(cfg: TrainConfig, *, on_epoch: Callable[[dict], None] | None = None,
     if cfg.train_size is not None:
         x_train, y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
     steps = len(x_train) // cfg.batch_size
-    run = AdversarialTraining(cfg, steps_per_epoch=steps, threat_model=threat_model,
-                              steps_per_call=steps_per_call, input_shape=data.input_shape,
-                              num_classes=data.num_classes)
+    run = AdversarialTraining(
+        cfg,
+        steps_per_epoch=steps,
+        threat_model=threat_model,
+        steps_per_call=steps_per_call,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+    )
+
     def dataset_for(epoch: int):
-        return without_autotune(make_dataset(x_train, y_train, cfg.batch_size, seed=cfg.seed * 1000 + epoch))
+        return without_autotune(
+            make_dataset(x_train, y_train, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
+        )
 
-    return run_epochs(run, dataset_for, data.x_val, data.y_val, on_epoch=on_epoch, progress=progress,
-                      clock=time.perf_counter, examples_per_epoch=steps * cfg.batch_size)
+    return run_epochs(
+        run,
+        dataset_for,
+        data.x_val,
+        data.y_val,
+        on_epoch=on_epoch,
+        progress=progress,
+        clock=time.perf_counter,
+        examples_per_epoch=steps * cfg.batch_size,
+    )
 
 
-def run_epochs(run: AdversarialTraining, dataset_for: Callable[[int], Any], x_val, y_val, *, start_epoch: int = 0,
-               history: list[dict] | None = None, on_epoch=None, progress=None, clock=None,
-               examples_per_epoch: int = 0):
+def run_epochs(
+    run: AdversarialTraining,
+    dataset_for: Callable[[int], Any],
+    x_val,
+    y_val,
+    *,
+    start_epoch: int = 0,
+    history: list[dict] | None = None,
+    on_epoch=None,
+    progress=None,
+    clock=None,
+    examples_per_epoch: int = 0,
+):
     """The epoch loop shared by local and Ray training: train, probe, guard.
 
     `dataset_for(epoch)` returns that epoch's (distributed) dataset; seeding the shuffle by epoch
@@ -449,9 +550,12 @@ def run_epochs(run: AdversarialTraining, dataset_for: Callable[[int], Any], x_va
         metrics = run.train_epoch(dataset_for(epoch), step_cb)
         seconds = clock() - t0
         metrics.update(run.probe(x_val, y_val))
-        metrics.update(epoch=epoch + 1, epoch_seconds=seconds,
-                       examples_per_second=examples_per_epoch / seconds if seconds > 0 else 0.0,
-                       eps=float(run.current_eps(run.optimizer.iterations.numpy() - 1)))
+        metrics.update(
+            epoch=epoch + 1,
+            epoch_seconds=seconds,
+            examples_per_second=examples_per_epoch / seconds if seconds > 0 else 0.0,
+            eps=float(run.current_eps(run.optimizer.iterations.numpy() - 1)),
+        )
         history.append(metrics)
         if best is None or metrics["val_pgd_acc"] >= best["val_pgd_acc"]:
             best, best_weights = metrics, run.model.get_weights()
@@ -460,15 +564,27 @@ def run_epochs(run: AdversarialTraining, dataset_for: Callable[[int], Any], x_va
         # While eps ramps up the model has not yet trained at the eps the probe attacks with, so
         # a large FGSM-PGD gap then means "not there yet", not catastrophic overfitting.
         ramped = epoch + 1 > cfg.eps_ramp_epochs
-        if guard and ramped and is_catastrophic_overfitting(metrics["val_fgsm_acc"], metrics["val_pgd_acc"], best["val_pgd_acc"]):
+        if (
+            guard
+            and ramped
+            and is_catastrophic_overfitting(
+                metrics["val_fgsm_acc"], metrics["val_pgd_acc"], best["val_pgd_acc"]
+            )
+        ):
             log.warning(
                 "Catastrophic overfitting at epoch %d (probe FGSM %.3f, PGD %.3f); restoring epoch %d",
-                epoch + 1, metrics["val_fgsm_acc"], metrics["val_pgd_acc"], best["epoch"],
+                epoch + 1,
+                metrics["val_fgsm_acc"],
+                metrics["val_pgd_acc"],
+                best["epoch"],
             )
             summary.update(stopped_early=True, stop_reason="catastrophic_overfitting")
             if best is not metrics:
                 run.model.set_weights(best_weights)
             break
-    summary.update(epochs_run=len(history), best_epoch=best["epoch"] if best else None,
-                   restored_epoch=best["epoch"] if summary["stopped_early"] else None)
+    summary.update(
+        epochs_run=len(history),
+        best_epoch=best["epoch"] if best else None,
+        restored_epoch=best["epoch"] if summary["stopped_early"] else None,
+    )
     return run.model, history, summary

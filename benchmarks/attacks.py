@@ -41,8 +41,12 @@ EPS, STEP, STEPS, BATCH = 0.3, 0.01, 40, 256
 # Light adversarial training on the full training split: realistic (non-masked) gradients and a
 # robust accuracy away from 0, so the libraries' accuracies can be compared, not just their speed.
 TRAIN = {
-    "cnn": dict(model="cnn", method="pgd", eps=0.3, steps=5, epochs=3, eps_ramp_epochs=1, guard=False),
-    "madry": dict(model="madry", method="pgd", eps=0.3, steps=3, epochs=2, eps_ramp_epochs=1, guard=False),
+    "cnn": dict(
+        model="cnn", method="pgd", eps=0.3, steps=5, epochs=3, eps_ramp_epochs=1, guard=False
+    ),
+    "madry": dict(
+        model="madry", method="pgd", eps=0.3, steps=3, epochs=2, eps_ramp_epochs=1, guard=False
+    ),
 }
 # Repetitions: the cnn is cheap (seconds per method), so more of them tame the machine's noise.
 REPS = {"cnn": 7, "madry": 3}
@@ -70,8 +74,12 @@ def get_model(name: str, quick: bool, log):
     log(f"{name}: training {cfg}")
     t0 = time.perf_counter()
     model, history, summary = fit(cfg)
-    meta = {"config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 1),
-            "last_epoch": history[-1], "summary": summary}
+    meta = {
+        "config": cfg.to_dict(),
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "last_epoch": history[-1],
+        "summary": summary,
+    }
     save_model(model, path)
     write_json(meta_path, meta)
     log(f"{name}: trained in {meta['train_seconds']}s, last epoch {history[-1]}")
@@ -93,7 +101,9 @@ def make_methods(model, tf, np):
     def grad_fn(x, y):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
-            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model(x, training=False))
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=y, logits=model(x, training=False)
+            )
             total = tf.reduce_sum(ce)
         return tape.gradient(total, x)
 
@@ -102,20 +112,23 @@ def make_methods(model, tf, np):
         for _ in range(STEPS):
             g = grad_fn(xb, yb)
         g.numpy()
-        return None
 
     @tf.function
     def grad_loop(x, y):
         def body(i, z):
             return i + 1, grad_fn(z, y)
-        return tf.while_loop(lambda i, _: i < STEPS, body, (tf.constant(0), x), parallel_iterations=1)[1]
+
+        return tf.while_loop(
+            lambda i, _: i < STEPS, body, (tf.constant(0), x), parallel_iterations=1
+        )[1]
 
     def bound_loop(xb, yb, seed):
         grad_loop(tf.constant(xb), tf.constant(yb)).numpy()
-        return None
 
     def advtrain_pgd(xb, yb, seed):
-        return run_attack("pgd", model, xb, yb, eps=EPS, steps=STEPS, step_size=STEP, batch_size=BATCH, seed=seed)
+        return run_attack(
+            "pgd", model, xb, yb, eps=EPS, steps=STEPS, step_size=STEP, batch_size=BATCH, seed=seed
+        )
 
     methods["bound"] = bound
     methods["bound_loop"] = bound_loop
@@ -126,13 +139,28 @@ def make_methods(model, tf, np):
         from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
         def ch_batch(xb, yb):
-            return projected_gradient_descent(model, xb, EPS, STEP, STEPS, np.inf, clip_min=0.0, clip_max=1.0,
-                                              y=yb, rand_init=True, sanity_checks=False)
+            return projected_gradient_descent(
+                model,
+                xb,
+                EPS,
+                STEP,
+                STEPS,
+                np.inf,
+                clip_min=0.0,
+                clip_max=1.0,
+                y=yb,
+                rand_init=True,
+                sanity_checks=False,
+            )
 
         ch_compiled = tf.function(ch_batch)
-        methods["cleverhans"] = lambda xb, yb, seed: ch_batch(tf.constant(xb), tf.constant(yb)).numpy()
+        methods["cleverhans"] = lambda xb, yb, seed: ch_batch(
+            tf.constant(xb), tf.constant(yb)
+        ).numpy()
         # Not the shipped usage: the whole attack traced into one graph by the caller.
-        methods["cleverhans_tf_function"] = lambda xb, yb, seed: ch_compiled(tf.constant(xb), tf.constant(yb)).numpy()
+        methods["cleverhans_tf_function"] = lambda xb, yb, seed: ch_compiled(
+            tf.constant(xb), tf.constant(yb)
+        ).numpy()
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         methods["cleverhans"] = e
 
@@ -143,11 +171,23 @@ def make_methods(model, tf, np):
         from art.estimators.classification import TensorFlowV2Classifier
 
         clf = TensorFlowV2Classifier(
-            model=model, nb_classes=10, input_shape=(28, 28, 1), clip_values=(0.0, 1.0),
+            model=model,
+            nb_classes=10,
+            input_shape=(28, 28, 1),
+            clip_values=(0.0, 1.0),
             loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-        art_pgd = ProjectedGradientDescent(clf, norm=np.inf, eps=EPS, eps_step=STEP, max_iter=STEPS,
-                                           targeted=False, num_random_init=1, batch_size=BATCH, verbose=False)
+        art_pgd = ProjectedGradientDescent(
+            clf,
+            norm=np.inf,
+            eps=EPS,
+            eps_step=STEP,
+            max_iter=STEPS,
+            targeted=False,
+            num_random_init=1,
+            batch_size=BATCH,
+            verbose=False,
+        )
 
         def art(xb, yb, seed):
             np.random.seed(seed)  # ART draws its random start with NumPy
@@ -162,7 +202,9 @@ def make_methods(model, tf, np):
         if not hasattr(np, "find_common_type"):
             # Shim: eagerpy 0.30 (under Foolbox 3.3.4) calls np.find_common_type(dtypes, []),
             # removed in NumPy 2.0; with no scalar types it is np.result_type(*dtypes).
-            np.find_common_type = lambda array_types, scalar_types: np.result_type(*array_types, *scalar_types)
+            np.find_common_type = lambda array_types, scalar_types: np.result_type(
+                *array_types, *scalar_types
+            )
         import foolbox as fb
 
         fmodel = fb.TensorFlowModel(model, bounds=(0.0, 1.0))
@@ -216,7 +258,7 @@ def bench_model(name, model, x, y, reps, tf, np, log):
     turn = 0
     for rep in range(reps):
         for b, lo in enumerate(batches):
-            xb, yb = x[lo:lo + BATCH], y[lo:lo + BATCH]
+            xb, yb = x[lo : lo + BATCH], y[lo : lo + BATCH]
             rot = turn % len(order)
             turn += 1
             for k in order[rot:] + order[:rot]:
@@ -228,16 +270,24 @@ def bench_model(name, model, x, y, reps, tf, np, log):
                 if out is None:
                     adv[k] = None
                 else:
-                    adv[k][rep][lo:lo + BATCH] = np.asarray(out, np.float32)
-        log(f"  rep {rep}: " + ", ".join(f"{k} {n / wall[k][rep]:.1f}" for k in order) + f" img/s; load {_load()}")
+                    adv[k][rep][lo : lo + BATCH] = np.asarray(out, np.float32)
+        log(
+            f"  rep {rep}: "
+            + ", ".join(f"{k} {n / wall[k][rep]:.1f}" for k in order)
+            + f" img/s; load {_load()}"
+        )
     accs, dist = {}, {}
     for k in order:
         if adv[k] is None:
             continue
         accs[k], dist[k] = [], 0.0
         for a in adv[k]:
-            pred = np.concatenate([np.argmax(model(a[lo:lo + 1024], training=False), -1)
-                                   for lo in range(0, n, 1024)])
+            pred = np.concatenate(
+                [
+                    np.argmax(model(a[lo : lo + 1024], training=False), -1)
+                    for lo in range(0, n, 1024)
+                ]
+            )
             accs[k].append(float(np.mean(pred == y)))
             dist[k] = max(dist[k], float(np.abs(a - x).max()))
             if a.min() < 0.0 or a.max() > 1.0:
@@ -249,48 +299,84 @@ def bench_model(name, model, x, y, reps, tf, np, log):
         ips = [n / t for t in wall[k]]
         rows[k] = {
             "label": LABELS[k],
-            "images_per_s": {"median": statistics.median(ips), "min": min(ips), "max": max(ips), "all": ips},
+            "images_per_s": {
+                "median": statistics.median(ips),
+                "min": min(ips),
+                "max": max(ips),
+                "all": ips,
+            },
             "fraction_of_bound": statistics.median(ips) / bound_med,
             "fraction_of_bound_per_rep": [tb / t for t, tb in zip(wall[k], wall["bound"])],
             "cpu_seconds": cpu[k],
-            "robust_acc": {"median": statistics.median(accs[k]), "all": accs[k]} if k in accs else None,
+            "robust_acc": {"median": statistics.median(accs[k]), "all": accs[k]}
+            if k in accs
+            else None,
             "max_linf": dist.get(k),
         }
     clean = float(np.mean(np.argmax(model(x, training=False), -1) == y))
-    return {"model": name, "n": n, "clean_acc": clean, "rows": rows, "failed": failed,
-            "load_during": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)}}
+    return {
+        "model": name,
+        "n": n,
+        "clean_acc": clean,
+        "rows": rows,
+        "failed": failed,
+        "load_during": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+    }
 
 
 def table(result) -> str:
     n = result["n"]
-    lines = [f"**{result['model']}** (n = {n}, clean accuracy {result['clean_acc']:.4f}, "
-             f"{result.get('reps', '?')} reps, load average during the run "
-             f"{result['load_during']['min']}-{result['load_during']['max']})", "",
-             "| method | images/s median (min-max) | fraction of bound | robust acc "
-             "| CPU s per 1,000 images, median | fraction of bound by CPU time |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"**{result['model']}** (n = {n}, clean accuracy {result['clean_acc']:.4f}, "
+            f"{result.get('reps', '?')} reps, load average during the run "
+            f"{result['load_during']['min']}-{result['load_during']['max']})"
+        ),
+        "",
+        (
+            "| method | images/s median (min-max) | fraction of bound | robust acc "
+            "| CPU s per 1,000 images, median | fraction of bound by CPU time |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     bound_cpu = statistics.median(result["rows"]["bound"]["cpu_seconds"])
     for k, r in result["rows"].items():
         ips = r["images_per_s"]
         acc = f"{r['robust_acc']['median']:.4f}" if r["robust_acc"] else "-"
         cpu = statistics.median(r["cpu_seconds"])
-        lines.append(f"| {r['label']} | {ips['median']:.1f} ({ips['min']:.1f}-{ips['max']:.1f}) | "
-                     f"{r['fraction_of_bound']:.3f} | {acc} | {cpu * 1000 / n:.1f} | {bound_cpu / cpu:.3f} |")
+        lines.append(
+            f"| {r['label']} | {ips['median']:.1f} ({ips['min']:.1f}-{ips['max']:.1f}) | "
+            f"{r['fraction_of_bound']:.3f} | {acc} | {cpu * 1000 / n:.1f} | {bound_cpu / cpu:.3f} |"
+        )
     for k, why in result["failed"].items():
-        lines.append(f"| {LABELS.get(k, k)} | failed: {why.splitlines()[0][:120]} | - | - | - | - |")
+        lines.append(
+            f"| {LABELS.get(k, k)} | failed: {why.splitlines()[0][:120]} | - | - | - | - |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="256 images, quickly trained models (smoke run)")
-    p.add_argument("--reps", type=int, default=None,
-                   help=f"interleaved repetitions, >= 3 (default per model: {REPS})")
-    p.add_argument("--n", type=int, default=None, help="test images (default 1024 = 4 full batches; quick 256)")
-    p.add_argument("--threads", type=int, default=2, help="TF intra- and inter-op threads, for every library")
+    p.add_argument(
+        "--quick", action="store_true", help="256 images, quickly trained models (smoke run)"
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help=f"interleaved repetitions, >= 3 (default per model: {REPS})",
+    )
+    p.add_argument(
+        "--n", type=int, default=None, help="test images (default 1024 = 4 full batches; quick 256)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="TF intra- and inter-op threads, for every library"
+    )
     p.add_argument("--models", default="cnn,madry")
     p.add_argument("--out", default=str(RESULTS / "attacks.json"))
-    p.add_argument("--table", metavar="JSON", help="only print the tables of an earlier results file")
+    p.add_argument(
+        "--table", metavar="JSON", help="only print the tables of an earlier results file"
+    )
     args = p.parse_args(argv)
     if args.table:
         for res in json.loads(Path(args.table).read_text())["models"].values():
@@ -300,7 +386,9 @@ def main(argv=None) -> int:
     if args.reps is not None and args.reps < 3:
         p.error(f"--reps must be >= 3 (a median and a spread need three). Received: {args.reps}")
     if n % BATCH:
-        p.error(f"--n must be a multiple of {BATCH} (full batches for every library). Received: {n}")
+        p.error(
+            f"--n must be a multiple of {BATCH} (full batches for every library). Received: {n}"
+        )
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -320,20 +408,42 @@ def main(argv=None) -> int:
 
     data = load_data()
     x, y = np.array(data.x_test[:n]), np.array(data.y_test[:n])
-    versions = {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-                "numpy": np.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
     for mod in ("art", "cleverhans", "foolbox", "eagerpy"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception as e:  # noqa: BLE001
             versions[mod] = f"unavailable: {e}"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    out = {"command": "python -m benchmarks.attacks" + (" --quick" if args.quick else ""),
-           "setup": {"attack": "PGD-40 linf", "eps": EPS, "step_size": STEP, "steps": STEPS, "batch": BATCH,
-                     "n": n, "random_start": True, "labels": "true labels",
-                     "threads": args.threads},
-           "machine": {"cpus": os.cpu_count(), "cpu": cpu, "load_start": _load()},
-           "versions": versions, "models": {}}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    out = {
+        "command": "python -m benchmarks.attacks" + (" --quick" if args.quick else ""),
+        "setup": {
+            "attack": "PGD-40 linf",
+            "eps": EPS,
+            "step_size": STEP,
+            "steps": STEPS,
+            "batch": BATCH,
+            "n": n,
+            "random_start": True,
+            "labels": "true labels",
+            "threads": args.threads,
+        },
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu, "load_start": _load()},
+        "versions": versions,
+        "models": {},
+    }
     # A run of a subset of models (--models cnn) replaces only those entries of an earlier file.
     previous = Path(args.out)
     if previous.is_file():

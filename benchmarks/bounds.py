@@ -33,9 +33,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _summary(margins: np.ndarray, y: np.ndarray, seconds: float) -> dict:
     others = np.where(np.eye(margins.shape[1], dtype=bool)[y], np.inf, margins)
     worst = others.min(axis=1)
-    return {"n": len(y), "seconds": round(seconds, 3), "examples_per_s": round(len(y) / seconds, 1),
-            "mean_min_margin_lb": round(float(worst.mean()), 4), "certified": round(float((worst > 0).mean()), 4),
-            "_worst": worst}
+    return {
+        "n": len(y),
+        "seconds": round(seconds, 3),
+        "examples_per_s": round(len(y) / seconds, 1),
+        "mean_min_margin_lb": round(float(worst.mean()), 4),
+        "certified": round(float((worst > 0).mean()), 4),
+        "_worst": worst,
+    }
 
 
 def advtrain_bounds(model, x, y, eps: float, method: str, batch: int) -> dict:
@@ -52,7 +57,7 @@ def advtrain_bounds(model, x, y, eps: float, method: str, batch: int) -> dict:
     fn(tf.constant(x[:batch]), tf.constant(y[:batch]), e)  # warm-up (tracing)
     out, t0 = [], time.perf_counter()
     for lo in range(0, len(x), batch):
-        out.append(fn(tf.constant(x[lo: lo + batch]), tf.constant(y[lo: lo + batch]), e).numpy())
+        out.append(fn(tf.constant(x[lo : lo + batch]), tf.constant(y[lo : lo + batch]), e).numpy())
     return _summary(np.concatenate(out), y, time.perf_counter() - t0)
 
 
@@ -81,18 +86,32 @@ def main(argv=None) -> int:
             x, y = data.x_test[:n], data.y_test[:n].astype(np.int32)
             r = advtrain_bounds(model, x, y, args.eps, method, min(args.batch, n))
             rows.append({"model": Path(path).name, "method": method, "eps": args.eps, **r})
-            print(f"{Path(path).name:32} {method:10} n={r['n']:5} {r['examples_per_s']:9.1f} ex/s  "
-                  f"mean min margin lb {r['mean_min_margin_lb']:9.4f}  certified {r['certified']:.3f}", flush=True)
+            print(
+                f"{Path(path).name:32} {method:10} n={r['n']:5} {r['examples_per_s']:9.1f} ex/s  "
+                f"mean min margin lb {r['mean_min_margin_lb']:9.4f}  certified {r['certified']:.3f}",
+                flush=True,
+            )
     for row in rows:
         row.pop("_worst")
-    write_json(Path(args.out), {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                            "tensorflow": tf.__version__, "load": list(os.getloadavg())},
-                                "rows": rows})
+    write_json(
+        Path(args.out),
+        {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "tensorflow": tf.__version__,
+                "load": list(os.getloadavg()),
+            },
+            "rows": rows,
+        },
+    )
     print("\n| model | method | n | examples/s | mean min margin lower bound | certified |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['method']} | {r['n']} | {r['examples_per_s']} | "
-              f"{r['mean_min_margin_lb']} | {r['certified']} |")
+        print(
+            f"| {r['model']} | {r['method']} | {r['n']} | {r['examples_per_s']} | "
+            f"{r['mean_min_margin_lb']} | {r['certified']} |"
+        )
     return 0
 
 

@@ -12,11 +12,14 @@ import keras
 
 
 def cnn_wide(input_shape=(28, 28, 1), num_classes=10) -> keras.Model:
-    return keras.Sequential([
-        keras.Input(input_shape),
-        keras.layers.Conv2D(32, 4, strides=2, padding="same", activation="relu"),
-        keras.layers.Conv2D(64, 4, strides=2, padding="same", activation="relu"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(256, activation="relu"),
-        keras.layers.Dense(num_classes, name="logits"),
-    ], name="cnn_wide")
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            keras.layers.Conv2D(32, 4, strides=2, padding="same", activation="relu"),
+            keras.layers.Conv2D(64, 4, strides=2, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(num_classes, name="logits"),
+        ],
+        name="cnn_wide",
+    )

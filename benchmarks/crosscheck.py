@@ -144,36 +144,56 @@ from pathlib import Path
 from advtrain.files import write_json
 
 RESULTS = Path(__file__).parent / "results"
-ATTACKS = ("ART PGD-100x5", "ART APGD-CE", "ART APGD-DLR", "Foolbox LinfPGD-100", "ART Square-5000",
-           "ART AutoAttack")
+ATTACKS = (
+    "ART PGD-100x5",
+    "ART APGD-CE",
+    "ART APGD-DLR",
+    "Foolbox LinfPGD-100",
+    "ART Square-5000",
+    "ART AutoAttack",
+)
 DEFAULT_ATTACKS = ATTACKS[:4]
 ADVTRAIN = "advtrain standard suite"
 SQUARE_QUERIES, APGD_STEPS, PGD_STEPS = 5000, 100, 100
 
 NEAREST_ART_OFFERS = [
-    "Three chained art.attacks.evasion.AutoAttack stages (APGD-CE untargeted; APGD-DLR with "
-    "targeted=True; Square untargeted), because one AutoAttack(targeted=True) runs every listed "
-    "attack untargeted and then every listed attack targeted (it would add 9 targeted APGD-CE runs "
-    "and one untargeted APGD-DLR run, run Square before the targeted attacks, and skip targeted "
-    "Square: SquareAttack.set_params(targeted=True) raises ValueError).",
-    "Stage 2 runs one untargeted APGD-DLR pass before its 9 targeted passes (AutoAttack's "
-    "untargeted phase runs every listed attack): extra budget for ART, not in advtrain's suite.",
-    "Targets: ART's AutoAttack(targeted=True) loops over all nb_classes - 1 = 9 other classes in "
-    "class-index order (the same count as AutoAttack's APGD-T); advtrain and AutoAttack take the 9 "
-    "highest-scoring other classes of the clean logits in score order. Same set on 10 classes; "
-    "the order changes cost and random draws only.",
-    "ART's targeted DLR loss is its untargeted DLR with the target as label, minimised: "
-    "-(z_t - max_{j!=t} z_j) / (z_pi1 - z_pi3); AutoAttack's targeted DLR is "
-    "-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2).",
-    "ART's APGD keeps only the final iterate of a run; ART's AutoAttack counts a targeted run as a "
-    "success only when the prediction is the target (advtrain: any misclassification).",
-    "ART's SquareAttack draws one square (position, side, +-2eps sign) per iteration shared by the "
-    "whole batch (the paper and advtrain: one per example); same p_init=0.8 schedule (halvings at "
-    "0.1%, 0.5%, 2%, 5%, 10%, 20%, 40%, 60%, 80% of max_iter), same margin loss on logits; three "
-    "forward passes per iteration (all n, the robust ones, the candidates).",
-    "APGD: ART's random start, checkpoints (p_1 = 0.22), step halving (rho = 0.75), momentum "
-    "(alpha = 0.75), initial step eps_step = 2*eps; nb_random_init=1 as AutoAttack's standard "
-    "version.",
+    (
+        "Three chained art.attacks.evasion.AutoAttack stages (APGD-CE untargeted; APGD-DLR with "
+        "targeted=True; Square untargeted), because one AutoAttack(targeted=True) runs every listed "
+        "attack untargeted and then every listed attack targeted (it would add 9 targeted APGD-CE runs "
+        "and one untargeted APGD-DLR run, run Square before the targeted attacks, and skip targeted "
+        "Square: SquareAttack.set_params(targeted=True) raises ValueError)."
+    ),
+    (
+        "Stage 2 runs one untargeted APGD-DLR pass before its 9 targeted passes (AutoAttack's "
+        "untargeted phase runs every listed attack): extra budget for ART, not in advtrain's suite."
+    ),
+    (
+        "Targets: ART's AutoAttack(targeted=True) loops over all nb_classes - 1 = 9 other classes in "
+        "class-index order (the same count as AutoAttack's APGD-T); advtrain and AutoAttack take the 9 "
+        "highest-scoring other classes of the clean logits in score order. Same set on 10 classes; "
+        "the order changes cost and random draws only."
+    ),
+    (
+        "ART's targeted DLR loss is its untargeted DLR with the target as label, minimised: "
+        "-(z_t - max_{j!=t} z_j) / (z_pi1 - z_pi3); AutoAttack's targeted DLR is "
+        "-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."
+    ),
+    (
+        "ART's APGD keeps only the final iterate of a run; ART's AutoAttack counts a targeted run as a "
+        "success only when the prediction is the target (advtrain: any misclassification)."
+    ),
+    (
+        "ART's SquareAttack draws one square (position, side, +-2eps sign) per iteration shared by the "
+        "whole batch (the paper and advtrain: one per example); same p_init=0.8 schedule (halvings at "
+        "0.1%, 0.5%, 2%, 5%, 10%, 20%, 40%, 60%, 80% of max_iter), same margin loss on logits; three "
+        "forward passes per iteration (all n, the robust ones, the candidates)."
+    ),
+    (
+        "APGD: ART's random start, checkpoints (p_1 = 0.22), step halving (rho = 0.75), momentum "
+        "(alpha = 0.75), initial step eps_step = 2*eps; nb_random_init=1 as AutoAttack's standard "
+        "version."
+    ),
 ]
 
 
@@ -184,9 +204,11 @@ def _load() -> list[float]:
 def _git_commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
+
         def git(*cmd):
-            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
 
         head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
     except (OSError, subprocess.SubprocessError) as e:
@@ -205,8 +227,9 @@ def quantised_model(model, levels: int):
     import keras
 
     inp = keras.Input(model.input_shape[1:], name="image")
-    q = keras.layers.Discretization(bin_boundaries=[i / levels for i in range(1, levels)],
-                                    name=f"quantise_{levels}")(inp)
+    q = keras.layers.Discretization(
+        bin_boundaries=[i / levels for i in range(1, levels)], name=f"quantise_{levels}"
+    )(inp)
     q = keras.layers.Rescaling(1.0 / (levels - 1), name="dequantise")(q)
     zero = keras.layers.Lambda(lambda t: 0.0 * t, name="zero_gradient_path")(inp)
     q = keras.layers.Add(name="quantised_plus_zero")([q, zero])
@@ -219,8 +242,11 @@ def _max_input_gradient(model, x, y) -> float:
     xt = tf.convert_to_tensor(x, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(xt)
-        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.convert_to_tensor(y, tf.int32), logits=model(xt, training=False)))
+        loss = tf.reduce_sum(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.convert_to_tensor(y, tf.int32), logits=model(xt, training=False)
+            )
+        )
     g = tape.gradient(loss, xt)
     return None if g is None else float(tf.reduce_max(tf.abs(g)))
 
@@ -276,30 +302,48 @@ def _ensure_multiprocess() -> str | None:
     if importlib.util.find_spec("multiprocess") is not None:
         return None
     sys.modules["multiprocess"] = types.ModuleType("multiprocess")
-    return ("the `multiprocess` package is not installed; an empty stand-in module was registered "
-            "for ART's AutoAttack.generate, which imports it but uses it only with "
-            "parallel_pool_size > 0")
+    return (
+        "the `multiprocess` package is not installed; an empty stand-in module was registered "
+        "for ART's AutoAttack.generate, which imports it but uses it only with "
+        "parallel_pool_size > 0"
+    )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model", type=Path)
     p.add_argument("--eps", type=float, required=True)
     p.add_argument("--n", type=int, default=1000, help="first n test images (default 1000)")
-    p.add_argument("--batch-size", type=int, default=500,
-                   help="attack batch of every library, advtrain included (default 500, "
-                        "advtrain's default)")
-    p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
-                   help=f"comma-separated subset of {list(ATTACKS)}, or 'all' "
-                        "(default: the first four)")
-    p.add_argument("--quantise", type=int, default=None, metavar="LEVELS",
-                   help="attack the model behind input quantisation to LEVELS levels (e.g. 8)")
-    p.add_argument("--steps-scale", type=float, default=1.0,
-                   help="tests only: factor in (0, 1] on every step count and query budget of both "
-                        "libraries; the JSON is marked REDUCED (default 1)")
-    p.add_argument("--out-dir", type=Path, default=RESULTS,
-                   help=f"where the JSON goes (default {RESULTS})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        help="attack batch of every library, advtrain included (default 500, advtrain's default)",
+    )
+    p.add_argument(
+        "--attacks",
+        default=",".join(DEFAULT_ATTACKS),
+        help=f"comma-separated subset of {list(ATTACKS)}, or 'all' (default: the first four)",
+    )
+    p.add_argument(
+        "--quantise",
+        type=int,
+        default=None,
+        metavar="LEVELS",
+        help="attack the model behind input quantisation to LEVELS levels (e.g. 8)",
+    )
+    p.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="tests only: factor in (0, 1] on every step count and query budget of both "
+        "libraries; the JSON is marked REDUCED (default 1)",
+    )
+    p.add_argument(
+        "--out-dir", type=Path, default=RESULTS, help=f"where the JSON goes (default {RESULTS})"
+    )
     args = p.parse_args(argv)
     names = [a.strip() for a in args.attacks.split(",") if a.strip()]
     names = list(ATTACKS) if names == ["all"] else names
@@ -334,8 +378,10 @@ def main(argv=None) -> int:
     from advtrain.suites import suite_attacks
 
     scale = args.steps_scale
-    pgd_steps, apgd_steps, queries = (max(1, round(s * scale))  # as advtrain's SuiteAttack.scaled
-                                      for s in (PGD_STEPS, APGD_STEPS, SQUARE_QUERIES))
+    pgd_steps, apgd_steps, queries = (
+        max(1, round(s * scale))  # as advtrain's SuiteAttack.scaled
+        for s in (PGD_STEPS, APGD_STEPS, SQUARE_QUERIES)
+    )
     bs, eps = args.batch_size, args.eps
 
     model = load_model(args.model)
@@ -353,24 +399,38 @@ def main(argv=None) -> int:
     clean = correct(x)
     out = {
         "model": str(args.model),
-        "model_variant": None if (q := args.quantise) is None else (
+        "model_variant": None
+        if (q := args.quantise) is None
+        else (
             f"input quantised to {q} levels: Rescaling(1/{q - 1})(Discretization(bin_boundaries="
-            f"[i/{q}, i=1..{q - 1}])(x)) + 0.0 * x (exact-zero input gradient, for ART)"),
+            f"[i/{q}, i=1..{q - 1}])(x)) + 0.0 * x (exact-zero input gradient, for ART)"
+        ),
         "quantise_levels": args.quantise,
         "input_gradient_max_abs": _max_input_gradient(model, x[:20], y[:20]),
-        "norm": "linf", "eps": eps, "n": n, "split": "test", "first_n": True,
+        "norm": "linf",
+        "eps": eps,
+        "n": n,
+        "split": "test",
+        "first_n": True,
         "batch_size": bs,
         "attacks_requested": names,
-        "budget": {"steps_scale": scale, "pgd_steps": pgd_steps, "apgd_steps": apgd_steps,
-                   "square_queries": queries, "reduced": scale != 1.0},
+        "budget": {
+            "steps_scale": scale,
+            "pgd_steps": pgd_steps,
+            "apgd_steps": apgd_steps,
+            "square_queries": queries,
+            "reduced": scale != 1.0,
+        },
         "clean_acc": float(clean.mean()),
         "libraries": {},
         "notes": [],
     }
     if scale != 1.0:
-        out["notes"].append(f"REDUCED BUDGET (--steps-scale {scale:g}): PGD {pgd_steps} steps, "
-                            f"APGD {apgd_steps} iterations, Square {queries} queries, in both "
-                            f"libraries; names keep their full-budget labels. Smoke tests only.")
+        out["notes"].append(
+            f"REDUCED BUDGET (--steps-scale {scale:g}): PGD {pgd_steps} steps, "
+            f"APGD {apgd_steps} iterations, Square {queries} queries, in both "
+            f"libraries; names keep their full-budget labels. Smoke tests only."
+        )
     print(f"{label}: clean {out['clean_acc']:.4f} on n={n}; load {load_start}", flush=True)
 
     # --- advtrain's standard suite -------------------------------------------------------------
@@ -382,8 +442,9 @@ def main(argv=None) -> int:
             runs.append((re.sub(r" target \d+/\d+$", "", what.split(" ", 2)[2]), total))
 
     t0 = time.perf_counter()
-    rep = evaluate_robustness(model, x, y, cfg, steps_scale=scale, keep_adversarial=True,
-                              progress=progress)
+    rep = evaluate_robustness(
+        model, x, y, cfg, steps_scale=scale, keep_adversarial=True, progress=progress
+    )
     wall = time.perf_counter() - t0
     r = rep.result(eps)
     ours = correct(r.adversarial)
@@ -418,29 +479,50 @@ def main(argv=None) -> int:
 
     art_names = [a for a in names if a.startswith("ART ")]
     if art_names:
-        from art.attacks.evasion import (AutoAttack, AutoProjectedGradientDescent,
-                                         ProjectedGradientDescent, SquareAttack)
+        from art.attacks.evasion import (
+            AutoAttack,
+            AutoProjectedGradientDescent,
+            ProjectedGradientDescent,
+            SquareAttack,
+        )
         from art.estimators.classification import TensorFlowV2Classifier
 
         # The models output logits: from_logits=True, and APGD-DLR / Square's margin read logits.
         clf = TensorFlowV2Classifier(
-            model=model, nb_classes=10, input_shape=(28, 28, 1), clip_values=(0.0, 1.0),
-            loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model=model,
+            nb_classes=10,
+            input_shape=(28, 28, 1),
+            clip_values=(0.0, 1.0),
+            loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
         common = dict(norm=np.inf, eps=eps, batch_size=bs)
 
         def apgd(loss_type, targeted=False, nb_random_init=1):
-            return AutoProjectedGradientDescent(clf, eps_step=2 * eps, max_iter=apgd_steps,
-                                                targeted=targeted, nb_random_init=nb_random_init,
-                                                loss_type=loss_type, verbose=False, **common)
+            return AutoProjectedGradientDescent(
+                clf,
+                eps_step=2 * eps,
+                max_iter=apgd_steps,
+                targeted=targeted,
+                nb_random_init=nb_random_init,
+                loss_type=loss_type,
+                verbose=False,
+                **common,
+            )
 
         def square():
-            return SquareAttack(clf, max_iter=queries, p_init=0.8, nb_restarts=1, verbose=False,
-                                **common)
+            return SquareAttack(
+                clf, max_iter=queries, p_init=0.8, nb_restarts=1, verbose=False, **common
+            )
 
         single = {
             "ART PGD-100x5": lambda: ProjectedGradientDescent(
-                clf, eps_step=2.5 * eps / pgd_steps, max_iter=pgd_steps, num_random_init=5,
-                verbose=False, **common),
+                clf,
+                eps_step=2.5 * eps / pgd_steps,
+                max_iter=pgd_steps,
+                num_random_init=5,
+                verbose=False,
+                **common,
+            ),
             "ART APGD-CE": lambda: apgd("cross_entropy", nb_random_init=5),
             "ART APGD-DLR": lambda: apgd("difference_logits_ratio", nb_random_init=5),
             "ART Square-5000": square,
@@ -450,13 +532,30 @@ def main(argv=None) -> int:
             if note := _ensure_multiprocess():
                 out["notes"].append(note)
             stages = [
-                ("apgd-ce", AutoAttack(clf, eps_step=2 * eps, attacks=[apgd("cross_entropy")],
-                                       targeted=False, **common)),
-                ("apgd-dlr untargeted, then targeted at each of the 9 other classes",
-                 AutoAttack(clf, eps_step=2 * eps, targeted=True, **common,
-                            attacks=[apgd("difference_logits_ratio", targeted=True)])),
-                ("square", AutoAttack(clf, eps_step=2 * eps, attacks=[square()], targeted=False,
-                                      **common)),
+                (
+                    "apgd-ce",
+                    AutoAttack(
+                        clf,
+                        eps_step=2 * eps,
+                        attacks=[apgd("cross_entropy")],
+                        targeted=False,
+                        **common,
+                    ),
+                ),
+                (
+                    "apgd-dlr untargeted, then targeted at each of the 9 other classes",
+                    AutoAttack(
+                        clf,
+                        eps_step=2 * eps,
+                        targeted=True,
+                        **common,
+                        attacks=[apgd("difference_logits_ratio", targeted=True)],
+                    ),
+                ),
+                (
+                    "square",
+                    AutoAttack(clf, eps_step=2 * eps, attacks=[square()], targeted=False, **common),
+                ),
             ]
             adv, robust, info = x.copy(), clean.copy(), []
             for stage, aa in stages:
@@ -467,14 +566,25 @@ def main(argv=None) -> int:
                     adv = aa.generate(adv, y=y)
                 seconds = time.perf_counter() - t0
                 now = correct(adv)
-                info.append({"stage": stage, "attacked": int(robust.sum()),
-                             "broken": int((robust & ~now).sum()), "seconds": seconds,
-                             "acc_after": float((robust & now).mean()), "runs": calls,
-                             "art_warnings": warned.messages, "autoattack": _params(aa),
-                             "attacks": [_params(a) for a in aa.attacks]})
+                info.append(
+                    {
+                        "stage": stage,
+                        "attacked": int(robust.sum()),
+                        "broken": int((robust & ~now).sum()),
+                        "seconds": seconds,
+                        "acc_after": float((robust & now).mean()),
+                        "runs": calls,
+                        "art_warnings": warned.messages,
+                        "autoattack": _params(aa),
+                        "attacks": [_params(a) for a in aa.attacks],
+                    }
+                )
                 robust &= now
-                print(f"  ART AutoAttack stage {stage}: broke {info[-1]['broken']} of "
-                      f"{info[-1]['attacked']}, {seconds:.1f} s", flush=True)
+                print(
+                    f"  ART AutoAttack stage {stage}: broke {info[-1]['broken']} of "
+                    f"{info[-1]['attacked']}, {seconds:.1f} s",
+                    flush=True,
+                )
             return adv, {"stages": info, "nearest_art_offers": NEAREST_ART_OFFERS}
 
         for name in art_names:
@@ -492,35 +602,51 @@ def main(argv=None) -> int:
         if not hasattr(np, "find_common_type"):
             # eagerpy 0.30 (under Foolbox 3.3.4) calls np.find_common_type, removed in NumPy 2.0.
             np.find_common_type = lambda array_types, scalar_types: np.result_type(
-                *array_types, *scalar_types)
+                *array_types, *scalar_types
+            )
         import foolbox as fb
 
         fmodel = fb.TensorFlowModel(model, bounds=(0.0, 1.0))
-        fb_pgd = fb.attacks.LinfPGD(abs_stepsize=2.5 * eps / pgd_steps, steps=pgd_steps,
-                                    random_start=True)
+        fb_pgd = fb.attacks.LinfPGD(
+            abs_stepsize=2.5 * eps / pgd_steps, steps=pgd_steps, random_start=True
+        )
         t0 = time.perf_counter()
-        adv = np.concatenate([
-            fb_pgd(fmodel, tf.constant(x[i:i + bs]), tf.constant(y[i:i + bs]),
-                   epsilons=eps)[1].numpy() for i in range(0, n, bs)])
+        adv = np.concatenate(
+            [
+                fb_pgd(
+                    fmodel, tf.constant(x[i : i + bs]), tf.constant(y[i : i + bs]), epsilons=eps
+                )[1].numpy()
+                for i in range(0, n, bs)
+            ]
+        )
         record("Foolbox LinfPGD-100", adv, time.perf_counter() - t0)
 
     # --- comparison ----------------------------------------------------------------------------
     union = np.logical_and.reduce(list(others.values())) if others else np.ones(n, bool)
-    out["libraries"]["other libraries, worst case"] = {"robust_acc": float(union.mean()),
-                                                       "of": list(others)}
+    out["libraries"]["other libraries, worst case"] = {
+        "robust_acc": float(union.mean()),
+        "of": list(others),
+    }
     out["all_libraries_worst_case"] = float((ours & union).mean())
     out["broken_elsewhere_not_by_advtrain"] = int(np.sum(ours & ~union))
     out["broken_by_advtrain_not_elsewhere"] = int(np.sum(~ours & union))
     out["broken_elsewhere_not_by_advtrain_indices"] = [
-        int(i) for i in np.flatnonzero(ours & ~union)]
+        int(i) for i in np.flatnonzero(ours & ~union)
+    ]
     out["broken_elsewhere_not_by_advtrain_per_library"] = {
-        k: int(np.sum(ours & ~v)) for k, v in others.items()}
+        k: int(np.sum(ours & ~v)) for k, v in others.items()
+    }
 
     shared_s = sum(r.attack_seconds[a] for a in shared)
-    tp = {ADVTRAIN: {"seconds": wall, "examples_per_s": n / wall,
-                     "attacks_art_autoattack_also_runs": shared,
-                     "seconds_in_attacks_art_autoattack_also_runs": shared_s,
-                     "examples_per_s_in_those_attacks": n / shared_s}}
+    tp = {
+        ADVTRAIN: {
+            "seconds": wall,
+            "examples_per_s": n / wall,
+            "attacks_art_autoattack_also_runs": shared,
+            "seconds_in_attacks_art_autoattack_also_runs": shared_s,
+            "examples_per_s_in_those_attacks": n / shared_s,
+        }
+    }
     for name in others:
         s = out["libraries"][name]["seconds"]
         tp[name] = {"seconds": s, "examples_per_s": n / s}
@@ -530,15 +656,23 @@ def main(argv=None) -> int:
         tp["ratio_advtrain_shared_attacks_over_art_autoattack_examples_per_s"] = art_s / shared_s
     out["throughput"] = tp
 
-    versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "tensorflow": tf.__version__, "keras": keras.__version__,
-                "advtrain_commit": _git_commit()}
+    versions = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "advtrain_commit": _git_commit(),
+    }
     for mod in ("advtrain", "art", "foolbox"):
         if mod in sys.modules:
             versions[mod] = getattr(sys.modules[mod], "__version__", "unknown")
     out["versions"] = versions
-    out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                      "load_start": load_start, "load_end": _load()}
+    out["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_start": load_start,
+        "load_end": _load(),
+    }
     out["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
 
     # The gradient cross-check and the AutoAttack/Square one are separate files, so neither run
@@ -546,23 +680,38 @@ def main(argv=None) -> int:
     gradient_free = {"ART Square-5000", "ART AutoAttack"} & set(names)
     path = args.out_dir / f"crosscheck_{label}{'_autoattack' if gradient_free else ''}.json"
     write_json(path, out)
-    print(f"\n{label}: clean {out['clean_acc']:.4f} on n={n} test images, linf eps {eps}"
-          + (f"  [REDUCED budget x{scale:g}]" if scale != 1.0 else ""))
+    print(
+        f"\n{label}: clean {out['clean_acc']:.4f} on n={n} test images, linf eps {eps}"
+        + (f"  [REDUCED budget x{scale:g}]" if scale != 1.0 else "")
+    )
     for name, lib in out["libraries"].items():
-        print(f"  {name:30s} robust {lib['robust_acc']:.4f}"
-              + (f"  {lib['seconds']:8.1f} s  {n / lib['seconds']:7.2f} ex/s" if "seconds" in lib
-                 else ""))
-    print("  advtrain per attack (broken, s): "
-          + ", ".join(f"{k} {r.broken.get(k, '-')} {v:.1f}" for k, v in r.attack_seconds.items()))
+        print(
+            f"  {name:30s} robust {lib['robust_acc']:.4f}"
+            + (
+                f"  {lib['seconds']:8.1f} s  {n / lib['seconds']:7.2f} ex/s"
+                if "seconds" in lib
+                else ""
+            )
+        )
+    print(
+        "  advtrain per attack (broken, s): "
+        + ", ".join(f"{k} {r.broken.get(k, '-')} {v:.1f}" for k, v in r.attack_seconds.items())
+    )
     if (ratio := tp.get("ratio_advtrain_suite_over_art_autoattack_examples_per_s")) is not None:
         shared_ratio = tp["ratio_advtrain_shared_attacks_over_art_autoattack_examples_per_s"]
-        print(f"  throughput advtrain suite / ART AutoAttack: {ratio:.2f}x "
-              f"(advtrain's APGD-CE + APGD-T + Square seconds only: {shared_ratio:.2f}x)")
+        print(
+            f"  throughput advtrain suite / ART AutoAttack: {ratio:.2f}x "
+            f"(advtrain's APGD-CE + APGD-T + Square seconds only: {shared_ratio:.2f}x)"
+        )
     print(f"  worst case over all: {out['all_libraries_worst_case']:.4f}")
-    print(f"  examples advtrain left robust that others broke: "
-          f"{out['broken_elsewhere_not_by_advtrain']}")
-    print(f"  examples advtrain broke that others left robust: "
-          f"{out['broken_by_advtrain_not_elsewhere']}")
+    print(
+        f"  examples advtrain left robust that others broke: "
+        f"{out['broken_elsewhere_not_by_advtrain']}"
+    )
+    print(
+        f"  examples advtrain broke that others left robust: "
+        f"{out['broken_by_advtrain_not_elsewhere']}"
+    )
     print(f"  load {load_start} -> {out['machine']['load_end']}; wrote {path}")
     return 0
 

@@ -112,13 +112,16 @@ class RssSampler:
         self._thread.join()
 
 
-def _train(cfg_dict: dict, workers: int, storage: str, name: str, sampler: RssSampler | None = None) -> dict:
+def _train(
+    cfg_dict: dict, workers: int, storage: str, name: str, sampler: RssSampler | None = None
+) -> dict:
     from advtrain.config import TrainConfig
     from workflows.train import build_trainer, read_final
 
     cfg = TrainConfig.from_dict(cfg_dict)
-    trainer = build_trainer(cfg, workers=workers, cpus_per_worker=1, storage_path=storage, name=name,
-                            max_failures=0)
+    trainer = build_trainer(
+        cfg, workers=workers, cpus_per_worker=1, storage_path=storage, name=name, max_failures=0
+    )
     t0 = time.perf_counter()
     if sampler is None:
         result = trainer.fit()
@@ -136,7 +139,10 @@ def _export_mnist(root: Path) -> Path:
     from advtrain.data import load_data, write_file_dataset
 
     data = load_data("bundled")
-    u8 = {s: (np.round(data.split(s)[0] * 255).astype(np.uint8), data.split(s)[1]) for s in ("train", "val", "test")}
+    u8 = {
+        s: (np.round(data.split(s)[0] * 255).astype(np.uint8), data.split(s)[1])
+        for s in ("train", "val", "test")
+    }
     return write_file_dataset(root / "mnist-parquet", u8, fmt="parquet", rows_per_file=8192)
 
 
@@ -144,24 +150,45 @@ def throughput(args, work: Path) -> list[dict]:
     import ray
 
     parquet = _export_mnist(work)
-    cells = [(setup, method, path) for method in args.methods for setup in SETUPS for path in ("memory", "stream")]
+    cells = [
+        (setup, method, path)
+        for method in args.methods
+        for setup in SETUPS
+        for path in ("memory", "stream")
+    ]
     runs = []
     for r in range(args.repeats):
         order = cells if r % 2 == 0 else cells[::-1]
         for setup, method, path in order:
             workers, batch = SETUPS[setup]
-            cfg = {"model": "cnn", "epochs": args.epochs, "batch_size": batch, "train_size": args.train_size,
-                   "probe_size": 256, "schedule": "constant", "learning_rate": 0.001, "guard": False,
-                   "data": "bundled" if path == "memory" else str(parquet), **METHODS[method]}
+            cfg = {
+                "model": "cnn",
+                "epochs": args.epochs,
+                "batch_size": batch,
+                "train_size": args.train_size,
+                "probe_size": 256,
+                "schedule": "constant",
+                "learning_rate": 0.001,
+                "guard": False,
+                "data": "bundled" if path == "memory" else str(parquet),
+                **METHODS[method],
+            }
             ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
             try:
                 out = _train(cfg, workers, str(work / "ray"), f"{setup}-{method}-{path}-{r}")
             finally:
                 ray.shutdown()
             steady = [h["examples_per_second"] for h in out["history"][1:]]
-            row = {"setup": setup, "method": method, "path": path, "round": r,
-                   "examples_per_second": statistics.median(steady), "epochs": [h["examples_per_second"] for h in out["history"]],
-                   "wall_s": out["wall_s"], "load1": os.getloadavg()[0]}
+            row = {
+                "setup": setup,
+                "method": method,
+                "path": path,
+                "round": r,
+                "examples_per_second": statistics.median(steady),
+                "epochs": [h["examples_per_second"] for h in out["history"]],
+                "wall_s": out["wall_s"],
+                "load1": os.getloadavg()[0],
+            }
             print(json.dumps(row), file=sys.stderr, flush=True)
             runs.append(row)
     return runs
@@ -173,12 +200,22 @@ def _generated(root: Path, gb: float, fmt: str) -> tuple[str, int]:
     rng = np.random.default_rng(0)
     n = int(gb * 2**30 // (32 * 32 * 3))
     shape = (32, 32, 3)
-    small = {s: (rng.integers(0, 256, (2048, *shape), dtype=np.uint8), rng.integers(0, 10, 2048)) for s in ("val", "test")}
+    small = {
+        s: (rng.integers(0, 256, (2048, *shape), dtype=np.uint8), rng.integers(0, 10, 2048))
+        for s in ("val", "test")
+    }
     if fmt == "npz":
         path = root / f"gen-{gb:g}gb.npz"
         x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-        np.savez(path, x_train=x, y_train=rng.integers(0, 10, n), x_val=small["val"][0], y_val=small["val"][1],
-                 x_test=small["test"][0], y_test=small["test"][1])
+        np.savez(
+            path,
+            x_train=x,
+            y_train=rng.integers(0, 10, n),
+            x_val=small["val"][0],
+            y_val=small["val"][1],
+            x_test=small["test"][0],
+            y_test=small["test"][1],
+        )
         return str(path), n
     out = root / f"gen-{gb:g}gb"
 
@@ -201,20 +238,40 @@ def memory(args, work: Path) -> list[dict]:
             if path == "memory" and gb > args.memory_max_gb:
                 continue
             source, n = _generated(work, gb, "parquet" if path == "stream" else "npz")
-            cfg = {"model": "mlp", "method": "clean", "epochs": 1, "batch_size": 512, "probe_size": 256,
-                   "schedule": "constant", "guard": False, "data": source}
-            store = {"object_store_memory": args.object_store_mb * 2**20} if args.object_store_mb else {}
+            cfg = {
+                "model": "mlp",
+                "method": "clean",
+                "epochs": 1,
+                "batch_size": 512,
+                "probe_size": 256,
+                "schedule": "constant",
+                "guard": False,
+                "data": source,
+            }
+            store = (
+                {"object_store_memory": args.object_store_mb * 2**20}
+                if args.object_store_mb
+                else {}
+            )
             ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, **store)
             try:
                 sampler = RssSampler()
                 out = _train(cfg, 2, str(work / "ray"), f"mem-{gb:g}-{path}", sampler)
             finally:
                 ray.shutdown()
-            row = {"dataset_gb": gb, "rows": n, "path": path, "workers": 2, "object_store_mb": args.object_store_mb,
-                   "peak_rss_mb": sorted(round(v["VmRSS"], 1) for v in sampler.peak.values()),
-                   "peak_mb": [{k: round(v, 1) for k, v in p.items()} for p in sampler.peak.values()],
-                   "share_per_worker_mb": round(gb * 1024 / 2, 1), "samples": sampler.samples,
-                   "examples_per_second": out["history"][-1]["examples_per_second"], "wall_s": out["wall_s"]}
+            row = {
+                "dataset_gb": gb,
+                "rows": n,
+                "path": path,
+                "workers": 2,
+                "object_store_mb": args.object_store_mb,
+                "peak_rss_mb": sorted(round(v["VmRSS"], 1) for v in sampler.peak.values()),
+                "peak_mb": [{k: round(v, 1) for k, v in p.items()} for p in sampler.peak.values()],
+                "share_per_worker_mb": round(gb * 1024 / 2, 1),
+                "samples": sampler.samples,
+                "examples_per_second": out["history"][-1]["examples_per_second"],
+                "wall_s": out["wall_s"],
+            }
             print(json.dumps(row), file=sys.stderr, flush=True)
             runs.append(row)
             if path == "stream":
@@ -229,7 +286,10 @@ def memory(args, work: Path) -> list[dict]:
 def _table(doc: dict) -> str:
     lines = []
     if doc.get("throughput"):
-        lines += ["| method | setup | in memory ex/s | streamed ex/s | streamed / in memory |", "|---|---|---|---|---|"]
+        lines += [
+            "| method | setup | in memory ex/s | streamed ex/s | streamed / in memory |",
+            "|---|---|---|---|---|",
+        ]
         by = {}
         for r in doc["throughput"]:
             by.setdefault((r["method"], r["setup"], r["path"]), []).append(r["examples_per_second"])
@@ -238,22 +298,34 @@ def _table(doc: dict) -> str:
                 mem, st = by.get((method, setup, "memory")), by.get((method, setup, "stream"))
                 if not mem or not st:
                     continue
-                fmt = lambda v: f"{statistics.median(v):,.0f} [{min(v):,.0f}-{max(v):,.0f}]"  # noqa: E731
-                lines.append(f"| {method} | {setup} | {fmt(mem)} | {fmt(st)} | "
-                             f"{statistics.median(st) / statistics.median(mem):.2f} |")
+                fmt = lambda v: f"{statistics.median(v):,.0f} [{min(v):,.0f}-{max(v):,.0f}]"
+                lines.append(
+                    f"| {method} | {setup} | {fmt(mem)} | {fmt(st)} | "
+                    f"{statistics.median(st) / statistics.median(mem):.2f} |"
+                )
     if doc.get("memory"):
-        lines += ["", "| dataset | rows | path | peak RSS per worker (MB) | of it: own heap (RssAnon) | object store pages "
-                      "(RssShmem) | dataset share per worker (MB) | ex/s |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            (
+                "| dataset | rows | path | peak RSS per worker (MB) | of it: own heap (RssAnon) | object store pages "
+                "(RssShmem) | dataset share per worker (MB) | ex/s |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in doc["memory"]:
-            part = lambda k: ", ".join(f"{p[k]:,.0f}" for p in r["peak_mb"])  # noqa: E731
+            part = lambda k, r=r: ", ".join(f"{p[k]:,.0f}" for p in r["peak_mb"])
             store = f", store {r['object_store_mb']} MB" if r.get("object_store_mb") else ""
-            lines.append(f"| {r['dataset_gb']:g} GB | {r['rows']:,} | {r['path']}{store} | {part('VmRSS')} | {part('RssAnon')} | "
-                         f"{part('RssShmem')} | {r['share_per_worker_mb']:,.0f} | {r['examples_per_second']:,.0f} |")
+            lines.append(
+                f"| {r['dataset_gb']:g} GB | {r['rows']:,} | {r['path']}{store} | {part('VmRSS')} | {part('RssAnon')} | "
+                f"{part('RssShmem')} | {r['share_per_worker_mb']:,.0f} | {r['examples_per_second']:,.0f} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--throughput", action="store_true")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--repeats", type=int, default=2)
@@ -261,10 +333,16 @@ def main(argv=None) -> int:
     p.add_argument("--train-size", type=int, default=16384)
     p.add_argument("--methods", default="pgd3,clean")
     p.add_argument("--sizes-gb", default="0.25,0.5,1,2")
-    p.add_argument("--memory-max-gb", type=float, default=0.5, help="largest dataset also run in memory")
+    p.add_argument(
+        "--memory-max-gb", type=float, default=0.5, help="largest dataset also run in memory"
+    )
     p.add_argument("--cpus", type=int, default=3)
-    p.add_argument("--object-store-mb", type=int, default=0,
-                   help="memory runs: Ray's object store size (default 0: Ray's own, 30%% of RAM)")
+    p.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=0,
+        help="memory runs: Ray's object store size (default 0: Ray's own, 30%% of RAM)",
+    )
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "data_path.json"))
     args = p.parse_args(argv)
@@ -277,8 +355,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
-        doc = {"command": " ".join(["python -m benchmarks.data_path", *(argv or sys.argv[1:])]),
-               "cpus": args.cpus, "machine_cpus": os.cpu_count()}
+        doc = {
+            "command": " ".join(["python -m benchmarks.data_path", *(argv or sys.argv[1:])]),
+            "cpus": args.cpus,
+            "machine_cpus": os.cpu_count(),
+        }
         if args.throughput:
             doc["throughput"] = throughput(args, work)
             write_json(args.out, doc)

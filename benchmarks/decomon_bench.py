@@ -32,6 +32,7 @@ Compatibility patches (applied at import, nothing installed is edited):
   BatchedIdentityLike (np.prod of the shape) works in graph mode only with a static batch size,
   so every batch is padded to --batch (one traced shape, no retrace inside the timing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,42 +51,61 @@ if not hasattr(np, "float_"):  # patch 1
 
 
 def _parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--method", choices=["crown", "ibp", "crown-ibp"], default="crown")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--out", default=None)
-    p.add_argument("--margin-mode", choices=["auto", "backbounds", "pairs"], default="auto",
-                   help="auto: backbounds for crown/crown-ibp, pairs for ibp")
-    p.add_argument("--threads", type=int, default=0, help="TF intra/inter-op threads (0 = TF default)")
-    p.add_argument("--sanity", type=int, default=10, help="soundness check on the first K examples (0 = off)")
-    p.add_argument("--sanity-points", type=int, default=20, help="random points per example (half at box corners)")
+    p.add_argument(
+        "--margin-mode",
+        choices=["auto", "backbounds", "pairs"],
+        default="auto",
+        help="auto: backbounds for crown/crown-ibp, pairs for ibp",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="TF intra/inter-op threads (0 = TF default)"
+    )
+    p.add_argument(
+        "--sanity", type=int, default=10, help="soundness check on the first K examples (0 = off)"
+    )
+    p.add_argument(
+        "--sanity-points",
+        type=int,
+        default=20,
+        help="random points per example (half at box corners)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="bundled", help="advtrain.data.load_data source")
-    p.add_argument("--cache-toeplitz", action="store_true",
-                   help="optional speed patch (not needed for correctness): compute decomon's dense Toeplitz "
-                        "matrix of each Conv2D once, eagerly, and embed it as a constant, instead of rebuilding "
-                        "it (a ~5 GB intermediate for conv2 of the small CNN) in every call. Same bounds.")
+    p.add_argument(
+        "--cache-toeplitz",
+        action="store_true",
+        help="optional speed patch (not needed for correctness): compute decomon's dense Toeplitz "
+        "matrix of each Conv2D once, eagerly, and embed it as a constant, instead of rebuilding "
+        "it (a ~5 GB intermediate for conv2 of the small CNN) in every call. Same bounds.",
+    )
     return p.parse_args()
 
 
 args = _parse()
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 if args.threads > 0:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
-import keras  # noqa: E402
-import keras.ops as K  # noqa: E402
+import itertools
 
-import decomon  # noqa: E402
-import decomon.keras_utils as _ku  # noqa: E402
-import decomon.layers.decomon_layers as _dl  # noqa: E402
-from decomon.models import clone  # noqa: E402
+import decomon
+import decomon.keras_utils as _ku
+import decomon.layers.decomon_layers as _dl
+import keras
+import keras.ops as K
+from decomon.models import clone
 
 
 def _conv_share_weights(self, layer):  # patch 2
@@ -125,10 +145,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, for
 def load_model(path):
     try:
         return keras.models.load_model(path, compile=False)
-    except Exception as first:  # custom advtrain layers
+    except Exception as first:  # noqa: BLE001 - custom advtrain layers
         try:
             import advtrain.models  # noqa: F401
-        except Exception:
+        except Exception:  # noqa: BLE001 - a second loader is tried after any failure
             raise first
         return keras.models.load_model(path, compile=False)
 
@@ -137,7 +157,7 @@ def chain_layers(model):
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     if not isinstance(model, keras.Sequential):
         # accept a functional model only if it is a plain chain
-        for a, b in zip(layers[:-1], layers[1:]):
+        for a, b in itertools.pairwise(layers):
             if len(b._inbound_nodes) != 1 or b._inbound_nodes[0].parent_nodes[0].operation is not a:
                 raise SystemExit("only sequential (chain) models are supported by this harness")
     return layers
@@ -151,7 +171,11 @@ def build_flat(model, fold_pairs):
     last = layers[-1]
     if not isinstance(last, keras.layers.Dense):
         raise SystemExit(f"last layer must be Dense, got {type(last).__name__}")
-    W, b = [np.asarray(v) for v in last.get_weights()] if last.use_bias else (np.asarray(last.get_weights()[0]), None)
+    W, b = (
+        [np.asarray(v) for v in last.get_weights()]
+        if last.use_bias
+        else (np.asarray(last.get_weights()[0]), None)
+    )
     if b is None:
         b = np.zeros(W.shape[1], W.dtype)
     nc = W.shape[1]
@@ -198,7 +222,9 @@ def pair_index(y, nc):
 def main():
     from advtrain.data import load_data
 
-    dmethod = {"crown": "crown", "crown-ibp": "crown-forward-ibp", "ibp": "forward-ibp"}[args.method]
+    dmethod = {"crown": "crown", "crown-ibp": "crown-forward-ibp", "ibp": "forward-ibp"}[
+        args.method
+    ]
     mode = args.margin_mode
     if mode == "auto":
         mode = "pairs" if args.method == "ibp" else "backbounds"
@@ -239,7 +265,7 @@ def main():
             out = fn([tf.constant(z), tf.constant(spec_matrix(yb, nc))])
         else:
             out = fn([tf.constant(z)])
-        u, l = out[0], out[1]
+        _u, l = out[0], out[1]
         l = l.numpy()[:m]
         if mode == "pairs":
             l = np.take_along_axis(l, pair_index(yb[:m], nc), 1)
@@ -289,16 +315,24 @@ def main():
             worst = min(worst, float(slack.min()))
             viol += int((slack < -1e-4).sum())
             checks += slack.size
-        sanity = {"examples": k, "points_per_example": P + 1, "checks": checks,
-                  "violations(tol 1e-4)": viol, "min_slack(true_margin - lb)": worst, "ok": viol == 0}
+        sanity = {
+            "examples": k,
+            "points_per_example": P + 1,
+            "checks": checks,
+            "violations(tol 1e-4)": viol,
+            "min_slack(true_margin - lb)": worst,
+            "ok": viol == 0,
+        }
 
     clean_pred = np.argmax(np.asarray(model(x, training=False)), 1)
     res = {
         "method": args.method,
         "decomon_method": dmethod,
-        "bound": ("margin via decomon back_bounds (spec matrix C in the final CROWN backward pass)"
-                  if mode == "backbounds" else
-                  "margin folded into the last Dense (all ordered pairs W_i - W_j), bounded by decomon"),
+        "bound": (
+            "margin via decomon back_bounds (spec matrix C in the final CROWN backward pass)"
+            if mode == "backbounds"
+            else "margin folded into the last Dense (all ordered pairs W_i - W_j), bounded by decomon"
+        ),
         "eps": args.eps,
         "n": n,
         "batch": B,

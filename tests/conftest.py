@@ -49,8 +49,12 @@ def ray_cluster(tmp_path_factory):
         local_cluster.down(root, purge=True)
 
 
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                  "AWS_DEFAULT_REGION": "us-east-1"}
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="session")
@@ -123,15 +127,28 @@ def check_nothing_reserved(cluster) -> None:
     held = reserved_placement_groups(cluster)
     if not held:
         return
-    code = ("import sys, ray\nfrom ray._raylet import PlacementGroupID\n"
-            "from ray.util.placement_group import PlacementGroup, remove_placement_group\n"
-            "ray.init(address=sys.argv[1], log_to_driver=False)\n"
-            "for h in sys.argv[2:]:\n    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(h)))\n")
-    subprocess.run([sys.executable, "-c", code, cluster.address, *(g["placement_group_id"] for g in held)],
-                   env={**os.environ, **local_cluster.env_for(cluster)}, capture_output=True, timeout=120, check=False)
-    pytest.fail(f"{len(held)} placement group(s) still reserve the cluster's resources after the test (removed "
-                f"now): " + "; ".join(f"{g['placement_group_id'][:8]} of job {g['creator_job_id']}, {g['state']}, "
-                                      f"{[b.get('unit_resources') for b in g.get('bundles') or []]}" for g in held))
+    code = (
+        "import sys, ray\nfrom ray._raylet import PlacementGroupID\n"
+        "from ray.util.placement_group import PlacementGroup, remove_placement_group\n"
+        "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+        "for h in sys.argv[2:]:\n    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(h)))\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, cluster.address, *(g["placement_group_id"] for g in held)],
+        env={**os.environ, **local_cluster.env_for(cluster)},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    pytest.fail(
+        f"{len(held)} placement group(s) still reserve the cluster's resources after the test (removed "
+        f"now): "
+        + "; ".join(
+            f"{g['placement_group_id'][:8]} of job {g['creator_job_id']}, {g['state']}, "
+            f"{[b.get('unit_resources') for b in g.get('bundles') or []]}"
+            for g in held
+        )
+    )
 
 
 @pytest.fixture(autouse=True)

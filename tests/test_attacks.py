@@ -40,15 +40,26 @@ def test_data():
 
 @pytest.fixture(scope="module")
 def trained():
-    cfg = TrainConfig(model="cnn", method="clean", epochs=1, train_size=6000, val_size=1000,
-                      probe_size=64, probe_steps=2, schedule="constant", seed=0)
+    cfg = TrainConfig(
+        model="cnn",
+        method="clean",
+        epochs=1,
+        train_size=6000,
+        val_size=1000,
+        probe_size=64,
+        probe_steps=2,
+        schedule="constant",
+        seed=0,
+    )
     model, _, _ = fit(cfg)
     return model
 
 
 def _linear(seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    return keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +76,11 @@ def _linf(a, b):
 
 
 def _l2(a, b):
-    return np.sqrt(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(len(a), -1).sum(axis=1))
+    return np.sqrt(
+        np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        .reshape(len(a), -1)
+        .sum(axis=1)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,8 +89,11 @@ def _l2(a, b):
 
 _BUDGET = {"fgsm": {}, "pgd": {"steps": 3}, "apgd": {"steps": 3}, "square": {"queries": 20}}
 # Square minimises its own margin loss (AutoAttack's setting): it takes no `loss` argument.
-_LOSSES = [(name, loss) for name in sorted(ATTACKS)
-           for loss in (("margin",) if name == "square" else LOSSES)]
+_LOSSES = [
+    (name, loss)
+    for name in sorted(ATTACKS)
+    for loss in (("margin",) if name == "square" else LOSSES)
+]
 
 
 def _loss_kw(name, loss):
@@ -89,8 +107,17 @@ def test_attack_contract_shape_dtype_ball_range(name, norm, loss, targeted, line
     x, y = test_data[0][:16], test_data[1][:16]
     eps = BALL[norm]
     y_target = (y + 1) % 10 if targeted else None
-    x_adv = ATTACKS[name](linear, x, y, eps=eps, norm=norm, y_target=y_target, seed=1,
-                          **_loss_kw(name, loss), **_BUDGET[name])
+    x_adv = ATTACKS[name](
+        linear,
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        y_target=y_target,
+        seed=1,
+        **_loss_kw(name, loss),
+        **_BUDGET[name],
+    )
     assert isinstance(x_adv, tf.Tensor)
     assert tuple(x_adv.shape) == x.shape and x_adv.dtype == tf.float32
     x_adv = x_adv.numpy()
@@ -154,7 +181,9 @@ def test_fgsm_l2_equals_closed_form(linear, test_data):
     grad = _ce_grad(linear, x, y).astype(np.float64)
     norms = np.sqrt(np.square(grad).reshape(64, -1).sum(axis=1)).reshape(64, 1, 1, 1)
     expected = np.clip(x + 0.5 * grad / norms, 0.0, 1.0)
-    np.testing.assert_allclose(fgsm(linear, x, y, eps=0.5, norm="l2").numpy(), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        fgsm(linear, x, y, eps=0.5, norm="l2").numpy(), expected, rtol=0, atol=1e-5
+    )
 
 
 def test_pgd_one_step_no_random_start_equals_fgsm(linear, test_data):
@@ -174,8 +203,12 @@ def test_pgd_graph_last_iterate_equals_manual_loop(linear, test_data):
     expected = x.copy()
     for _ in range(3):
         grad = _ce_grad(linear, expected, y)
-        expected = np.clip(expected + step * np.sign(grad), np.maximum(x - eps, 0.0), np.minimum(x + eps, 1.0))
-    got = tf.function(lambda a, b: attacks.pgd_graph(linear, a, b, eps, step, 3, random_start=False))(x, y)
+        expected = np.clip(
+            expected + step * np.sign(grad), np.maximum(x - eps, 0.0), np.minimum(x + eps, 1.0)
+        )
+    got = tf.function(
+        lambda a, b: attacks.pgd_graph(linear, a, b, eps, step, 3, random_start=False)
+    )(x, y)
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
 
 
@@ -199,7 +232,9 @@ def test_objective_ce_matches_keras_and_margin_sign():
     np.testing.assert_allclose(objective(logits, y, loss="ce").numpy(), ce, rtol=1e-6)
     np.testing.assert_allclose(objective(logits, y, loss="margin").numpy(), [-2.0, 2.0])
     # DLR: -(z_y - max_other) / (z_pi1 - z_pi3)
-    np.testing.assert_allclose(objective(logits, y, loss="dlr").numpy(), [-2.0 / 3.0, 2.0 / 1.5], rtol=1e-6)
+    np.testing.assert_allclose(
+        objective(logits, y, loss="dlr").numpy(), [-2.0 / 3.0, 2.0 / 1.5], rtol=1e-6
+    )
 
 
 def test_apgd_checkpoints_match_paper_schedule():
@@ -263,7 +298,9 @@ def test_pgd_targeted_reaches_target_large_eps(trained, test_data):
 def test_apgd_dlr_targeted_reaches_target(trained, test_data):
     x, y = test_data
     target = (y + 3) % 10
-    x_adv = run_attack("apgd", trained, x, y, y_target=target, eps=0.3, steps=20, loss="dlr", batch_size=N)
+    x_adv = run_attack(
+        "apgd", trained, x, y, y_target=target, eps=0.3, steps=20, loss="dlr", batch_size=N
+    )
     pred = np.argmax(trained(x_adv).numpy(), -1)
     assert np.mean(pred == target) > 0.8
     assert _linf(x_adv, x).max() <= 0.3 + TOL
@@ -316,7 +353,9 @@ def test_run_attack_seed_reproducible(linear, test_data):
 
 
 def test_run_attack_empty_input_returns_empty(linear):
-    out = run_attack("fgsm", linear, np.zeros((0, 28, 28, 1), np.float32), np.zeros(0, np.int32), eps=0.1)
+    out = run_attack(
+        "fgsm", linear, np.zeros((0, 28, 28, 1), np.float32), np.zeros(0, np.int32), eps=0.1
+    )
     assert out.shape == (0, 28, 28, 1)
 
 
@@ -328,16 +367,28 @@ def test_run_attack_empty_input_returns_empty(linear):
 _BAD_BUDGETS = [
     ({"eps": -0.1}, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=-0.1"),
     ({"eps": 1.5}, ValueError, r"`eps` must be in \[0.0, 1.0\]. Received: eps=1.5"),
-    ({"eps": 0.1, "norm": "l3"}, ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l3'"),
-    ({"eps": 0.1, "loss": "foo"}, ValueError, r"`loss` must be one of 'ce', 'margin', 'dlr'. Received: loss='foo'"),
+    (
+        {"eps": 0.1, "norm": "l3"},
+        ValueError,
+        r"`norm` must be one of 'linf', 'l2'. Received: norm='l3'",
+    ),
+    (
+        {"eps": 0.1, "loss": "foo"},
+        ValueError,
+        r"`loss` must be one of 'ce', 'margin', 'dlr'. Received: loss='foo'",
+    ),
     ({"eps": 0.1, "seed": -2}, ValueError, r"`seed` must be in \[0, inf\]. Received: seed=-2"),
 ]
 
 
 @pytest.mark.parametrize(
     "name, kw, error, match",
-    [(name, *case) for name in sorted(ATTACKS) for case in _BAD_BUDGETS
-     if not (name == "square" and "loss" in case[0])],  # Square takes no loss (see _LOSSES)
+    [
+        (name, *case)
+        for name in sorted(ATTACKS)
+        for case in _BAD_BUDGETS
+        if not (name == "square" and "loss" in case[0])
+    ],  # Square takes no loss (see _LOSSES)
 )
 def test_attack_bad_budget_raises(name, kw, error, match, linear, test_data):
     x, y = test_data[0][:4], test_data[1][:4]
@@ -360,7 +411,9 @@ def test_iterative_attack_bad_steps_restarts_raises(name, kw, match, linear, tes
 
 
 def test_pgd_zero_step_size_raises(linear, test_data):
-    with pytest.raises(ValueError, match=r"`step_size` must be in \(0.0, inf\]. Received: step_size=0.0"):
+    with pytest.raises(
+        ValueError, match=r"`step_size` must be in \(0.0, inf\]. Received: step_size=0.0"
+    ):
         pgd(linear, test_data[0][:4], test_data[1][:4], eps=0.1, step_size=0.0)
 
 
@@ -378,7 +431,9 @@ def test_attack_mismatched_y_target_raises(linear, test_data):
 
 
 def test_run_attack_unknown_name_raises(linear, test_data):
-    with pytest.raises(ValueError, match=r"Unknown attack 'cw'. Expected one of: apgd, fgsm, pgd, square\."):
+    with pytest.raises(
+        ValueError, match=r"Unknown attack 'cw'. Expected one of: apgd, fgsm, pgd, square\."
+    ):
         run_attack("cw", linear, test_data[0][:4], test_data[1][:4], eps=0.1)
 
 
@@ -386,14 +441,19 @@ def test_run_attack_unknown_name_raises(linear, test_data):
 def test_run_attack_x_out_of_range_raises(low, high, linear):
     x = np.zeros((4, 28, 28, 1), np.float32)
     x[0, 0, 0, 0], x[1, 0, 0, 0] = low, high
-    with pytest.raises(ValueError, match=rf"`x` must be finite and in \[0.0, 1.0\]. Received: x in \[{low}, {high}\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"`x` must be finite and in \[0.0, 1.0\]. Received: x in \[{low}, {high}\]",
+    ):
         run_attack("pgd", linear, x, np.zeros(4, np.int32), eps=0.1)
 
 
 def test_run_attack_x_nan_raises(linear):
     x = np.zeros((4, 28, 28, 1), np.float32)
     x[2, 3, 4, 0] = np.nan
-    with pytest.raises(ValueError, match=r"`x` must be finite and in \[0.0, 1.0\]. Received: x in \[0.0, 0.0\]"):
+    with pytest.raises(
+        ValueError, match=r"`x` must be finite and in \[0.0, 1.0\]. Received: x in \[0.0, 0.0\]"
+    ):
         run_attack("fgsm", linear, x, np.zeros(4, np.int32), eps=0.1)
 
 
@@ -404,8 +464,13 @@ def test_run_attack_length_mismatch_raises(linear, test_data):
 
 @pytest.mark.parametrize("batch_size", [0, True, 2.5])
 def test_run_attack_bad_batch_size_raises(batch_size, linear, test_data):
-    with pytest.raises(ValueError, match=rf"`batch_size` must be an integer >= 1. Received: batch_size={batch_size!r}"):
-        run_attack("pgd", linear, test_data[0][:4], test_data[1][:4], eps=0.1, batch_size=batch_size)
+    with pytest.raises(
+        ValueError,
+        match=rf"`batch_size` must be an integer >= 1. Received: batch_size={batch_size!r}",
+    ):
+        run_attack(
+            "pgd", linear, test_data[0][:4], test_data[1][:4], eps=0.1, batch_size=batch_size
+        )
 
 
 def test_run_attack_y_target_length_mismatch_raises(linear, test_data):
@@ -416,5 +481,7 @@ def test_run_attack_y_target_length_mismatch_raises(linear, test_data):
 
 @pytest.mark.parametrize("seed", [-1, 1.5, True])
 def test_run_attack_bad_seed_raises(seed, linear, test_data):
-    with pytest.raises(ValueError, match=rf"`seed` must be an integer >= 0. Received: seed={seed!r}"):
+    with pytest.raises(
+        ValueError, match=rf"`seed` must be an integer >= 0. Received: seed={seed!r}"
+    ):
         run_attack("pgd", linear, test_data[0][:4], test_data[1][:4], eps=0.1, seed=seed)

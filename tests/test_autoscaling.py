@@ -32,15 +32,22 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "tests/data/cluster_smoke.yaml"  # relative to the repository root, the job's working dir
 NODE_TYPES = {"gpu_worker": {"resources": {"CPU": 2, "GPU": 2}, "min_workers": 0, "max_workers": 2}}
-WORKER_LINE = re.compile(r"advtrain worker (\d+)/(\d+) of (\S+) from epoch (\d+): node (\w+), GPU ids \[([^\]]*)\], "
-                         r"CUDA_VISIBLE_DEVICES='([^']*)'")
+WORKER_LINE = re.compile(
+    r"advtrain worker (\d+)/(\d+) of (\S+) from epoch (\d+): node (\w+), GPU ids \[([^\]]*)\], "
+    r"CUDA_VISIBLE_DEVICES='([^']*)'"
+)
 
 
 @pytest.fixture(scope="module")
 def autoscaling_cluster(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("autoscaling")
-    cluster = local_cluster.up(root, num_cpus=0, node_types=NODE_TYPES, idle_timeout_minutes=0.25,
-                               extra_env={**s3_server, "RAY_JOB_STOP_WAIT_TIME_S": "60"})
+    cluster = local_cluster.up(
+        root,
+        num_cpus=0,
+        node_types=NODE_TYPES,
+        idle_timeout_minutes=0.25,
+        extra_env={**s3_server, "RAY_JOB_STOP_WAIT_TIME_S": "60"},
+    )
     try:
         yield cluster
     finally:
@@ -76,22 +83,51 @@ class NodeCount(threading.Thread):
 
 
 def _env(cluster):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")
+    }
     env.update(local_cluster.env_for(cluster))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
 def _ray(env, args, timeout, **kw):
-    return subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def _submit_cmd(env, bucket, *extra, config=CONFIG):
     """docs/cluster.md's submission, with the test's small config and a 2-worker trial."""
-    return ["job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"], "--working-dir", ".", *extra, "--",
-            "advtrain", "tune", "--config", config, "--address", "auto", "--gpu", "--workers", "2",
-            "--storage", f"{bucket}/advtrain"]
+    return [
+        "job",
+        "submit",
+        "--address",
+        env["RAY_API_SERVER_ADDRESS"],
+        "--working-dir",
+        ".",
+        *extra,
+        "--",
+        "advtrain",
+        "tune",
+        "--config",
+        config,
+        "--address",
+        "auto",
+        "--gpu",
+        "--workers",
+        "2",
+        "--storage",
+        f"{bucket}/advtrain",
+    ]
 
 
 def _run_name(bucket):
@@ -110,7 +146,8 @@ def _wait_nodes(cluster, count, timeout_s):
 
 
 def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores_everything(
-        autoscaling_cluster, s3_bucket, tmp_path):
+    autoscaling_cluster, s3_bucket, tmp_path
+):
     env = _env(autoscaling_cluster)
     assert _wait_nodes(autoscaling_cluster, 1, 60), "the cluster should start with its head alone"
     counter = NodeCount(autoscaling_cluster)
@@ -120,7 +157,10 @@ def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "succeeded" in log
-    assert "waiting for the autoscaler: 2 worker(s) x {CPU: 1, GPU: 1}, node type gpu_worker, up to 2 nodes" in log
+    assert (
+        "waiting for the autoscaler: 2 worker(s) x {CPU: 1, GPU: 1}, node type gpu_worker, up to 2 nodes"
+        in log
+    )
 
     # From zero worker nodes up: the head alone, then the autoscaler's nodes.
     counts = counter.counts()
@@ -140,8 +180,16 @@ def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores
     name = _run_name(s3_bucket)
     run = f"{s3_bucket}/advtrain/{name}"
     keys = storage.list_files(run)
-    for key in ("spec.json", "trials.json", "results.csv", "results.md", "report.md", "report.html", "pareto.png",
-                "best_model.keras"):
+    for key in (
+        "spec.json",
+        "trials.json",
+        "results.csv",
+        "results.md",
+        "report.md",
+        "report.html",
+        "pareto.png",
+        "best_model.keras",
+    ):
         assert key in keys, keys
     assert any(k.startswith("tune/") for k in keys) and any(k.startswith("train/") for k in keys)
     assert any(re.fullmatch(r"trials/[^/]+/report\.json", k) for k in keys)
@@ -150,8 +198,13 @@ def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores
     staged = re.search(r"\(staged in (\S+)\)", log).group(1)
     shutil.rmtree(staged, ignore_errors=True)
     _delete(run, "report.md")
-    report = subprocess.run([sys.executable, "-m", "workflows.cli", "report", run], env=env, capture_output=True,
-                            text=True, timeout=300)
+    report = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "report", run],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "report.md" in storage.list_files(run)
 
@@ -159,7 +212,9 @@ def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores
     assert _wait_nodes(autoscaling_cluster, 1, 120), local_cluster.status(autoscaling_cluster.root)
     changes = [n for i, n in enumerate(counts) if i == 0 or n != counts[i - 1]]
     print(f"live nodes over the job (changes): {changes}, then back to 1 after it")
-    print(f"workers: {sorted((run, node[-5:], ids) for run, pairs in by_run.items() for node, ids in pairs)}")
+    print(
+        f"workers: {sorted((run, node[-5:], ids) for run, pairs in by_run.items() for node, ids in pairs)}"
+    )
     print("bucket after the job:\n  " + "\n  ".join(keys))
 
 
@@ -169,14 +224,20 @@ def _delete(run, key):
 
 
 def _logs(env, job):
-    return _ray(env, ["job", "logs", "--address", env["RAY_API_SERVER_ADDRESS"], job], timeout=60).stdout
+    return _ray(
+        env, ["job", "logs", "--address", env["RAY_API_SERVER_ADDRESS"], job], timeout=60
+    ).stdout
 
 
 def _job_status(env, job):
     """The job's status, from `ray job status` (which words it differently per status)."""
     done = _ray(env, ["job", "status", "--address", env["RAY_API_SERVER_ADDRESS"], job], timeout=60)
     out = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
-    for word, status in (("' succeeded", "SUCCEEDED"), ("' was stopped", "STOPPED"), ("' failed", "FAILED")):
+    for word, status in (
+        ("' succeeded", "SUCCEEDED"),
+        ("' was stopped", "STOPPED"),
+        ("' failed", "FAILED"),
+    ):
         if f"Job '{job}{word}" in out:
             return status
     m = re.search(r"Status for job '[^']+': (?:JobStatus\.)?(\w+)", out)
@@ -184,7 +245,8 @@ def _job_status(env, job):
 
 
 def test_interrupted_search_resumes_from_the_bucket_without_rerunning_finished_trials(
-        autoscaling_cluster, s3_bucket):
+    autoscaling_cluster, s3_bucket
+):
     env = _env(autoscaling_cluster)
     proc = _ray(env, _submit_cmd(env, s3_bucket, "--no-wait") + ["--samples", "3"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -199,20 +261,43 @@ def test_interrupted_search_resumes_from_the_bucket_without_rerunning_finished_t
     stop = _ray(env, ["job", "stop", "--address", env["RAY_API_SERVER_ADDRESS"], job], timeout=180)
     assert stop.returncode == 0, stop.stderr[-2000:]
     first = _logs(env, job)
-    assert "search interrupted (state saved); continue with: advtrain tune --resume s3://" in first, first[-4000:]
+    assert (
+        "search interrupted (state saved); continue with: advtrain tune --resume s3://" in first
+    ), first[-4000:]
     finished = re.findall(r"Trial run_trial_(\w+) completed after", first)
     name = _run_name(s3_bucket)
     run = f"{s3_bucket}/advtrain/{name}"
 
-    resume = _ray(env, ["job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"], "--working-dir", ".", "--",
-                        "advtrain", "tune", "--resume", run, "--address", "auto"], timeout=900)
+    resume = _ray(
+        env,
+        [
+            "job",
+            "submit",
+            "--address",
+            env["RAY_API_SERVER_ADDRESS"],
+            "--working-dir",
+            ".",
+            "--",
+            "advtrain",
+            "tune",
+            "--resume",
+            run,
+            "--address",
+            "auto",
+        ],
+        timeout=900,
+    )
     log = resume.stdout + resume.stderr
     assert resume.returncode == 0, log[-6000:]
     rerun = {m.group(3) for m in WORKER_LINE.finditer(log)}
     assert not rerun & {f"train_{t}" for t in finished}, (finished, rerun)
-    print(f"finished before the stop: {finished}; trained after --resume: {sorted(rerun)}; "
-          f"finished trials run again: {len(rerun & {f'train_{t}' for t in finished})}")
-    trials = json.loads(storage.RunFolder.open(run).local.joinpath("trials.json").read_text())["trials"]
+    print(
+        f"finished before the stop: {finished}; trained after --resume: {sorted(rerun)}; "
+        f"finished trials run again: {len(rerun & {f'train_{t}' for t in finished})}"
+    )
+    trials = json.loads(storage.RunFolder.open(run).local.joinpath("trials.json").read_text())[
+        "trials"
+    ]
     assert len(trials) == 3 and all(t["test_robust_acc"] is not None for t in trials), trials
 
 
@@ -222,7 +307,10 @@ def _kill_node(cluster, node_id):
 
     for p in local_cluster.find_processes(cluster.root):
         try:
-            if p.name() == "raylet" and p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+            if (
+                p.name() == "raylet"
+                and p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id
+            ):
                 procs = [p, *p.children(recursive=True)]
                 for q in procs:
                     q.kill()
@@ -233,9 +321,15 @@ def _kill_node(cluster, node_id):
     raise AssertionError(f"no raylet of node {node_id}")
 
 
-def test_a_node_failure_mid_trial_resumes_from_the_last_checkpoint_on_another_node(autoscaling_cluster, s3_bucket):
+def test_a_node_failure_mid_trial_resumes_from_the_last_checkpoint_on_another_node(
+    autoscaling_cluster, s3_bucket
+):
     env = _env(autoscaling_cluster)
-    proc = _ray(env, _submit_cmd(env, s3_bucket, "--no-wait", config="tests/data/cluster_smoke_long.yaml"), timeout=300)
+    proc = _ray(
+        env,
+        _submit_cmd(env, s3_bucket, "--no-wait", config="tests/data/cluster_smoke_long.yaml"),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
     # Wait for the trial's first checkpoint in the bucket, then take its node down.
@@ -243,7 +337,11 @@ def test_a_node_failure_mid_trial_resumes_from_the_last_checkpoint_on_another_no
     while time.monotonic() < deadline:
         time.sleep(2)
         assert _job_status(env, job) in ("PENDING", "RUNNING"), _logs(env, job)[-4000:]
-        keys = storage.list_files(f"{s3_bucket}/advtrain") if storage.exists(f"{s3_bucket}/advtrain") else []
+        keys = (
+            storage.list_files(f"{s3_bucket}/advtrain")
+            if storage.exists(f"{s3_bucket}/advtrain")
+            else []
+        )
         if any(re.search(r"/train/train_\w+/checkpoint_[^/]+/model\.keras$", k) for k in keys):
             node = WORKER_LINE.search(_logs(env, job)).group(5)
             break
@@ -258,6 +356,8 @@ def test_a_node_failure_mid_trial_resumes_from_the_last_checkpoint_on_another_no
     resumed = [(n, epoch) for n, epoch in starts if epoch > 0]
     assert resumed and all(n != node for n, _ in resumed), starts
     run = f"{s3_bucket}/advtrain/{_run_name(s3_bucket)}"
-    trials = json.loads(storage.RunFolder.open(run).local.joinpath("trials.json").read_text())["trials"]
+    trials = json.loads(storage.RunFolder.open(run).local.joinpath("trials.json").read_text())[
+        "trials"
+    ]
     assert trials[0]["epochs_run"] == 4 and trials[0]["stopped"] == "no", trials
     print(f"node-failure trial resumed from epoch {resumed[0][1]} on node {resumed[0][0]}")

@@ -15,17 +15,34 @@ L = keras.layers
 
 def _dense_net(seed=0, shape=(6, 6, 1), classes=4):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input(shape), L.Flatten(), L.Dense(24, activation="relu"), L.Dense(16),
-                             L.ReLU(), L.Dense(classes)])
+    return keras.Sequential(
+        [
+            keras.Input(shape),
+            L.Flatten(),
+            L.Dense(24, activation="relu"),
+            L.Dense(16),
+            L.ReLU(),
+            L.Dense(classes),
+        ]
+    )
 
 
 def _conv_net(seed=0, shape=(8, 8, 2), classes=4):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input(shape), L.Rescaling(2.0, offset=-1.0),
-        L.Conv2D(4, 3, padding="same", activation="relu"), L.MaxPooling2D(2),
-        L.Conv2D(6, 3, strides=2, padding="same"), L.Activation("relu"),
-        L.Flatten(), L.Dropout(0.5), L.Dense(12, activation="relu"), L.Dense(classes)])
+    return keras.Sequential(
+        [
+            keras.Input(shape),
+            L.Rescaling(2.0, offset=-1.0),
+            L.Conv2D(4, 3, padding="same", activation="relu"),
+            L.MaxPooling2D(2),
+            L.Conv2D(6, 3, strides=2, padding="same"),
+            L.Activation("relu"),
+            L.Flatten(),
+            L.Dropout(0.5),
+            L.Dense(12, activation="relu"),
+            L.Dense(classes),
+        ]
+    )
 
 
 def _residual_net(seed=0, shape=(8, 8, 1), classes=3):
@@ -41,8 +58,14 @@ def _residual_net(seed=0, shape=(8, 8, 1), classes=3):
     x = L.GlobalAveragePooling2D()(L.ReLU()(x))
     model = keras.Model(inp, L.Dense(classes)(x))
     # Non-trivial inference statistics, one negative scale: BN must be treated as affine, not monotone.
-    bn.set_weights([np.array([1.5, -0.7, 0.9, 1.1], "f"), np.array([0.1, 0.0, -0.2, 0.3], "f"),
-                    np.array([0.05, -0.1, 0.0, 0.2], "f"), np.array([0.5, 2.0, 1.0, 0.3], "f")])
+    bn.set_weights(
+        [
+            np.array([1.5, -0.7, 0.9, 1.1], "f"),
+            np.array([0.1, 0.0, -0.2, 0.3], "f"),
+            np.array([0.05, -0.1, 0.0, 0.2], "f"),
+            np.array([0.5, 2.0, 1.0, 0.3], "f"),
+        ]
+    )
     return model
 
 
@@ -62,7 +85,12 @@ def _ball_points(x, eps, norm, k, rng):
         delta[: k // 2] = np.sign(delta[: k // 2]) * eps  # vertices: where linear pieces peak
     else:
         v = rng.normal(size=(k, n, d))
-        delta = v / np.linalg.norm(v, axis=-1, keepdims=True) * eps * rng.uniform(0.5, 1, (k, n, 1)) ** (1 / d)
+        delta = (
+            v
+            / np.linalg.norm(v, axis=-1, keepdims=True)
+            * eps
+            * rng.uniform(0.5, 1, (k, n, 1)) ** (1 / d)
+        )
     pts = np.clip(x.reshape(1, n, d) + delta, 0, 1).astype(np.float32)
     return pts.reshape(k * n, *x.shape[1:])
 
@@ -92,8 +120,10 @@ def test_crown_is_tighter_than_crown_ibp_than_ibp_on_average(name):
     model = MODELS[name](seed=3)
     x = np.random.default_rng(2).uniform(0, 1, (16, *model.input_shape[1:])).astype(np.float32)
     y = np.argmax(model(x), -1).astype(np.int32)
-    mean = {m: float(tf.reduce_mean(bounds.margin_lower_bounds(model, x, y, eps=0.02, method=m)))
-            for m in bounds.METHODS}
+    mean = {
+        m: float(tf.reduce_mean(bounds.margin_lower_bounds(model, x, y, eps=0.02, method=m)))
+        for m in bounds.METHODS
+    }
     assert mean["crown"] >= mean["crown-ibp"] - 1e-6 >= mean["ibp"] - 2e-6, mean
 
 
@@ -116,11 +146,16 @@ def test_bounds_equal_brute_force_on_a_two_input_net():
     for method in ("crown-ibp", "crown"):
         lb = bounds.margin_lower_bounds(model, x, y, eps=1e-3, method=method).numpy()[0]
         np.testing.assert_allclose(lb, brute(1e-3), atol=1e-5)
-    assert np.all(bounds.margin_lower_bounds(model, x, y, eps=1e-3, method="ibp").numpy()[0] <= brute(1e-3) + 1e-6)
+    assert np.all(
+        bounds.margin_lower_bounds(model, x, y, eps=1e-3, method="ibp").numpy()[0]
+        <= brute(1e-3) + 1e-6
+    )
     # Larger: the ReLUs are relaxed; every bound stays below the true minimum, CROWN closest.
     exact = brute(0.3)
-    gaps = {m: exact - bounds.margin_lower_bounds(model, x, y, eps=0.3, method=m).numpy()[0]
-            for m in bounds.METHODS}
+    gaps = {
+        m: exact - bounds.margin_lower_bounds(model, x, y, eps=0.3, method=m).numpy()[0]
+        for m in bounds.METHODS
+    }
     assert all(np.all(g >= -1e-5) for g in gaps.values()), gaps
     assert gaps["crown"].sum() <= gaps["ibp"].sum() + 1e-6
 
@@ -160,14 +195,19 @@ class _Custom(keras.layers.Layer):
         return x * 2.0
 
 
-@pytest.mark.parametrize("layer,name", [
-    (L.Dense(8, activation="tanh", name="squash"), "squash"),
-    (_Custom(name="mine"), "mine"),
-    (L.LeakyReLU(name="leaky"), "leaky"),
-])
+@pytest.mark.parametrize(
+    "layer,name",
+    [
+        (L.Dense(8, activation="tanh", name="squash"), "squash"),
+        (_Custom(name="mine"), "mine"),
+        (L.LeakyReLU(name="leaky"), "leaky"),
+    ],
+)
 def test_unsupported_layer_is_refused_by_name(layer, name):
     model = keras.Sequential([keras.Input((4,)), layer, L.Dense(3)])
-    with pytest.raises(bounds.UnsupportedLayerError, match=rf"layer '{name}' \(\w+\) cannot be bounded"):
+    with pytest.raises(
+        bounds.UnsupportedLayerError, match=rf"layer '{name}' \(\w+\) cannot be bounded"
+    ):
         bounds.check_supported(model)
     with pytest.raises(bounds.UnsupportedLayerError):
         bounds.certify(model, np.zeros((2, 4), np.float32), np.zeros(2, np.int32), eps=0.1)

@@ -37,10 +37,15 @@ class RoundInput(L.Layer):
 
 def _head(seed=0):
     init = keras.initializers.GlorotUniform
-    return keras.Sequential([keras.Input(SHAPE),
-                             L.Conv2D(4, 3, activation="relu", kernel_initializer=init(seed)),
-                             L.Flatten(), L.Dense(10, kernel_initializer=init(seed + 1))],
-                            name="head")
+    return keras.Sequential(
+        [
+            keras.Input(SHAPE),
+            L.Conv2D(4, 3, activation="relu", kernel_initializer=init(seed)),
+            L.Flatten(),
+            L.Dense(10, kernel_initializer=init(seed + 1)),
+        ],
+        name="head",
+    )
 
 
 def _x(n=16):
@@ -64,14 +69,20 @@ def _input_gradient(model, x):
 QUANTISERS = {
     "discretization": lambda head: _discretized(head),
     "rounding-zero-gradient": lambda head: keras.Sequential(
-        [keras.Input(SHAPE), RoundInput(name="quantise"), head]),
+        [keras.Input(SHAPE), RoundInput(name="quantise"), head]
+    ),
     "rounding-no-gradient": lambda head: keras.Sequential(
-        [keras.Input(SHAPE), RoundInput(keep_path=False, name="quantise"), head]),
-    "cast-lambda": lambda head: keras.Sequential([
-        keras.Input(SHAPE),
-        L.Lambda(lambda x: tf.cast(tf.cast(x * 255.0, tf.uint8), tf.float32) / 255.0,
-                 name="quantise"),
-        head]),
+        [keras.Input(SHAPE), RoundInput(keep_path=False, name="quantise"), head]
+    ),
+    "cast-lambda": lambda head: keras.Sequential(
+        [
+            keras.Input(SHAPE),
+            L.Lambda(
+                lambda x: tf.cast(tf.cast(x * 255.0, tf.uint8), tf.float32) / 255.0, name="quantise"
+            ),
+            head,
+        ]
+    ),
 }
 
 
@@ -84,15 +95,25 @@ def test_find_gradient_free_layers_quantiser_found(kind):
 def test_find_gradient_free_layers_differentiable_same_shape_layers_none():
     # Softmax and LayerNormalization outputs sum to constants: a cotangent of ones would see a
     # zero gradient there, the random one does not.
-    model = keras.Sequential([keras.Input(SHAPE), L.Rescaling(2.0), L.BatchNormalization(),
-                              L.Dropout(0.5), L.LayerNormalization(axis=(1, 2, 3)),
-                              L.Softmax(axis=(1, 2)), L.Activation("relu"), _head()])
+    model = keras.Sequential(
+        [
+            keras.Input(SHAPE),
+            L.Rescaling(2.0),
+            L.BatchNormalization(),
+            L.Dropout(0.5),
+            L.LayerNormalization(axis=(1, 2, 3)),
+            L.Softmax(axis=(1, 2)),
+            L.Activation("relu"),
+            _head(),
+        ]
+    )
     assert find_gradient_free_layers(model, _x()) == ()
 
 
 def test_find_gradient_free_layers_nested_model_path():
-    outer = keras.Sequential([keras.Input(SHAPE), L.Rescaling(1.0, name="scale"),
-                              _discretized(_head())], name="outer")
+    outer = keras.Sequential(
+        [keras.Input(SHAPE), L.Rescaling(1.0, name="scale"), _discretized(_head())], name="outer"
+    )
     (path,) = find_gradient_free_layers(outer, _x())
     assert path.endswith("/quantise") and path.count("/") == 1
 
@@ -129,7 +150,9 @@ def test_bpda_surrogate_without_such_layers_none():
 
 def test_straight_through_model_unknown_layer_raises():
     model = QUANTISERS["discretization"](_head())
-    with pytest.raises(ValueError, match=r"Expected some of: .*quantise.* Received: layers=\('nope',\)"):
+    with pytest.raises(
+        ValueError, match=r"Expected some of: .*quantise.* Received: layers=\('nope',\)"
+    ):
         straight_through_model(model, ("nope",))
     with pytest.raises(ValueError, match=r"Received: layers=\(\)"):
         straight_through_model(model, ())

@@ -23,8 +23,11 @@ def test_fixed_cluster_that_fits_needs_no_wait():
 
 def test_fixed_cluster_too_small_fails_with_the_numbers():
     cap = Capacity(nodes=({"CPU": 1.0}, {"CPU": 1.0}))
-    with pytest.raises(ValueError, match=r"3 worker\(s\) x \{CPU: 1\} \(in all \{CPU: 3\}\) do not fit the cluster's "
-                                         r"nodes \(\{CPU: 2\}.*Received: workers=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"3 worker\(s\) x \{CPU: 1\} \(in all \{CPU: 3\}\) do not fit the cluster's "
+        r"nodes \(\{CPU: 2\}.*Received: workers=3",
+    ):
         capacity.check(cap, 3, {"CPU": 1.0})
 
 
@@ -38,7 +41,10 @@ def test_a_worker_must_fit_on_one_node():
 def test_autoscaling_cluster_from_zero_waits_instead_of_failing():
     cap = Capacity(nodes=(HEAD0,), node_types=(GPU_TYPE,))
     line = capacity.check(cap, 2, GPU1)
-    assert line == "waiting for the autoscaler: 2 worker(s) x {CPU: 1, GPU: 1}, node type gpu_worker, up to 2 nodes"
+    assert (
+        line
+        == "waiting for the autoscaler: 2 worker(s) x {CPU: 1, GPU: 1}, node type gpu_worker, up to 2 nodes"
+    )
     # Concurrency from what the cluster scales to (2 nodes x 2 GPUs), not from what is up now (0).
     assert capacity.max_concurrent(cap, 2, GPU1, trials=8) == 2
     assert capacity.max_concurrent(cap, 2, GPU1, trials=1) == 1
@@ -53,15 +59,21 @@ def test_autoscaling_counts_nodes_already_up():
 
 def test_no_node_type_can_hold_a_worker_fails_at_once():
     cap = Capacity(nodes=(HEAD0,), node_types=(NodeType("cpu_worker", {"CPU": 4.0}, 3),))
-    with pytest.raises(ValueError, match=r"no node type can hold one worker of \{CPU: 1, GPU: 1\} "
-                                         r"\(node types: cpu_worker \{CPU: 4\}\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"no node type can hold one worker of \{CPU: 1, GPU: 1\} "
+        r"\(node types: cpu_worker \{CPU: 4\}\)",
+    ):
         capacity.check(cap, 1, GPU1)
 
 
 def test_request_beyond_max_workers_fails_at_once():
     cap = Capacity(nodes=(HEAD0,), node_types=(GPU_TYPE,))
-    with pytest.raises(ValueError, match=r"5 worker\(s\) x \{CPU: 1, GPU: 1\} exceed what the cluster can scale to: "
-                                         r"4 worker\(s\) \(gpu_worker x 2 at most\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"5 worker\(s\) x \{CPU: 1, GPU: 1\} exceed what the cluster can scale to: "
+        r"4 worker\(s\) \(gpu_worker x 2 at most\)",
+    ):
         capacity.check(cap, 5, GPU1)
 
 
@@ -83,4 +95,8 @@ def test_cluster_config_of_cluster_yaml_holds_its_gpu_node_type():
     parsed = autoscaler_pb2.ClusterConfig.FromString(capacity.cluster_config(config))
     (group,) = parsed.node_group_configs
     assert (group.name, dict(group.resources), group.min_count, group.max_count) == (
-        "gpu_worker", {"CPU": 4, "GPU": 1}, 0, 4)
+        "gpu_worker",
+        {"CPU": 4, "GPU": 1},
+        0,
+        4,
+    )

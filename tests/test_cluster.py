@@ -46,8 +46,14 @@ def _client_env(extra=None, drop=()):
 
 
 def _python(args, env=None, timeout=60):
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _listen_addresses(procs):
@@ -120,8 +126,12 @@ def test_cluster_every_listener_is_loopback(ray_cluster):
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, sorted(listening)
     ports = {port for _, port in listening}
     head, node = ray_cluster.nodes
-    assert {head.ports["gcs"], head.ports["dashboard"], head.ports["node_manager"],
-            node.ports["node_manager"]} <= ports
+    assert {
+        head.ports["gcs"],
+        head.ports["dashboard"],
+        head.ports["node_manager"],
+        node.ports["node_manager"],
+    } <= ports
 
 
 @pytest.mark.ray
@@ -163,8 +173,9 @@ def test_connect_without_right_token_is_refused(ray_cluster, tmp_path, client, t
 
 @pytest.mark.ray
 def test_cli_status_of_running_cluster_exits_0(ray_cluster):
-    result = _python(["-m", "workflows.cli", "cluster", "status", "--local", "--root",
-                      str(ray_cluster.root)])
+    result = _python(
+        ["-m", "workflows.cli", "cluster", "status", "--local", "--root", str(ray_cluster.root)]
+    )
     assert result.returncode == 0, result.stderr
     assert f"cluster at {ray_cluster.address}: alive, 2 node(s), 2 CPU(s)" in result.stdout
 
@@ -198,11 +209,14 @@ def test_connect_malformed_address_raises():
         connect.connect("nowhere")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_cpus": -1}, "Received: num_cpus=-1"),
-    ({"node_cpus": -1}, "Received: node_cpus=-1"),
-    ({"port": 80}, "Received: port=80"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_cpus": -1}, "Received: num_cpus=-1"),
+        ({"node_cpus": -1}, "Received: node_cpus=-1"),
+        ({"port": 80}, "Received: port=80"),
+    ],
+)
 def test_up_bad_argument_raises_before_starting(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         local_cluster.up(tmp_path / "c", **kwargs)
@@ -219,11 +233,20 @@ def test_up_port_in_use_raises_without_starting(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["up"], "--local is required"),
-    (["up", "--local", "--num-cpus", "0"], "advtrain cluster: error: `--num-cpus` must be in [1, inf]. Received: --num-cpus='0'"),
-    (["start", "--local"], "`action` must be one of 'up', 'down', 'status' (did you mean 'status'?). Received: action='start'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["up"], "--local is required"),
+        (
+            ["up", "--local", "--num-cpus", "0"],
+            "advtrain cluster: error: `--num-cpus` must be in [1, inf]. Received: --num-cpus='0'",
+        ),
+        (
+            ["start", "--local"],
+            "`action` must be one of 'up', 'down', 'status' (did you mean 'status'?). Received: action='start'",
+        ),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(argv, message):
     result = _python(["-m", "workflows.cli", "cluster", *argv], timeout=30)
     assert result.returncode == 2
@@ -235,11 +258,14 @@ def test_cli_bad_input_exits_2_with_one_line(argv, message):
 def test_cluster_bad_input_under_main_exits_2_with_one_line(capsys):
     assert main(["cluster", "up", "--local", "--num-cpus", "many"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["advtrain cluster: error: `--num-cpus` must be an integer. Received: --num-cpus='many'"], err
+    assert err == [
+        "advtrain cluster: error: `--num-cpus` must be an integer. Received: --num-cpus='many'"
+    ], err
 
 
 def test_cli_status_never_started_exits_1(tmp_path):
-    result = _python(["-m", "workflows.cli", "cluster", "status", "--local", "--root", str(tmp_path)],
-                     timeout=30)
+    result = _python(
+        ["-m", "workflows.cli", "cluster", "status", "--local", "--root", str(tmp_path)], timeout=30
+    )
     assert result.returncode == 1
     assert "no cluster in" in result.stdout

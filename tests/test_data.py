@@ -81,7 +81,11 @@ def test_load_data_bundled_shapes_dtypes_range(mnist):
     assert mnist.x_train.shape == (55000, 28, 28, 1)
     assert mnist.x_val.shape == (5000, 28, 28, 1)
     assert mnist.x_test.shape == (10000, 28, 28, 1)
-    assert mnist.y_train.shape == (55000,) and mnist.y_val.shape == (5000,) and mnist.y_test.shape == (10000,)
+    assert (
+        mnist.y_train.shape == (55000,)
+        and mnist.y_val.shape == (5000,)
+        and mnist.y_test.shape == (10000,)
+    )
     for x in (mnist.x_train, mnist.x_val, mnist.x_test):
         assert x.dtype == np.float32
         assert float(x.min()) == 0.0 and float(x.max()) == 1.0
@@ -130,7 +134,9 @@ def _rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def test_load_data_val_split_partitions_train(mnist, raw):
     # train + val is exactly the original 60k training set as a multiset: the split is a
     # partition of the indices (disjoint, covering), not a resample.
-    split = _rows(np.concatenate([mnist.x_train, mnist.x_val]), np.concatenate([mnist.y_train, mnist.y_val]))
+    split = _rows(
+        np.concatenate([mnist.x_train, mnist.x_val]), np.concatenate([mnist.y_train, mnist.y_val])
+    )
     full = _rows(raw["x_train"], raw["y_train"])
     np.testing.assert_array_equal(split, full)
 
@@ -142,7 +148,9 @@ def test_load_data_val_size_changes_split_sizes():
 
 @pytest.mark.parametrize("val_size", [0, 60000, True, 10.0])
 def test_load_data_bad_val_size_raises(val_size):
-    with pytest.raises(ValueError, match=rf"`val_size` must be in \[1, 59999\]. Received: val_size={val_size!r}"):
+    with pytest.raises(
+        ValueError, match=rf"`val_size` must be in \[1, 59999\]. Received: val_size={val_size!r}"
+    ):
         load_data(val_size=val_size)
 
 
@@ -157,7 +165,9 @@ def test_read_idx_bundled_checksum_mismatch_raises():
     path = data._bundled_dir() / "t10k-labels-idx1-ubyte.gz"
     labels = read_idx(path, expected_sha256=data.BUNDLED_SHA256["t10k-labels-idx1-ubyte"])
     assert labels.shape == (10000,)
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: checksum mismatch .*expected 0{64}"):
+    with pytest.raises(
+        DataError, match=r"t10k-labels-idx1-ubyte\.gz: checksum mismatch .*expected 0{64}"
+    ):
         read_idx(path, expected_sha256="0" * 64)
 
 
@@ -183,7 +193,11 @@ def test_load_bundled_checksum_mismatch_names_file(monkeypatch):
 def test_bundled_sha256_matches_sums_file():
     # SHA256SUMS holds the hashes of the .gz files as shipped.
     folder = data._bundled_dir()
-    sums = dict(line.split()[::-1] for line in (folder / "SHA256SUMS").read_text().splitlines() if line.strip())
+    sums = dict(
+        line.split()[::-1]
+        for line in (folder / "SHA256SUMS").read_text().splitlines()
+        if line.strip()
+    )
     for stem in data.FILES.values():
         name = next(k for k in sums if k.lstrip("*").endswith(stem + ".gz"))
         assert hashlib.sha256((folder / (stem + ".gz")).read_bytes()).hexdigest() == sums[name]
@@ -252,21 +266,27 @@ def test_load_data_npz_float_integral_labels_accepted(tmp_path):
 def test_read_idx_wrong_magic_raises(tmp_path):
     path = tmp_path / "x.idx"
     path.write_bytes(_idx_bytes(np.zeros((2, 28, 28)), magic=0x00000804))
-    with pytest.raises(DataError, match=r"x\.idx: wrong magic number 0x00000804 \(expected 0x00000803"):
+    with pytest.raises(
+        DataError, match=r"x\.idx: wrong magic number 0x00000804 \(expected 0x00000803"
+    ):
         read_idx(path)
 
 
 def test_read_idx_truncated_data_raises(tmp_path):
     path = tmp_path / "t.idx"
     path.write_bytes(_idx_bytes(np.zeros((3, 28, 28)))[:-10])
-    with pytest.raises(DataError, match=r"t\.idx: data truncated: header promises 2352 bytes, found 2342"):
+    with pytest.raises(
+        DataError, match=r"t\.idx: data truncated: header promises 2352 bytes, found 2342"
+    ):
         read_idx(path)
 
 
 def test_read_idx_trailing_bytes_raises(tmp_path):
     path = tmp_path / "l.idx.gz"
     _write(path, _idx_bytes(np.zeros(5)) + b"\x00\x01")
-    with pytest.raises(DataError, match=r"l\.idx\.gz: data has trailing bytes: header promises 5 bytes, found 7"):
+    with pytest.raises(
+        DataError, match=r"l\.idx\.gz: data has trailing bytes: header promises 5 bytes, found 7"
+    ):
         read_idx(path)
 
 
@@ -287,7 +307,11 @@ def test_read_idx_image_header_cut_raises(tmp_path):
 def test_read_idx_other_image_size_reads(tmp_path):
     path = tmp_path / "s.idx"
     path.write_bytes(_idx_bytes(np.zeros((2, 32, 32))))
-    assert read_idx(path).shape == (2, 32, 32)  # any image size: EMNIST, KMNIST, ... share the format
+    assert read_idx(path).shape == (
+        2,
+        32,
+        32,
+    )  # any image size: EMNIST, KMNIST, ... share the format
 
 
 def test_read_idx_not_gzip_raises(tmp_path):
@@ -323,7 +347,9 @@ def test_load_data_folder_truncated_file_raises(tmp_path):
 def test_load_data_folder_labels_where_images_expected_raises(tmp_path):
     a = _small_arrays()
     folder = _write_folder(tmp_path / "swap", a, override={"x_train": _idx_bytes(a["y_train"])})
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: holds labels, expected images"):
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte\.gz: holds labels, expected images"
+    ):
         load_data(str(folder), val_size=5)
 
 
@@ -331,7 +357,10 @@ def test_load_data_folder_label_out_of_range_raises(tmp_path):
     a = _small_arrays()
     a["y_test"][3] = 12
     folder = _write_folder(tmp_path / "lab", a)
-    with pytest.raises(DataError, match=r"lab: y_test labels span \[0, 12\] but the train labels name 10 classes \[0, 9\]"):
+    with pytest.raises(
+        DataError,
+        match=r"lab: y_test labels span \[0, 12\] but the train labels name 10 classes \[0, 9\]",
+    ):
         load_data(str(folder), val_size=5)
 
 
@@ -357,19 +386,26 @@ def _npz(tmp_path, name, **changes):
 
 def test_load_data_npz_missing_keys_raises(tmp_path):
     path = _npz(tmp_path, "keys.npz", y_test=None, x_test=None)
-    with pytest.raises(DataError, match=r"keys\.npz: missing key\(s\) x_test, y_test \(found: x_train, y_train\)"):
+    with pytest.raises(
+        DataError, match=r"keys\.npz: missing key\(s\) x_test, y_test \(found: x_train, y_train\)"
+    ):
         load_data(path, val_size=5)
 
 
 def test_load_data_npz_wrong_image_shape_raises(tmp_path):
     path = _npz(tmp_path, "shape.npz", x_train=np.zeros((20, 28, 27), np.uint8))
-    with pytest.raises(DataError, match=r"shape\.npz: the splits' images differ in shape \(x_train \(28, 27, 1\), x_test \(28, 28, 1\)\)"):
+    with pytest.raises(
+        DataError,
+        match=r"shape\.npz: the splits' images differ in shape \(x_train \(28, 27, 1\), x_test \(28, 28, 1\)\)",
+    ):
         load_data(path, val_size=5)
 
 
 def test_load_data_npz_wrong_label_shape_raises(tmp_path):
     path = _npz(tmp_path, "lshape.npz", y_test=np.zeros((10, 10), np.uint8))
-    with pytest.raises(DataError, match=r"lshape\.npz: y_test has shape \(10, 10\), expected \(N,\)"):
+    with pytest.raises(
+        DataError, match=r"lshape\.npz: y_test has shape \(10, 10\), expected \(N,\)"
+    ):
         load_data(path, val_size=5)
 
 
@@ -377,7 +413,9 @@ def test_load_data_npz_values_out_of_range_raises(tmp_path):
     x = np.full((20, 28, 28), 0.5, np.float32)
     x[0, 0, 0] = 2.0
     path = _npz(tmp_path, "range.npz", x_train=x)
-    with pytest.raises(DataError, match=r"range\.npz: x_train values span \[0\.5, 2\.0\], expected \[0, 1\]"):
+    with pytest.raises(
+        DataError, match=r"range\.npz: x_train values span \[0\.5, 2\.0\], expected \[0, 1\]"
+    ):
         load_data(path, val_size=5)
 
 
@@ -393,7 +431,9 @@ def test_load_data_npz_negative_label_raises(tmp_path):
     y = np.arange(20) % 10
     y[4] = -1
     path = _npz(tmp_path, "yneg.npz", y_train=y)
-    with pytest.raises(DataError, match=r"y_train labels span \[-1, 9\], expected class indices >= 0"):
+    with pytest.raises(
+        DataError, match=r"y_train labels span \[-1, 9\], expected class indices >= 0"
+    ):
         load_data(path, val_size=5)
 
 
@@ -405,12 +445,16 @@ def test_load_data_class_count_comes_from_the_training_labels(tmp_path):
 
 def test_load_data_npz_fractional_labels_raises(tmp_path):
     path = _npz(tmp_path, "frac.npz", y_test=np.full(10, 0.5))
-    with pytest.raises(DataError, match=r"frac\.npz: y_test must hold integer class labels, found dtype float64"):
+    with pytest.raises(
+        DataError, match=r"frac\.npz: y_test must hold integer class labels, found dtype float64"
+    ):
         load_data(path, val_size=5)
 
 
 def test_load_data_npz_empty_split_raises(tmp_path):
-    path = _npz(tmp_path, "empty.npz", x_test=np.zeros((0, 28, 28), np.uint8), y_test=np.zeros(0, np.uint8))
+    path = _npz(
+        tmp_path, "empty.npz", x_test=np.zeros((0, 28, 28), np.uint8), y_test=np.zeros(0, np.uint8)
+    )
     with pytest.raises(DataError, match=r"empty\.npz: the test split is empty"):
         load_data(path, val_size=5)
 
@@ -424,7 +468,10 @@ def test_load_data_npz_not_a_zip_raises(tmp_path):
 
 def test_load_data_nonexistent_source_raises(tmp_path):
     missing = str(tmp_path / "nowhere.npz")
-    with pytest.raises(DataError, match=r"data '.*nowhere\.npz' is neither 'bundled', keras:\{mnist,fashion_mnist,cifar10\}, an \.npz file"):
+    with pytest.raises(
+        DataError,
+        match=r"data '.*nowhere\.npz' is neither 'bundled', keras:\{mnist,fashion_mnist,cifar10\}, an \.npz file",
+    ):
         load_data(missing)
 
 
@@ -495,5 +542,7 @@ def test_make_dataset_no_shuffle_keeps_order_and_repeat_repeats():
 
 def test_make_dataset_batch_larger_than_data_raises():
     x = np.zeros((8, 28, 28, 1), np.float32)
-    with pytest.raises(ValueError, match=r"at most the number of examples \(8\). Received: batch_size=16"):
+    with pytest.raises(
+        ValueError, match=r"at most the number of examples \(8\). Received: batch_size=16"
+    ):
         make_dataset(x, np.zeros(8, np.int32), 16)

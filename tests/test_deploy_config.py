@@ -79,7 +79,7 @@ def _docker_env(config: dict) -> dict[str, str]:
     env = {}
     for option in options:
         words = shlex.split(option)
-        for flag, value in zip(words, words[1:]):
+        for flag, value in itertools.pairwise(words):
             if flag in ("--env", "-e") and "=" in value:
                 name, _, val = value.partition("=")
                 env[name] = val
@@ -220,8 +220,8 @@ def _repo_file_for_image_path(steps: list, path: str) -> Path | None:
             local = ROOT / source
             if local.is_dir():
                 prefix = destination.rstrip("/") + "/"
-                if path.startswith(prefix) and (local / path[len(prefix):]).is_file():
-                    return local / path[len(prefix):]
+                if path.startswith(prefix) and (local / path[len(prefix) :]).is_file():
+                    return local / path[len(prefix) :]
             elif local.is_file():
                 target = destination + local.name if destination.endswith("/") else destination
                 if path == target:
@@ -299,7 +299,9 @@ def head_type(cluster) -> dict:
 def rayjob() -> dict:
     with open(RAYJOB_YAML) as f:
         documents = [d for d in yaml.safe_load_all(f) if d is not None]
-    assert len(documents) == 1, f"{RAYJOB_YAML} should hold exactly one object, got {len(documents)}"
+    assert len(documents) == 1, (
+        f"{RAYJOB_YAML} should hold exactly one object, got {len(documents)}"
+    )
     return documents[0]
 
 
@@ -331,7 +333,9 @@ def test_cluster_yaml_ray_schema_validates(cluster):
         jsonschema.validate(cluster, schema)
     except jsonschema.ValidationError as error:
         path = "/".join(str(p) for p in error.absolute_path) or "<root>"
-        pytest.fail(f"cluster.yaml does not validate against {schema_path} at {path}: {error.message}")
+        pytest.fail(
+            f"cluster.yaml does not validate against {schema_path} at {path}: {error.message}"
+        )
 
 
 def test_cluster_yaml_prepared_like_ray_up_passes_validate_config(cluster):
@@ -341,7 +345,7 @@ def test_cluster_yaml_prepared_like_ray_up_passes_validate_config(cluster):
     prepared = prepare_config(copy.deepcopy(cluster))
     try:
         validate_config(prepared)
-    except Exception as error:  # jsonschema.ValidationError, ValueError, RuntimeError
+    except Exception as error:  # noqa: BLE001 - jsonschema.ValidationError, ValueError, RuntimeError
         pytest.fail(f"Ray's validate_config rejects cluster.yaml after prepare_config: {error}")
     assert prepared["cluster_name"] == "advtrain", (
         f"cluster_name is {prepared['cluster_name']!r}, expected 'advtrain'"
@@ -438,7 +442,7 @@ def test_cluster_token_file_mount_outside_repository(cluster):
     assert token_path.startswith(home), (
         f"RAY_AUTH_TOKEN_PATH {token_path!r} should sit under the container home {home}"
     )
-    remote_dir = "~/" + str(Path(token_path[len(home):]).parent)
+    remote_dir = "~/" + str(Path(token_path[len(home) :]).parent)
     mounts = cluster.get("file_mounts", {})
     assert remote_dir in mounts, (
         f"the token directory {remote_dir} is not a file_mounts target, so the token never "
@@ -608,10 +612,13 @@ def test_dockerfile_installs_advtrain_from_build_context(dockerfile):
             )
         source_dir = copied["pyproject.toml"].rstrip("/")
         installs = [
-            a for k, a in steps
-            if k == "RUN" and re.search(
+            a
+            for k, a in steps
+            if k == "RUN"
+            and re.search(
                 rf"cd {re.escape(source_dir)}/?\s.*pip install[^&;|]*\s\.(\s|$)"
-                rf"|pip install[^&;|]*\s{re.escape(source_dir)}/?(\s|$)", a
+                rf"|pip install[^&;|]*\s{re.escape(source_dir)}/?(\s|$)",
+                a,
             )
         ]
         assert installs, (
@@ -745,8 +752,12 @@ def test_rayjob_head_no_cuda_tensorflow(rayjob):
         assert not _image_tag(image)[1].endswith("-gpu"), (
             f"the head or the submitter runs the GPU image {image!r} (CUDA TensorFlow on CPUs)"
         )
-    head_side = [head, spec.get("submitterPodTemplate", {}), spec.get("entrypoint", ""),
-                 spec.get("runtimeEnvYAML", "")]
+    head_side = [
+        head,
+        spec.get("submitterPodTemplate", {}),
+        spec.get("entrypoint", ""),
+        spec.get("runtimeEnvYAML", ""),
+    ]
     for value in _all_strings(head_side):
         assert "and-cuda" not in value, f"the head installs CUDA TensorFlow: {value!r}"
 

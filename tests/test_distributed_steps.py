@@ -20,8 +20,11 @@ def test_make_strategy_one_worker_auto_is_the_default_strategy():
 
 @pytest.mark.parametrize(
     "kwargs, received",
-    [({"strategy": "nccl"}, "strategy='nccl'"), ({"communication": "grpc"}, "communication='grpc'"),
-     ({"bytes_per_pack": -1}, "bytes_per_pack=-1")],
+    [
+        ({"strategy": "nccl"}, "strategy='nccl'"),
+        ({"communication": "grpc"}, "communication='grpc'"),
+        ({"bytes_per_pack": -1}, "bytes_per_pack=-1"),
+    ],
 )
 def test_make_strategy_bad_argument_raises(kwargs, received):
     from workflows.train import make_strategy
@@ -34,7 +37,9 @@ def test_build_trainer_zero_steps_per_call_raises(tmp_path):
     from workflows.train import build_trainer
 
     with pytest.raises(ValueError, match="Received: steps_per_call=0"):
-        build_trainer(TrainConfig(), workers=1, storage_path=str(tmp_path), name="x", steps_per_call=0)
+        build_trainer(
+            TrainConfig(), workers=1, storage_path=str(tmp_path), name="x", steps_per_call=0
+        )
 
 
 def test_shard_datasets_plain_pipeline_gives_the_batches_of_the_distributed_one():

@@ -8,6 +8,7 @@ counts scaled down through the explicit `steps_scale` argument (reported as a re
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 
@@ -141,16 +142,26 @@ def test_suites_table_assignment_raises():
 def test_suites_table_defaults_are_the_design_suites():
     assert [a.name for a in SUITES["fgsm"]] == ["fgsm"]
     assert [a.name for a in SUITES["quick"]] == ["pgd-20"]
-    assert [a.name for a in SUITES["standard"]] == ["pgd-100x5", "apgd-ce-100", "apgd-t-100-top9",
-                                                    "apgd-ce-bpda-100", "square-5000"]
+    assert [a.name for a in SUITES["standard"]] == [
+        "pgd-100x5",
+        "apgd-ce-100",
+        "apgd-t-100-top9",
+        "apgd-ce-bpda-100",
+        "square-5000",
+    ]
     assert [a.gradient_free for a in SUITES["standard"]] == [False, False, False, False, True]
     assert [a.bpda for a in SUITES["standard"]] == [False, False, False, True, False]
 
 
 def test_suite_attacks_steps_scale_relabels_without_touching_table():
     scaled = suite_attacks("standard", steps_scale=0.1)
-    assert [a.name for a in scaled] == ["pgd-10x5", "apgd-ce-10", "apgd-t-10-top9", "apgd-ce-bpda-10",
-                                        "square-500"]
+    assert [a.name for a in scaled] == [
+        "pgd-10x5",
+        "apgd-ce-10",
+        "apgd-t-10-top9",
+        "apgd-ce-bpda-10",
+        "square-500",
+    ]
     assert SUITES["standard"][0].steps == 100
 
 
@@ -235,8 +246,9 @@ def test_evaluate_robustness_certifies_beside_the_attacks_union_le_robust(quick_
         assert res.certified_acc <= res.robust_acc  # checked per example inside the evaluation
         assert all(res.certified[m] == pytest.approx(masks[m].mean()) for m in masks)
         np.testing.assert_array_equal(mask_from_hex(entry["certified_mask"], N), union)
-        assert entry["bracket"].startswith(f"certified {res.certified_acc:.3f} (") and entry["bracket"].endswith(
-            f"<= robust {res.robust_acc:.3f} <= clean {res.clean_acc:.3f}")
+        assert entry["bracket"].startswith(f"certified {res.certified_acc:.3f} (") and entry[
+            "bracket"
+        ].endswith(f"<= robust {res.robust_acc:.3f} <= clean {res.clean_acc:.3f}")
         assert set(res.certify_seconds) == {"ibp", "crown-ibp"}
     assert quick_report.metrics(0.1)["certified_acc"] == quick_report.result(0.1).certified_acc
 
@@ -245,15 +257,21 @@ def test_evaluate_robustness_certifies_beside_the_attacks_union_le_robust(quick_
 def test_evaluate_robustness_standard_suite_worst_case_le_each_attack(standard_report, trained, xy):
     res = standard_report.result(0.3)
     # No layer without a gradient: no BPDA attack, and nothing about it in the report.
-    assert list(res.per_attack) == ["clean", "pgd-10x5", "apgd-ce-10", "apgd-t-10-top9", "square-500"]
+    assert list(res.per_attack) == [
+        "clean",
+        "pgd-10x5",
+        "apgd-ce-10",
+        "apgd-t-10-top9",
+        "square-500",
+    ]
     assert standard_report.bpda_layers == () and "BPDA" not in standard_report.to_markdown()
     assert not any("bpda" in a for a in standard_report.to_dict()["threat_model"]["attacks"])
     assert list(res.broken) == list(res.per_attack)[1:]
     # Each attack's count is the drop in correct examples it caused, on the still-robust ones.
     accs = list(res.per_attack.values())
-    assert [round((a - b) * 100) for a, b in zip(accs, accs[1:], strict=False)] == list(res.broken.values())
+    assert [round((a - b) * 100) for a, b in itertools.pairwise(accs)] == list(res.broken.values())
     accs = list(res.per_attack.values())
-    assert all(a >= b for a, b in zip(accs, accs[1:], strict=False))  # cumulative: never rises
+    assert all(a >= b for a, b in itertools.pairwise(accs))  # cumulative: never rises
     assert res.robust_acc == accs[-1] <= res.clean_acc
     assert any("REDUCED SUITE" in note for note in standard_report.notes)
     # The kept worst-case inputs reproduce the robust accuracy exactly.
@@ -304,7 +322,11 @@ def test_report_write_json_md_atomic_no_temp_files(quick_report, tmp_path):
     json_path, md_path = quick_report.write(tmp_path / "eval")
     assert json.loads(json_path.read_text())["schema"] == "advtrain.robustness_report/3"
     assert md_path.read_text().startswith("# Robustness report")
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        "report.html",
+        "report.json",
+        "report.md",
+    ]
 
 
 @pytest.mark.slow
@@ -325,7 +347,9 @@ def test_summary_lines_threat_model_eps_and_sanity(quick_report):
     # The bracket leads each eps line: certified <= robust <= clean.
     assert lines[3].startswith("eps 0.3: certified ") and " <= clean 0.9" in lines[3]
     assert "fgsm (reference)" in lines[3]
-    assert lines[2].startswith("  broken by: pgd-20: ") and lines[4].startswith("  broken by: pgd-20: ")
+    assert lines[2].startswith("  broken by: pgd-20: ") and lines[4].startswith(
+        "  broken by: pgd-20: "
+    )
     # The quick suite has no gradient-free attack: that check says so instead of passing.
     assert "Sanity checks: 13 passed, 0 failed, 2 not run" in lines
     assert not any(line.startswith("WARNING") for line in lines)
@@ -475,11 +499,14 @@ def layer_name(masked):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mask", sorted(MASKS))
-def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_marked(mask, reference, xy):
+def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_marked(
+    mask, reference, xy
+):
     x, y = xy[0][:100], xy[1][:100]
     masked, eps = MASKS[mask](reference), 0.1
-    rep = evaluate_robustness(masked, x, y, EvalConfig(eps=(eps,), suite="standard"),
-                              steps_scale=0.1)
+    rep = evaluate_robustness(
+        masked, x, y, EvalConfig(eps=(eps,), suite="standard"), steps_scale=0.1
+    )
     res = rep.result(eps)
     # An independent gradient-free attack with the same budget and another seed.
     adv = run_attack("square", masked, x, y, eps=eps, queries=500, seed=12345, batch_size=100)
@@ -491,7 +518,9 @@ def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_mark
     assert sum(res.broken.values()) == round((res.clean_acc - res.robust_acc) * len(y))
     rounding = mask != "scaled-logits"
     if rounding:  # gradient attacks cannot move; BPDA through the rounding layer and Square can
-        assert res.broken["apgd-ce-bpda-10"] + res.broken["square-500"] > 0.5 * sum(res.broken.values())
+        assert res.broken["apgd-ce-bpda-10"] + res.broken["square-500"] > 0.5 * sum(
+            res.broken.values()
+        )
         assert rep.bpda_layers == (layer_name(masked),)
     else:  # the scale-free DLR can; the scaling layer has a gradient, so no BPDA
         assert "apgd-ce-bpda-10" not in res.broken and rep.bpda_layers == ()
@@ -501,18 +530,28 @@ def test_standard_suite_on_masked_model_matches_gradient_free_attack_and_is_mark
     assert entry["robust_upper_bound"] is True and "zero-gradients" in entry["robust_flags_failed"]
     assert entry["robust_display"].startswith(f"<= {res.robust_acc:.4f} (upper bound: ")
     lines = summary_lines(d)
-    assert any(line.startswith(f"eps 0.1: {entry['bracket']}") and f"robust <= {res.robust_acc:.3f} (upper bound: "
-               in line and line.split("  |")[0].endswith(f"<= clean {res.clean_acc:.3f}") for line in lines)
-    assert any(line.strip().startswith("broken by: pgd-10x5: ") and "square-500: " in line
-               for line in lines)
+    assert any(
+        line.startswith(f"eps 0.1: {entry['bracket']}")
+        and f"robust <= {res.robust_acc:.3f} (upper bound: " in line
+        and line.split("  |")[0].endswith(f"<= clean {res.clean_acc:.3f}")
+        for line in lines
+    )
+    assert any(
+        line.strip().startswith("broken by: pgd-10x5: ") and "square-500: " in line
+        for line in lines
+    )
     if rounding:  # the layers approximated, named in the CLI's threat-model line and report.md
         assert f"; bpda: layers '{rep.bpda_layers[0]}');" in lines[0]
         assert "apgd-ce-bpda-10: " in lines[2]
         assert f"BPDA (Athalye et al. 2018): layers '{rep.bpda_layers[0]}'" in rep.to_markdown()
     assert f"<= {res.robust_acc:.4f} (upper bound: " in rep.to_markdown()
     # A custom layer the bounds cannot cover: certified "not available", never 0.
-    layer = "scaled_logits" if mask == "scaled-logits" else "round_input"  # Keras may number it: round_input_1
-    assert res.certified_acc is None and res.certified_note.startswith(f"not available (layer '{layer}")
+    layer = (
+        "scaled_logits" if mask == "scaled-logits" else "round_input"
+    )  # Keras may number it: round_input_1
+    assert res.certified_acc is None and res.certified_note.startswith(
+        f"not available (layer '{layer}"
+    )
     assert entry["bracket"].startswith(f"certified {res.certified_note}; robust <= ")
     metrics = rep.metrics(eps)
     assert metrics["robust_upper_bound"] is True and metrics["robust_display"].startswith("<= ")

@@ -46,12 +46,16 @@ def test_write_atomic_keeps_the_suffix_for_format_checking_writers(tmp_path):
 
 
 def test_write_json_numpy_values_and_nan_as_null(tmp_path):
-    path = write_json(tmp_path / "m.json", {"acc": np.float32(0.5), "n": np.int64(3),
-                                            "v": np.arange(2), "bad": float("nan")})
+    path = write_json(
+        tmp_path / "m.json",
+        {"acc": np.float32(0.5), "n": np.int64(3), "v": np.arange(2), "bad": float("nan")},
+    )
     assert json.loads(path.read_text()) == {"acc": 0.5, "n": 3, "v": [0, 1], "bad": None}
 
 
 def test_copy_file_copies_and_leaves_no_temp_files(tmp_path):
     src = write_text(tmp_path / "src.txt", "model bytes")
     dst = copy_file(src, tmp_path / "out" / "dst.txt")
-    assert dst.read_text() == "model bytes" and [p.name for p in dst.parent.iterdir()] == ["dst.txt"]
+    assert dst.read_text() == "model bytes" and [p.name for p in dst.parent.iterdir()] == [
+        "dst.txt"
+    ]

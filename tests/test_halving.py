@@ -43,16 +43,32 @@ def _report(sched, ctl, trial, epoch, acc):
     return action
 
 
-@pytest.mark.parametrize("max_t, grace, rf, expected", [
-    (9, 1, 3, [1, 3]), (10, 1, 3, [1, 3, 9]), (9, 1, 4, [1, 4]), (9, 2, 2, [2, 4, 8]), (2, 1, 3, [1]), (3, 3, 2, []),
-])
+@pytest.mark.parametrize(
+    "max_t, grace, rf, expected",
+    [
+        (9, 1, 3, [1, 3]),
+        (10, 1, 3, [1, 3, 9]),
+        (9, 1, 4, [1, 4]),
+        (9, 2, 2, [2, 4, 8]),
+        (2, 1, 3, [1]),
+        (3, 3, 2, []),
+    ],
+)
 def test_rungs_lie_below_max_t(max_t, grace, rf, expected):
     assert rungs(max_t, grace, rf) == expected
 
 
 def test_every_trial_waits_at_the_rung_and_only_the_best_third_goes_on():
-    sched = SuccessiveHalving(time_attr="epoch", max_t=9, grace_period=1, reduction_factor=3, num_trials=9,
-                              max_running=9, metric="val_robust_acc", mode="max")
+    sched = SuccessiveHalving(
+        time_attr="epoch",
+        max_t=9,
+        grace_period=1,
+        reduction_factor=3,
+        num_trials=9,
+        max_running=9,
+        metric="val_robust_acc",
+        mode="max",
+    )
     ctl = _Controller(sched)
     trials = [_Trial(i) for i in range(9)]
     for t in trials:
@@ -81,8 +97,16 @@ def test_every_trial_waits_at_the_rung_and_only_the_best_third_goes_on():
 
 
 def test_a_rung_waits_for_trials_not_yet_released_and_survivors_resume_within_max_running():
-    sched = SuccessiveHalving(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, num_trials=4,
-                              max_running=1, metric="val_robust_acc", mode="max")
+    sched = SuccessiveHalving(
+        time_attr="epoch",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=2,
+        num_trials=4,
+        max_running=1,
+        metric="val_robust_acc",
+        mode="max",
+    )
     ctl = _Controller(sched)
     trials = [_Trial(i) for i in range(4)]
     for t in trials[:2]:
@@ -93,7 +117,9 @@ def test_a_rung_waits_for_trials_not_yet_released_and_survivors_resume_within_ma
     for t in trials[2:]:
         sched.on_trial_add(ctl, t)
     assert _report(sched, ctl, trials[2], 1, 0.9) == "PAUSE"
-    assert _report(sched, ctl, trials[3], 1, 0.1) == "STOP"  # closes the rung: best two are t2 and one 0.5
+    assert (
+        _report(sched, ctl, trials[3], 1, 0.1) == "STOP"
+    )  # closes the rung: best two are t2 and one 0.5
     survivors = [t for t in trials if t.status == Trial.PAUSED]
     assert trials[2] in survivors and len(survivors) == 2
     first = sched.choose_trial_to_run(ctl)
@@ -102,14 +128,26 @@ def test_a_rung_waits_for_trials_not_yet_released_and_survivors_resume_within_ma
 
 
 def test_a_resumed_search_trains_its_unfinished_trials_to_the_end():
-    sched = SuccessiveHalving(time_attr="epoch", max_t=9, grace_period=1, reduction_factor=3, num_trials=4,
-                              max_running=1, metric="val_robust_acc", mode="max")
+    sched = SuccessiveHalving(
+        time_attr="epoch",
+        max_t=9,
+        grace_period=1,
+        reduction_factor=3,
+        num_trials=4,
+        max_running=1,
+        metric="val_robust_acc",
+        mode="max",
+    )
     ctl = _Controller(sched)
     # As Tune re-adds them, most recent result first: the rung-1 survivor, a stopped trial, and
     # two trials that had not started.
     survivor = _Trial(0, Trial.PENDING, last_result_time=1e9 + 60)
-    trials = [survivor, _Trial(1, Trial.TERMINATED, last_result_time=1e9),
-              _Trial(2, Trial.PENDING), _Trial(3, Trial.PENDING)]
+    trials = [
+        survivor,
+        _Trial(1, Trial.TERMINATED, last_result_time=1e9),
+        _Trial(2, Trial.PENDING),
+        _Trial(3, Trial.PENDING),
+    ]
     for t in trials:
         sched.on_trial_add(ctl, t)
     assert sched.running() == 3 and sched.choose_trial_to_run(ctl) is None  # above max_running
@@ -121,9 +159,18 @@ def test_a_resumed_search_trains_its_unfinished_trials_to_the_end():
 
 def test_sha_search_spec_counts_trials_and_refuses_model_based_searchers():
     base = load_spec(None).train.to_dict()
-    search = tune.SearchSpec.from_dict({"scheduler": "sha", "samples": 2,
-                                        "space": {"eps": {"grid": [0.1, 0.2, 0.3]}, "steps": {"grid": [1, 3]},
-                                                  "mix": {"uniform": [0.5, 1.0]}}}, base=base)
+    search = tune.SearchSpec.from_dict(
+        {
+            "scheduler": "sha",
+            "samples": 2,
+            "space": {
+                "eps": {"grid": [0.1, 0.2, 0.3]},
+                "steps": {"grid": [1, 3]},
+                "mix": {"uniform": [0.5, 1.0]},
+            },
+        },
+        base=base,
+    )
     assert search.num_trials == 12
     with pytest.raises(ValueError, match=r"scheduler: sha.*searcher: random.*searcher='optuna'"):
         tune.SearchSpec.from_dict({"scheduler": "sha", "searcher": "optuna"}, base=base)
@@ -134,8 +181,16 @@ def test_a_new_tune_trial_does_not_look_resumed():
     from ray import tune as ray_tune
 
     ray_tune.register_trainable("advtrain_noop", lambda config: None)
-    sched = SuccessiveHalving(time_attr="epoch", max_t=9, grace_period=1, reduction_factor=3, num_trials=2,
-                              max_running=1, metric="val_robust_acc", mode="max")
+    sched = SuccessiveHalving(
+        time_attr="epoch",
+        max_t=9,
+        grace_period=1,
+        reduction_factor=3,
+        num_trials=2,
+        max_running=1,
+        metric="val_robust_acc",
+        mode="max",
+    )
     trial = Trial("advtrain_noop", config={})
     assert trial.last_result  # never empty
     sched.on_trial_add(_Controller(sched), trial)

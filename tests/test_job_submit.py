@@ -14,18 +14,24 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-
 def _ray_cli():
     return str(Path(sys.executable).with_name("ray"))
 
 
 def _submit(env, args, timeout):
-    return subprocess.run([_ray_cli(), "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"], *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [_ray_cli(), "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"], *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_job_submit_without_token_is_refused(ray_cluster, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+    }
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
     proc = _submit(env, ["--", "echo", "hello"], timeout=120)
     assert proc.returncode != 0

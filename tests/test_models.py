@@ -36,7 +36,9 @@ def test_build_model_seed_reproducible(batch):
 
 
 def test_build_model_unknown_name_raises_listing_known():
-    with pytest.raises(ValueError, match=r"Unknown model 'resnet50'. Expected one of: mlp, cnn, madry, resnet\."):
+    with pytest.raises(
+        ValueError, match=r"Unknown model 'resnet50'. Expected one of: mlp, cnn, madry, resnet\."
+    ):
         build_model("resnet50")
 
 
@@ -48,12 +50,19 @@ def test_save_model_load_model_round_trip_identical_outputs(tmp_path, name, batc
     assert path.is_file()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
     loaded = load_model(path)
-    np.testing.assert_array_equal(np.asarray(loaded(batch, training=False)), np.asarray(model(batch, training=False)))
+    np.testing.assert_array_equal(
+        np.asarray(loaded(batch, training=False)), np.asarray(model(batch, training=False))
+    )
 
 
 def test_load_model_safe_mode_refuses_lambda_layer(tmp_path):
     model = keras.Sequential(
-        [keras.Input((28, 28, 1)), keras.layers.Lambda(lambda z: z * 2.0), keras.layers.Flatten(), keras.layers.Dense(10)]
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Lambda(lambda z: z * 2.0),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
     )
     path = tmp_path / "lambda.keras"
     save_model(model, path)
@@ -64,7 +73,9 @@ def test_load_model_safe_mode_refuses_lambda_layer(tmp_path):
 @pytest.mark.parametrize("fn", ["save", "load"])
 def test_model_io_non_keras_path_raises(tmp_path, fn):
     path = tmp_path / "model.h5"
-    with pytest.raises(ValueError, match=r"Model files use the `\.keras` format. Received: path='.*model\.h5'"):
+    with pytest.raises(
+        ValueError, match=r"Model files use the `\.keras` format. Received: path='.*model\.h5'"
+    ):
         if fn == "save":
             save_model(build_model("mlp"), path)
         else:

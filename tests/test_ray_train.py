@@ -48,25 +48,56 @@ def ray_client(ray_cluster):
     ray.shutdown()
 
 
-def _trainer(cfg, tmp_path, name, workers=2, callbacks=None, max_failures=0, placement_strategy="PACK",
-             steps_per_call=None):
+def _trainer(
+    cfg,
+    tmp_path,
+    name,
+    workers=2,
+    callbacks=None,
+    max_failures=0,
+    placement_strategy="PACK",
+    steps_per_call=None,
+):
     from workflows.train import build_trainer
 
-    return build_trainer(cfg, workers=workers, storage_path=str(tmp_path), name=name, callbacks=callbacks,
-                         max_failures=max_failures, placement_strategy=placement_strategy,
-                         steps_per_call=steps_per_call)
+    return build_trainer(
+        cfg,
+        workers=workers,
+        storage_path=str(tmp_path),
+        name=name,
+        callbacks=callbacks,
+        max_failures=max_failures,
+        placement_strategy=placement_strategy,
+        steps_per_call=steps_per_call,
+    )
 
 
 def test_two_nodes_spread_workers_shards_are_disjoint_covering_and_reported(ray_client, tmp_path):
     from workflows.train import read_final
 
-    assert len([n for n in ray.nodes() if n["Alive"]]) >= 2, "the test cluster has a head and a second node"
-    cfg = TrainConfig(model="mlp", method="pgd", eps=0.1, steps=2, epochs=1, batch_size=64, train_size=2048,
-                      probe_size=64, seed=3)
+    assert len([n for n in ray.nodes() if n["Alive"]]) >= 2, (
+        "the test cluster has a head and a second node"
+    )
+    cfg = TrainConfig(
+        model="mlp",
+        method="pgd",
+        eps=0.1,
+        steps=2,
+        epochs=1,
+        batch_size=64,
+        train_size=2048,
+        probe_size=64,
+        seed=3,
+    )
     log = tmp_path / "reports.jsonl"
     # One worker per node (STRICT_SPREAD), storage on a path both nodes share (the same disk here).
-    result = _trainer(cfg, tmp_path / "shared", "shards", callbacks=[_RecordReports(log)],
-                      placement_strategy="STRICT_SPREAD").fit()
+    result = _trainer(
+        cfg,
+        tmp_path / "shared",
+        "shards",
+        callbacks=[_RecordReports(log)],
+        placement_strategy="STRICT_SPREAD",
+    ).fit()
     assert result.error is None
     reports = [json.loads(line) for line in log.read_text().splitlines()]
     first = reports[0]
@@ -93,8 +124,19 @@ def test_one_step_two_workers_equals_one_process_double_batch(ray_client, tmp_pa
     # crown-ibp halfway up a 2-step eps ramp: kappa and beta at 0.75 and 0.5, so the natural loss,
     # the IBP bound and the CROWN-IBP bound all enter the gradient.
     certified = {"eps": 0.1, "eps_ramp_epochs": 2} if method == "crown-ibp" else {}
-    cfg = TrainConfig(model="cnn", method=method, epochs=1, batch_size=b, train_size=2 * b, optimizer="sgd",
-                      learning_rate=0.5, schedule="constant", probe_size=32, seed=5, **certified)
+    cfg = TrainConfig(
+        model="cnn",
+        method=method,
+        epochs=1,
+        batch_size=b,
+        train_size=2 * b,
+        optimizer="sgd",
+        learning_rate=0.5,
+        schedule="constant",
+        probe_size=32,
+        seed=5,
+        **certified,
+    )
     result = _trainer(cfg, tmp_path, f"equiv_{method}").fit()
     assert result.error is None
     model_path, _, _ = read_final(result)
@@ -130,7 +172,9 @@ def _global_batches(cfg, world):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_steps_per_call_workers_match_one_process_over_the_same_global_batches(ray_client, tmp_path, workers):
+def test_steps_per_call_workers_match_one_process_over_the_same_global_batches(
+    ray_client, tmp_path, workers
+):
     import tensorflow as tf
 
     from workflows.train import read_final
@@ -140,15 +184,29 @@ def test_steps_per_call_workers_match_one_process_over_the_same_global_batches(r
     # compared); SGD with momentum, so a gradient scaled, dropped or applied twice would show.
     # With 1 worker the run uses the default strategy, with 2 MultiWorkerMirroredStrategy.
     b, steps = 32, 3
-    cfg = TrainConfig(model="cnn", method="clean", epochs=1, batch_size=b, train_size=workers * steps * b,
-                      optimizer="sgd", learning_rate=0.1, schedule="constant", probe_size=32, seed=5)
-    result = _trainer(cfg, tmp_path, f"steps_per_call_{workers}", workers=workers, steps_per_call=2).fit()
+    cfg = TrainConfig(
+        model="cnn",
+        method="clean",
+        epochs=1,
+        batch_size=b,
+        train_size=workers * steps * b,
+        optimizer="sgd",
+        learning_rate=0.1,
+        schedule="constant",
+        probe_size=32,
+        seed=5,
+    )
+    result = _trainer(
+        cfg, tmp_path, f"steps_per_call_{workers}", workers=workers, steps_per_call=2
+    ).fit()
     assert result.error is None
     model_path, _, _ = read_final(result)
     distributed = load_model(model_path).get_weights()
 
     def one_process(order):
-        run = training.AdversarialTraining(cfg.replace(batch_size=workers * b), steps_per_epoch=steps)
+        run = training.AdversarialTraining(
+            cfg.replace(batch_size=workers * b), steps_per_epoch=steps
+        )
         xs, ys = _global_batches(cfg, workers)
         run.train_epoch(tf.data.Dataset.from_tensor_slices((xs[order], ys[order])))
         return run.model.get_weights()
@@ -170,20 +228,37 @@ def test_worker_killed_mid_training_is_replaced_and_resumes_from_checkpoint(ray_
     from workflows.train import read_final
 
     # The cnn keeps each epoch several seconds long, so the kill lands mid-training.
-    cfg = TrainConfig(model="cnn", method="pgd", eps=0.1, steps=2, epochs=3, batch_size=64, train_size=3072,
-                      probe_size=64, seed=7)
+    cfg = TrainConfig(
+        model="cnn",
+        method="pgd",
+        eps=0.1,
+        steps=2,
+        epochs=3,
+        batch_size=64,
+        train_size=3072,
+        probe_size=64,
+        seed=7,
+    )
     log = tmp_path / "reports.jsonl"
     holder = {}
     thread = threading.Thread(
-        target=lambda: holder.update(result=_trainer(cfg, tmp_path, "kill", callbacks=[_RecordReports(log)],
-                                                      max_failures=2).fit()))
+        target=lambda: holder.update(
+            result=_trainer(
+                cfg, tmp_path, "kill", callbacks=[_RecordReports(log)], max_failures=2
+            ).fit()
+        )
+    )
     thread.start()
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
         time.sleep(0.5)
     assert log.exists(), "no epoch was reported in time"
     time.sleep(2.5)  # let the controller register the checkpoint of epoch 1 (polled every 2 s)
-    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "RayTrainWorker" in a.class_name]
+    workers = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")])
+        if "RayTrainWorker" in a.class_name
+    ]
     assert workers, "no live Train worker found"
     victim = workers[-1].pid
     os.kill(victim, signal.SIGKILL)
@@ -191,9 +266,8 @@ def test_worker_killed_mid_training_is_replaced_and_resumes_from_checkpoint(ray_
     assert not thread.is_alive(), "training did not finish after the worker was killed"
     result = holder["result"]
     assert result.error is None
-    _, history, summary = read_final(result)
+    _, history, _summary = read_final(result)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     reports = [json.loads(line)[0] for line in log.read_text().splitlines()]
     resumed = [m["resumed_from_epoch"] for m in reports]
     assert max(resumed) >= 1, f"the restarted group started from scratch: {resumed}"
-

@@ -71,8 +71,11 @@ def test_pareto_front_mappings_duplicates_kept():
     b = {"label": "b", "clean_acc": 0.9, "robust_acc": 0.5}
     c = {"label": "c", "clean_acc": 0.8, "robust_acc": 0.4}
     assert [p["label"] for p in pareto_front([c, a, b])] == ["a", "b"]
-    short = [{"clean": 0.9, "robust": 0.3}, {"clean": 0.8, "robust": 0.6},
-             {"clean": 0.7, "robust": 0.5}]
+    short = [
+        {"clean": 0.9, "robust": 0.3},
+        {"clean": 0.8, "robust": 0.6},
+        {"clean": 0.7, "robust": 0.5},
+    ]
     assert pareto_front(short) == short[1::-1]
     assert pareto_front([]) == []
 
@@ -102,23 +105,28 @@ def test_robust_cell_with_failed_flags_is_an_upper_bound_naming_them():
 
 def test_bracket_certified_le_robust_le_clean_three_decimals():
     assert bracket(0.991, 0.934, certified=0.912, method="crown-ibp") == (
-        "certified 0.912 (crown-ibp) <= robust 0.934 <= clean 0.991")
+        "certified 0.912 (crown-ibp) <= robust 0.934 <= clean 0.991"
+    )
 
 
 def test_bracket_failed_flags_robust_is_an_upper_bound_naming_them():
     assert bracket(0.991, 0.934, ["zero-gradients"], certified=0.0, method="ibp") == (
-        "certified 0.000 (ibp) <= robust <= 0.934 (upper bound: zero-gradients) <= clean 0.991")
+        "certified 0.000 (ibp) <= robust <= 0.934 (upper bound: zero-gradients) <= clean 0.991"
+    )
 
 
 def test_bracket_not_available_and_not_run():
     assert bracket(0.991, 0.934, note="not available (layer 'lstm')") == (
-        "certified not available (layer 'lstm'); robust 0.934 <= clean 0.991")
+        "certified not available (layer 'lstm'); robust 0.934 <= clean 0.991"
+    )
     assert bracket(0.991, 0.934) == "robust 0.934 <= clean 0.991"
 
 
 def test_certified_cell_number_method_or_reason():
     assert certified_cell(0.912, "crown-ibp") == "0.9120 (crown-ibp)"
-    assert certified_cell(None, note="not available (layer 'lstm')") == "not available (layer 'lstm')"
+    assert (
+        certified_cell(None, note="not available (layer 'lstm')") == "not available (layer 'lstm')"
+    )
     assert certified_cell(None) == "-"
 
 
@@ -186,13 +194,18 @@ def test_report_module_import_loads_no_tensorflow():
         "import sys, advtrain.report; "
         "sys.exit(int('tensorflow' in sys.modules or 'matplotlib' in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], check=False)  # noqa: S603
+    result = subprocess.run([sys.executable, "-c", code], check=False)
     assert result.returncode == 0
 
 
 def test_duration_reads_as_seconds_minutes_hours():
     assert [duration(s) for s in (0.4, 56.6247, 252.4, 3599.6, 7500)] == [
-        "0 s", "57 s", "4 min 12 s", "1 h 00 min", "2 h 05 min"]
+        "0 s",
+        "57 s",
+        "4 min 12 s",
+        "1 h 00 min",
+        "2 h 05 min",
+    ]
     assert duration(None) == "-"
 
 
@@ -203,10 +216,16 @@ def test_cells_take_their_decimals():
 
 
 def test_html_page_numeric_cells_heading_ids_and_no_raw_html():
-    md = ("# Title\n\n| name | acc | time |\n|---|---|---|\n| a<b | <= 0.960 (upper bound: x) | 4 min 12 s |\n\n"
-          "## Title\n")
+    md = (
+        "# Title\n\n| name | acc | time |\n|---|---|---|\n| a<b | <= 0.960 (upper bound: x) | 4 min 12 s |\n\n"
+        "## Title\n"
+    )
     page = html_page(md, "t <1>")
-    assert page.startswith("<!doctype html>") and "<title>t &lt;1&gt;</title>" in page and "<style>" in page
+    assert (
+        page.startswith("<!doctype html>")
+        and "<title>t &lt;1&gt;</title>" in page
+        and "<style>" in page
+    )
     assert "<td>a&lt;b</td>" in page and '<td class="num">&lt;= 0.960 (upper bound: x)</td>' in page
     assert '<td class="num">4 min 12 s</td>' in page
     assert '<h1 id="title">' in page and '<h2 id="title-1">' in page  # unique, as GitHub makes them
@@ -228,17 +247,24 @@ def test_plot_accuracy_vs_eps_starts_at_eps_zero_with_clean_accuracy(tmp_path, m
 
     drawn = []
     real = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
-                        lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real(self, x, y, *a, **k))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "plot",
+        lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real(self, x, y, *a, **k),
+    )
     plot_accuracy_vs_eps({"per_eps": _per_eps([0.9, 0.7, 0.5])}, tmp_path / "acc.png")
-    assert drawn and all(x[0] == 0.0 and y[0] == 0.99 for x, y in drawn)  # every curve, clean at eps 0
+    assert drawn and all(
+        x[0] == 0.0 and y[0] == 0.99 for x, y in drawn
+    )  # every curve, clean at eps 0
 
 
 def test_plots_are_written_at_twice_screen_resolution(tmp_path):
     from matplotlib import image
 
-    points = [{"label": "a-long-trial-label-at-the-right-edge", "clean": 0.99, "robust": 0.9},
-              {"label": "b", "clean": 0.9, "robust": 0.95}]
+    points = [
+        {"label": "a-long-trial-label-at-the-right-edge", "clean": 0.99, "robust": 0.9},
+        {"label": "b", "clean": 0.9, "robust": 0.95},
+    ]
     plot_pareto(points, pareto_front(points), tmp_path / "pareto.png")
     height, width = image.imread(tmp_path / "pareto.png").shape[:2]
     assert width > 1000 and height > 800  # 6.0 x 4.6 inches at 200 dpi, trimmed to the drawing

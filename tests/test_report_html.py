@@ -43,41 +43,96 @@ class _Flag:
         return f"{self.id}{where} {'FAILED' if self.passed is False else 'passed'}: {self.message}"
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "passed": self.passed, "message": self.message, "summary": self.summary,
-                "eps": self.eps, "doc": f"docs/flags.md#{self.id}"}
+        return {
+            "id": self.id,
+            "passed": self.passed,
+            "message": self.message,
+            "summary": self.summary,
+            "eps": self.eps,
+            "doc": f"docs/flags.md#{self.id}",
+        }
 
 
 def _trial_report(robust: float, failed: tuple[str, ...] = ()) -> RobustnessReport:
     """A standard-suite report at eps 0.1, 0.2, 0.3 with its sanity flags, as an evaluation writes it."""
-    attack = {"name": "apgd-ce-100", "attack": "apgd", "steps": 100, "restarts": 1, "loss": "ce",
-              "step_size": 0.075, "targeted": False, "target_classes": 0}
+    attack = {
+        "name": "apgd-ce-100",
+        "attack": "apgd",
+        "steps": 100,
+        "restarts": 1,
+        "loss": "ce",
+        "step_size": 0.075,
+        "targeted": False,
+        "target_classes": 0,
+    }
     results = tuple(
-        EpsResult(eps=e, clean_acc=0.98, robust_acc=robust * f, fgsm_acc=min(robust * f + 0.1, 0.98),
-                  per_attack={"clean": 0.98, "apgd-ce-100": robust * f}, broken={"apgd-ce-100": 12},
-                  attack_seconds={"apgd-ce-100": 40.0}, seconds=56.6247 * f,
-                  certified_acc=robust * f * 0.9, certified={"ibp": robust * f * 0.9})
-        for e, f in ((0.1, 1.2), (0.2, 1.1), (0.3, 1.0)))
+        EpsResult(
+            eps=e,
+            clean_acc=0.98,
+            robust_acc=robust * f,
+            fgsm_acc=min(robust * f + 0.1, 0.98),
+            per_attack={"clean": 0.98, "apgd-ce-100": robust * f},
+            broken={"apgd-ce-100": 12},
+            attack_seconds={"apgd-ce-100": 40.0},
+            seconds=56.6247 * f,
+            certified_acc=robust * f * 0.9,
+            certified={"ibp": robust * f * 0.9},
+        )
+        for e, f in ((0.1, 1.2), (0.2, 1.1), (0.3, 1.0))
+    )
     flags = tuple(_Flag(i, i not in failed, "measured") for i in ("large-eps", "zero-gradients"))
-    return RobustnessReport(norm="linf", eps=(0.1, 0.2, 0.3), suite="standard", attacks=(attack,),
-                            reference_attack={"name": "fgsm"}, steps_scale=1.0, n=500, split="test",
-                            seed=0, results=results, flags=flags, seconds=170.0, certify=("ibp",))
+    return RobustnessReport(
+        norm="linf",
+        eps=(0.1, 0.2, 0.3),
+        suite="standard",
+        attacks=(attack,),
+        reference_attack={"name": "fgsm"},
+        steps_scale=1.0,
+        n=500,
+        split="test",
+        seed=0,
+        results=results,
+        flags=flags,
+        seconds=170.0,
+        certify=("ibp",),
+    )
 
 
 @pytest.fixture
 def search_folder(tmp_path) -> Path:
     """A finished search's folder: trials.json, the top trials' reports, the best model."""
-    rows = [{**_trial("masked", 0.99, 0.97, 0.96, ["large-eps", "zero-gradients"]), "wall_s": 252.4},
-            {**_trial("honest", 0.80, 0.98, 0.85), "config": {"eps": 0.3, "steps": 10}, "wall_s": 56.6247,
-             "test_certified_acc": 0.81, "test_certified_by": "ibp"},
-            _trial("weaker", 0.70, 0.99, 0.75)]
+    rows = [
+        {**_trial("masked", 0.99, 0.97, 0.96, ["large-eps", "zero-gradients"]), "wall_s": 252.4},
+        {
+            **_trial("honest", 0.80, 0.98, 0.85),
+            "config": {"eps": 0.3, "steps": 10},
+            "wall_s": 56.6247,
+            "test_certified_acc": 0.81,
+            "test_certified_by": "ibp",
+        },
+        _trial("weaker", 0.70, 0.99, 0.75),
+    ]
     ranked = render.rank(rows)
     for r in ranked:
         failed = tuple(r["test_flags_failed"])
         _trial_report(r["test_robust_acc"] * 0.8, failed).write(tmp_path / "trials" / r["trial_id"])
     (tmp_path / "best_model.keras").write_bytes(b"PK\x03\x04 stand-in")
-    (tmp_path / "trials.json").write_text(json.dumps({
-        "threat_model": THREAT, "objective": {"metric": "val_robust_acc", "attack": "pgd-10", "split": "val", "n": 256},
-        "metric": "val_robust_acc", "trials": ranked, "best_trial": ranked[0]["trial_id"]}))
+    (tmp_path / "trials.json").write_text(
+        json.dumps(
+            {
+                "threat_model": THREAT,
+                "objective": {
+                    "metric": "val_robust_acc",
+                    "attack": "pgd-10",
+                    "split": "val",
+                    "n": 256,
+                },
+                "metric": "val_robust_acc",
+                "trials": ranked,
+                "best_trial": ranked[0]["trial_id"],
+            }
+        )
+    )
     render.write_all(tmp_path)
     return tmp_path
 
@@ -86,16 +141,29 @@ def _chromium() -> str:
     for name in CHROMIUM:
         if path := shutil.which(name):
             return path
-    pytest.fail("Chromium is not installed (looked for: " + ", ".join(CHROMIUM) + "): the report tests need it. "
-                "Install it: apt-get install -y --no-install-recommends chromium (.ci/run does).")
+    pytest.fail(
+        "Chromium is not installed (looked for: "
+        + ", ".join(CHROMIUM)
+        + "): the report tests need it. "
+        "Install it: apt-get install -y --no-install-recommends chromium (.ci/run does)."
+    )
 
 
 def _browse(page: Path, tmp: Path, *extra: str) -> subprocess.Popen:
     """Starts headless Chromium on the page; each run gets its own profile, so several run at once."""
     profile = tempfile.mkdtemp(prefix="profile-", dir=tmp)
-    cmd = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           f"--user-data-dir={profile}", "--allow-file-access-from-files", *extra, page.resolve().as_uri()]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # noqa: S603
+    cmd = [
+        _chromium(),
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--allow-file-access-from-files",
+        *extra,
+        page.resolve().as_uri(),
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -152,25 +220,37 @@ def _colours(png: Path) -> int:
     from matplotlib import image
 
     pixels = image.imread(png)
-    return len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[:: 7]})
+    return len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::7]})
 
 
 def test_report_html_in_chromium_not_blank_and_every_link_resolves(search_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chromium")
-    page, trial_page = search_folder / "report.html", search_folder / "trials" / "honest" / "report.html"
+    page, trial_page = (
+        search_folder / "report.html",
+        search_folder / "trials" / "honest" / "report.html",
+    )
     shot = tmp / "report.png"
-    runs = [_browse(page, tmp, "--dump-dom"), _browse(trial_page, tmp, "--dump-dom"),
-            _browse(page, tmp, f"--screenshot={shot}", "--window-size=1100,900", "--hide-scrollbars")]
+    runs = [
+        _browse(page, tmp, "--dump-dom"),
+        _browse(trial_page, tmp, "--dump-dom"),
+        _browse(page, tmp, f"--screenshot={shot}", "--window-size=1100,900", "--hide-scrollbars"),
+    ]
     dom, trial_dom, _ = (_finish(p) for p in runs)
 
     parsed = _Links()
     parsed.feed(dom)
     text = " ".join(parsed.text)
-    assert "advtrain search report" in text and "Ranked trials" in text and "What the flags mean" in text
+    assert (
+        "advtrain search report" in text
+        and "Ranked trials" in text
+        and "What the flags mean" in text
+    )
     # People read the page: three decimals, durations, the trial's page rather than its Markdown.
     assert "0.850" in text and "0.8500" not in text and "57 s" in text and "4 min 12 s" in text
     assert 'href="trials/honest/report.html"' in dom and 'class="num"' in dom
-    assert {"pareto.png", "accuracy_vs_eps.png", "best_model.keras", "#large-eps"} <= set(parsed.links)
+    assert {"pareto.png", "accuracy_vs_eps.png", "best_model.keras", "#large-eps"} <= set(
+        parsed.links
+    )
     assert _unresolved(dom, page, search_folder) == []
     assert "large-eps" in parsed.ids
 
@@ -189,4 +269,4 @@ def test_reports_carry_no_link_outside_the_folder(search_folder):
 
 def test_render_imports_neither_ray_nor_tensorflow():
     code = "import sys, workflows.render; sys.exit(int('ray' in sys.modules or 'tensorflow' in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0  # noqa: S603
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

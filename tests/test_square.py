@@ -46,8 +46,17 @@ def batch():
 
 @pytest.fixture(scope="module")
 def trained():
-    cfg = TrainConfig(model="cnn", method="clean", epochs=1, train_size=6000, val_size=1000,
-                      probe_size=64, probe_steps=2, schedule="constant", seed=0)
+    cfg = TrainConfig(
+        model="cnn",
+        method="clean",
+        epochs=1,
+        train_size=6000,
+        val_size=1000,
+        probe_size=64,
+        probe_steps=2,
+        schedule="constant",
+        seed=0,
+    )
     return fit(cfg)[0]
 
 
@@ -59,8 +68,10 @@ def test_data():
 
 def _constant(label):
     """A model whose logits are one-hot(label) whatever the input."""
+
     def model(x, training=False):
         return tf.one_hot(tf.fill(tf.shape(x)[:1], label), 10)
+
     return model
 
 
@@ -74,8 +85,11 @@ def _dist(a, b, norm):
 
 
 def _graph(model, x, y, eps, queries, norm, seed=0, y_target=None):
-    run = tf.function(lambda x, y: square_graph(model, x, y, eps, queries, norm=norm,
-                                                y_target=y_target, seed=tf.constant([seed, 0])))
+    run = tf.function(
+        lambda x, y: square_graph(
+            model, x, y, eps, queries, norm=norm, y_target=y_target, seed=tf.constant([seed, 0])
+        )
+    )
     return [t.numpy() for t in run(tf.constant(x), tf.constant(y))]
 
 
@@ -85,8 +99,9 @@ def _graph(model, x, y, eps, queries, norm, seed=0, y_target=None):
 
 
 @pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
-@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (5, 9, 2)],
-                         ids=["mnist", "rgb", "tiny"])
+@pytest.mark.parametrize(
+    "shape", [(28, 28, 1), (32, 32, 3), (5, 9, 2)], ids=["mnist", "rgb", "tiny"]
+)
 @pytest.mark.parametrize("norm", NORMS)
 def test_square_output_in_ball_range_and_shape(norm, shape, targeted):
     model = _dense(shape)
@@ -214,8 +229,19 @@ def test_square_seed_reproducible_and_other_seed_differs(dense, batch, norm):
         (dict(eps=0.3, norm="l1"), ValueError),
         (dict(eps=0.3, seed=-1), ValueError),
     ],
-    ids=["eps-neg", "eps-big", "eps-l2-big", "queries-0", "queries-float", "p-0", "p-big", "p-nan",
-         "p-str", "norm-l1", "seed-neg"],
+    ids=[
+        "eps-neg",
+        "eps-big",
+        "eps-l2-big",
+        "queries-0",
+        "queries-float",
+        "p-0",
+        "p-big",
+        "p-nan",
+        "p-str",
+        "norm-l1",
+        "seed-neg",
+    ],
 )
 def test_square_bad_argument_raises(dense, batch, kwargs, error):
     x, y = batch
@@ -268,6 +294,7 @@ def test_square_targeted_reaches_target(trained, test_data):
 @pytest.mark.slow
 def test_square_breaks_gradient_masking_quantiser(trained, test_data):
     """Inputs rounded to 8 grey levels: the input gradient vanishes, Square does not care."""
+
     def quantised(x, training=False):
         return trained(tf.round(x * 7.0) / 7.0, training=training)
 

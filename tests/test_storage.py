@@ -19,22 +19,41 @@ THREAT = {"norm": "linf", "eps": 0.3, "suite": "quick", "n": 100, "split": "test
 
 
 def _trial(trial_id, val_robust, test_clean, test_robust):
-    return {"trial_id": trial_id, "config": {"eps": 0.3}, "val_clean_acc": 0.98, "val_robust_acc": val_robust,
-            "test_clean_acc": test_clean, "test_robust_acc": test_robust, "test_flags_failed": [],
-            "epochs_run": 2, "stopped": "no", "wall_s": 10.0, "rank": 1}
+    return {
+        "trial_id": trial_id,
+        "config": {"eps": 0.3},
+        "val_clean_acc": 0.98,
+        "val_robust_acc": val_robust,
+        "test_clean_acc": test_clean,
+        "test_robust_acc": test_robust,
+        "test_flags_failed": [],
+        "epochs_run": 2,
+        "stopped": "no",
+        "wall_s": 10.0,
+        "rank": 1,
+    }
 
 
 def test_join_parent_basename_keep_a_uri_query():
     uri = "s3://bkt/runs?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert storage.join(uri, "tune-1", "train") == "s3://bkt/runs/tune-1/train?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert (
+        storage.join(uri, "tune-1", "train")
+        == "s3://bkt/runs/tune-1/train?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
     assert storage.basename(storage.join(uri, "tune-1")) == "tune-1"
     assert storage.parent(storage.join(uri, "tune-1")) == uri
     assert storage.join("/data/runs/", "x") == "/data/runs/x"
-    assert storage.is_uri("gs://b/p") and storage.is_uri("file:///tmp/x") and not storage.is_uri("runs/x")
+    assert (
+        storage.is_uri("gs://b/p")
+        and storage.is_uri("file:///tmp/x")
+        and not storage.is_uri("runs/x")
+    )
 
 
 def test_unknown_scheme_is_one_clear_error():
-    with pytest.raises(ValueError, match=r"storage 'nosuch://b/p' is not a location pyarrow.fs can open"):
+    with pytest.raises(
+        ValueError, match=r"storage 'nosuch://b/p' is not a location pyarrow.fs can open"
+    ):
         storage.filesystem("nosuch://b/p")
 
 
@@ -71,21 +90,32 @@ def test_local_storage_path_is_written_atomically(tmp_path):
     (tmp_path / "stage" / "a.json").write_text("{}")
     folder = RunFolder(tmp_path / "stage", str(tmp_path / "shared" / "run"))
     assert folder.publish() == ["a.json"]
-    assert [p.name for p in (tmp_path / "shared" / "run").iterdir()] == ["a.json"]  # no temporary left
+    assert [p.name for p in (tmp_path / "shared" / "run").iterdir()] == [
+        "a.json"
+    ]  # no temporary left
 
 
 def test_report_rebuilds_from_the_bucket_alone(s3_bucket, tmp_path, capsys):
     stage = tmp_path / "stage"
     stage.mkdir()
     rows = [_trial("t1", 0.8, 0.98, 0.85), _trial("t2", 0.7, 0.99, 0.75)]
-    (stage / "trials.json").write_text(json.dumps({"threat_model": THREAT, "trials": rows, "best_trial": "t1"}))
+    (stage / "trials.json").write_text(
+        json.dumps({"threat_model": THREAT, "trials": rows, "best_trial": "t1"})
+    )
     uri = storage.join(s3_bucket, "tune-done")
     RunFolder(stage, uri).publish()
     assert main(["report", uri]) == 0
     err = capsys.readouterr().err
     assert f"in {uri}" in err
     keys = storage.list_files(uri)
-    for name in ("results.csv", "results.md", "report.md", "report.html", "pareto.png", "trials.json"):
+    for name in (
+        "results.csv",
+        "results.md",
+        "report.md",
+        "report.html",
+        "pareto.png",
+        "trials.json",
+    ):
         assert name in keys, keys
 
 
@@ -102,7 +132,18 @@ def test_evaluate_a_model_in_the_bucket_writes_its_report_beside_it(s3_bucket, t
     save_model(build_model("mlp", seed=0), model)
     run = storage.join(s3_bucket, "tune-1")
     RunFolder(tmp_path, run).publish()
-    code = main(["evaluate", storage.join(run, "best_model.keras"), "--suite", "fgsm", "--eps", "0.1", "--n", "32"])
+    code = main(
+        [
+            "evaluate",
+            storage.join(run, "best_model.keras"),
+            "--suite",
+            "fgsm",
+            "--eps",
+            "0.1",
+            "--n",
+            "32",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     keys = storage.list_files(run)
     assert "eval-best_model/report.json" in keys and "eval-best_model/report.md" in keys
@@ -111,7 +152,9 @@ def test_evaluate_a_model_in_the_bucket_writes_its_report_beside_it(s3_bucket, t
 
 
 @pytest.mark.slow
-def test_scheduler_stopped_trial_is_evaluated_from_its_checkpoint_in_the_bucket(s3_bucket, tmp_path):
+def test_scheduler_stopped_trial_is_evaluated_from_its_checkpoint_in_the_bucket(
+    s3_bucket, tmp_path
+):
     # Tune's report hands the driver the Train checkpoint's path without its scheme
     # ("bucket/key"): read with the storage's filesystem, not as a local path or a bare URI.
     from types import SimpleNamespace
@@ -127,13 +170,27 @@ def test_scheduler_stopped_trial_is_evaluated_from_its_checkpoint_in_the_bucket(
     RunFolder(ckpt, location).publish()
     fs, path = storage.filesystem(location)
     assert not storage.is_uri(path)
-    spec = load_spec(None, eval={"norm": "linf", "eps": (0.1,), "suite": "fgsm", "n": 16, "batch_size": 16})
+    spec = load_spec(
+        None, eval={"norm": "linf", "eps": (0.1,), "suite": "fgsm", "n": 16, "batch_size": 16}
+    )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "spec.json").write_text(json.dumps({"search": {"space": {"eps": {"choice": [0.1]}}, "scheduler": "asha"}}))
-    stopped = SimpleNamespace(metrics={"trial_id": "t1", "val_robust_acc": 0.5, "val_clean_acc": 0.9, "epoch": 1,
-                                       "checkpoint_path": path},
-                              config={"eps": 0.1}, error=None, path="tune/run_trial_t1", checkpoint=None)
+    (run_dir / "spec.json").write_text(
+        json.dumps({"search": {"space": {"eps": {"choice": [0.1]}}, "scheduler": "asha"}})
+    )
+    stopped = SimpleNamespace(
+        metrics={
+            "trial_id": "t1",
+            "val_robust_acc": 0.5,
+            "val_clean_acc": 0.9,
+            "epoch": 1,
+            "checkpoint_path": path,
+        },
+        config={"eps": 0.1},
+        error=None,
+        path="tune/run_trial_t1",
+        checkpoint=None,
+    )
     rows = results.collect([stopped], run_dir, spec, filesystem=fs)
     assert rows[0]["stopped"] == "asha" and rows[0]["evaluated_by"] == "driver (last checkpoint)"
     assert rows[0]["test_robust_acc"] is not None

@@ -36,8 +36,10 @@ def _write(root, kind: str, x: np.ndarray, y: np.ndarray, split: str = "train") 
 
         # The encoding `ray.data.from_numpy(...).write_parquet` writes: a tensor extension column.
         for i, p in enumerate(parts):
-            pq.write_table(pa.table({"image": ArrowTensorArray.from_numpy(x[p]), "label": pa.array(y[p])}),
-                           folder / f"part-{i}.parquet")
+            pq.write_table(
+                pa.table({"image": ArrowTensorArray.from_numpy(x[p]), "label": pa.array(y[p])}),
+                folder / f"part-{i}.parquet",
+            )
     elif kind == "npz":
         for i, p in enumerate(parts):
             np.savez(folder / f"shard-{i}.npz", x=x[p], y=y[p])
@@ -46,7 +48,9 @@ def _write(root, kind: str, x: np.ndarray, y: np.ndarray, split: str = "train") 
 
         for i in range(len(x)):
             (folder / f"class{y[i]}").mkdir(exist_ok=True)
-            Image.fromarray(x[i].squeeze(-1) if x.shape[-1] == 1 else x[i]).save(folder / f"class{y[i]}/{i:04d}.png")
+            Image.fromarray(x[i].squeeze(-1) if x.shape[-1] == 1 else x[i]).save(
+                folder / f"class{y[i]}/{i:04d}.png"
+            )
     return str(root / kind)
 
 
@@ -90,7 +94,11 @@ def test_split_format_bad_folders_raise_data_error_naming_the_folder(tmp_path):
     for name, make in {
         "missing": lambda d: None,
         "empty": lambda d: d.mkdir(),
-        "mixes": lambda d: (d.mkdir(), (d / "a.parquet").write_bytes(b""), (d / "b.npz").write_bytes(b"")),
+        "mixes": lambda d: (
+            d.mkdir(),
+            (d / "a.parquet").write_bytes(b""),
+            (d / "b.npz").write_bytes(b""),
+        ),
         "outside a class folder": lambda d: (d.mkdir(), (d / "a.png").write_bytes(b"")),
         "unexpected file": lambda d: (d.mkdir(), (d / "notes.txt").write_text("")),
         "hold no": lambda d: (d.mkdir(), (d / "cat").mkdir()),
@@ -128,7 +136,9 @@ def _batches(n, value=255, dtype=np.uint8):
 
 def test_epoch_dataset_yields_steps_batches_and_drains_before_the_last():
     fake = _FakeIterator(_batches(5))
-    ds = stream.epoch_dataset(fake, batch_size=4, input_shape=(2, 2, 1), steps=3, seed=0, shuffle_buffer=0)
+    ds = stream.epoch_dataset(
+        fake, batch_size=4, input_shape=(2, 2, 1), steps=3, seed=0, shuffle_buffer=0
+    )
     assert int(ds.cardinality()) == 3
     assert [tuple(s.shape) for s in ds.element_spec] == [(4, 2, 2, 1), (4,)]
     it = iter(ds)
@@ -137,29 +147,50 @@ def test_epoch_dataset_yields_steps_batches_and_drains_before_the_last():
     assert x.dtype.name == "float32" and float(x.numpy().max()) == 1.0 and y.dtype.name == "int32"
 
 
-@pytest.mark.parametrize("batches, message", [
-    (_batches(2), "gave 2 batches of 4, fewer than steps=3"),
-    (_batches(3, 1.5, np.float32), r"float images span \[1.5, 1.5\]"),
-])
+@pytest.mark.parametrize(
+    "batches, message",
+    [
+        (_batches(2), "gave 2 batches of 4, fewer than steps=3"),
+        (_batches(3, 1.5, np.float32), r"float images span \[1.5, 1.5\]"),
+    ],
+)
 def test_epoch_dataset_short_shard_or_bad_range_raises(batches, message):
     import tensorflow as tf
 
-    ds = stream.epoch_dataset(_FakeIterator(batches), batch_size=4, input_shape=(2, 2, 1), steps=3, seed=0,
-                              shuffle_buffer=0)
+    ds = stream.epoch_dataset(
+        _FakeIterator(batches),
+        batch_size=4,
+        input_shape=(2, 2, 1),
+        steps=3,
+        seed=0,
+        shuffle_buffer=0,
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"DataError: .*{message}"):
         list(ds)
 
 
 def test_epoch_dataset_empty_shard_raises_before_any_step():
     with pytest.raises(DataError, match="gave 0 batches of 4, fewer than steps=1"):
-        stream.epoch_dataset(_FakeIterator([]), batch_size=4, input_shape=(2, 2, 1), steps=1, seed=0,
-                             shuffle_buffer=0)
+        stream.epoch_dataset(
+            _FakeIterator([]),
+            batch_size=4,
+            input_shape=(2, 2, 1),
+            steps=1,
+            seed=0,
+            shuffle_buffer=0,
+        )
 
 
 def test_epoch_dataset_shuffle_buffer_below_batch_size_raises():
     with pytest.raises(ValueError, match="Received: shuffle_buffer=2"):
-        stream.epoch_dataset(_FakeIterator([]), batch_size=4, input_shape=(2, 2, 1), steps=1, seed=0,
-                             shuffle_buffer=2)
+        stream.epoch_dataset(
+            _FakeIterator([]),
+            batch_size=4,
+            input_shape=(2, 2, 1),
+            steps=1,
+            seed=0,
+            shuffle_buffer=2,
+        )
 
 
 @pytest.mark.slow
@@ -177,7 +208,9 @@ def test_read_split_returns_every_row_with_shape_dtype_and_label(ray_client, sou
 
 
 @pytest.mark.slow
-def test_read_split_grey_images_gain_a_channel_and_floats_become_float32(ray_client, arrays, tmp_path):
+def test_read_split_grey_images_gain_a_channel_and_floats_become_float32(
+    ray_client, arrays, tmp_path
+):
     x, y = arrays
     grey = x[:20, :, :, :1]
     floats = _write(tmp_path, "npz", grey[..., 0] / 255.0, y[:20])  # (n, H, W) float64
@@ -186,8 +219,11 @@ def test_read_split_grey_images_gain_a_channel_and_floats_become_float32(ray_cli
         rows = stream.read_split(source, "train").take_all()
         images = np.stack([r["image"] for r in rows])
         assert images.shape == (20, H, W, 1) and images.dtype == dtype
-        np.testing.assert_allclose(images[np.argsort(_ids(images))], grey / (255.0 if dtype == np.float32 else 1),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            images[np.argsort(_ids(images))],
+            grey / (255.0 if dtype == np.float32 else 1),
+            rtol=1e-6,
+        )
 
 
 def _worker(config):
@@ -197,15 +233,23 @@ def _worker(config):
     ctx = ray.train.get_context()
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(2):
-        ds = stream.epoch_dataset(shard, batch_size=config["batch_size"], input_shape=(H, W, C),
-                                  steps=config["steps"], seed=1000 + epoch, shuffle_buffer=2 * config["batch_size"])
+        ds = stream.epoch_dataset(
+            shard,
+            batch_size=config["batch_size"],
+            input_shape=(H, W, C),
+            steps=config["steps"],
+            seed=1000 + epoch,
+            shuffle_buffer=2 * config["batch_size"],
+        )
         seen = [_ids(x.numpy()).tolist() for x, _ in ds]
         with open(os.path.join(config["out"], f"{ctx.get_world_rank()}-{epoch}.json"), "w") as f:
             json.dump(seen, f)
 
 
 @pytest.mark.slow
-def test_two_workers_stream_disjoint_equal_shards_covering_the_split_each_epoch(ray_client, sources, tmp_path):
+def test_two_workers_stream_disjoint_equal_shards_covering_the_split_each_epoch(
+    ray_client, sources, tmp_path
+):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -219,17 +263,26 @@ def test_two_workers_stream_disjoint_equal_shards_covering_the_split_each_epoch(
     out.mkdir()
     # Workers take half a CPU each, so Ray Data's read tasks have CPUs left on the 2 x 1-CPU cluster.
     trainer = TensorflowTrainer(
-        _worker, train_loop_config={"batch_size": batch, "steps": steps, "out": str(out)},
+        _worker,
+        train_loop_config={"batch_size": batch, "steps": steps, "out": str(out)},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
-        datasets=datasets, dataset_config=data_config,
-        run_config=RunConfig(name="stream", storage_path=str(tmp_path / "ray")))
+        datasets=datasets,
+        dataset_config=data_config,
+        run_config=RunConfig(name="stream", storage_path=str(tmp_path / "ray")),
+    )
     assert trainer.fit().error is None
     # Epoch 1 finishing at all shows epoch 0's pass was drained (else its barrier would wait).
-    seen = {(r, e): json.loads((out / f"{r}-{e}.json").read_text()) for r in range(workers) for e in range(2)}
+    seen = {
+        (r, e): json.loads((out / f"{r}-{e}.json").read_text())
+        for r in range(workers)
+        for e in range(2)
+    }
     for epoch in range(2):
         assert [len(seen[r, epoch]) for r in range(workers)] == [steps] * workers
         together = np.concatenate([np.concatenate(seen[r, epoch]) for r in range(workers)])
-        assert len(set(together)) == len(together) == workers * steps * batch, "shards overlap or repeat rows"
+        assert len(set(together)) == len(together) == workers * steps * batch, (
+            "shards overlap or repeat rows"
+        )
         assert set(together) <= set(range(N))
         # Which rows are left out changes each epoch; how many does not.
         assert N - len(together) == 5 < workers * batch

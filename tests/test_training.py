@@ -14,8 +14,17 @@ from advtrain.models import load_model
 
 EPS = 0.1
 # ~200 optimizer steps per run: enough for adversarial training to show, small enough for CI.
-BASE = dict(model="cnn", eps=EPS, steps=3, epochs=2, batch_size=128, train_size=12800, learning_rate=0.003,
-            probe_size=200, seed=1)
+BASE = dict(
+    model="cnn",
+    eps=EPS,
+    steps=3,
+    epochs=2,
+    batch_size=128,
+    train_size=12800,
+    learning_rate=0.003,
+    probe_size=200,
+    seed=1,
+)
 
 
 def _pgd_accuracy(model, n=500):
@@ -34,7 +43,9 @@ def test_fit_adversarial_method_beats_clean_training_in_robust_accuracy(method, 
     model, history, summary = training.fit(TrainConfig(method=method, **BASE))
     robust = _pgd_accuracy(model)
     clean_robust = clean_run[3]
-    assert robust > clean_robust + 0.15, f"{method}: PGD acc {robust:.3f} vs clean training {clean_robust:.3f}"
+    assert robust > clean_robust + 0.15, (
+        f"{method}: PGD acc {robust:.3f} vs clean training {clean_robust:.3f}"
+    )
     assert summary["epochs_run"] == BASE["epochs"]
     assert history[-1]["val_clean_acc"] > 0.85
 
@@ -74,12 +85,25 @@ def test_certified_training_refuses_a_model_the_bounds_do_not_cover(tmp_path):
 
     from advtrain.bounds import UnsupportedLayerError
 
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                              keras.layers.Dense(16, activation="tanh", name="squash"), keras.layers.Dense(10)])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="tanh", name="squash"),
+            keras.layers.Dense(10),
+        ]
+    )
     path = tmp_path / "squash.keras"
     model.save(path)
-    cfg = TrainConfig(model=str(path), method="ibp", eps=0.1, eps_ramp_epochs=1, epochs=1, train_size=256,
-                      probe_size=32)
+    cfg = TrainConfig(
+        model=str(path),
+        method="ibp",
+        eps=0.1,
+        eps_ramp_epochs=1,
+        epochs=1,
+        train_size=256,
+        probe_size=32,
+    )
     with pytest.raises(UnsupportedLayerError, match="squash"):
         training.AdversarialTraining(cfg, steps_per_epoch=2)
     # PGD training of the same model runs, without a certified probe (never a made-up 0).
@@ -100,10 +124,21 @@ def test_fit_mix_zero_gives_exactly_clean_training():
 def test_guard_forced_catastrophic_overfitting_stops_and_restores_best_epoch():
     # FGSM-RS on the mlp with an oversized step at eps 0.3: FGSM accuracy climbs while PGD
     # accuracy sits near zero, the signature of catastrophic overfitting.
-    cfg = TrainConfig(model="mlp", method="fgsm", eps=0.3, step_size=0.6, epochs=5, eps_ramp_epochs=1,
-                      train_size=12800, learning_rate=0.002, schedule="constant", probe_size=300, seed=0)
+    cfg = TrainConfig(
+        model="mlp",
+        method="fgsm",
+        eps=0.3,
+        step_size=0.6,
+        epochs=5,
+        eps_ramp_epochs=1,
+        train_size=12800,
+        learning_rate=0.002,
+        schedule="constant",
+        probe_size=300,
+        seed=0,
+    )
     seen = []
-    model, history, summary = training.fit(cfg, on_epoch=seen.append)
+    _model, history, summary = training.fit(cfg, on_epoch=seen.append)
     assert summary["stopped_early"] is True
     assert summary["stop_reason"] == "catastrophic_overfitting"
     assert summary["epochs_run"] < cfg.epochs
@@ -138,7 +173,12 @@ class _ScriptedRun:
 
     def probe(self, x, y):
         fgsm, pgd = self.probes[self.epoch - 1]
-        return {"val_clean_acc": 0.99, "val_fgsm_acc": fgsm, "val_pgd_acc": pgd, "val_robust_acc": pgd}
+        return {
+            "val_clean_acc": 0.99,
+            "val_fgsm_acc": fgsm,
+            "val_pgd_acc": pgd,
+            "val_robust_acc": pgd,
+        }
 
 
 @pytest.mark.parametrize("ramp, stopped_at", [(0, 2), (2, 4), (3, 4), (4, None)])
@@ -147,23 +187,33 @@ def test_guard_ignores_the_fgsm_pgd_gap_while_eps_ramps_up(ramp, stopped_at):
     # not yet trained at the probe's eps; the collapse at epoch 4 after the ramp is real.
     cfg = TrainConfig(method="pgd", eps=0.3, epochs=5, eps_ramp_epochs=ramp)
     run = _ScriptedRun(cfg, [(0.3, 0.0), (0.7, 0.06), (0.8, 0.6), (0.95, 0.05), (0.9, 0.7)])
-    _, history, summary = training.run_epochs(run, lambda epoch: None, None, None)
+    _, _history, summary = training.run_epochs(run, lambda epoch: None, None, None)
     if stopped_at is None:
         assert summary["stopped_early"] is False and summary["epochs_run"] == 5
     else:
-        assert summary["stop_reason"] == "catastrophic_overfitting" and summary["epochs_run"] == stopped_at
+        assert (
+            summary["stop_reason"] == "catastrophic_overfitting"
+            and summary["epochs_run"] == stopped_at
+        )
 
 
 def test_guard_healthy_pgd_run_does_not_fire(clean_run):
-    model, history, summary = training.fit(TrainConfig(method="pgd", **{**BASE, "epochs": 1, "train_size": 6400}))
+    _model, _history, summary = training.fit(
+        TrainConfig(method="pgd", **{**BASE, "epochs": 1, "train_size": 6400})
+    )
     assert summary["stopped_early"] is False
     assert summary["stop_reason"] is None
 
 
 @pytest.mark.parametrize(
     "fgsm_acc, pgd_acc, best, expected",
-    [(0.9, 0.02, 0.3, True), (0.65, 0.3, 0.3, False), (0.6, 0.1, 0.5, True), (0.3, 0.2, 0.25, False),
-     (0.1, 0.1, 0.1, False)],
+    [
+        (0.9, 0.02, 0.3, True),
+        (0.65, 0.3, 0.3, False),
+        (0.6, 0.1, 0.5, True),
+        (0.3, 0.2, 0.25, False),
+        (0.1, 0.1, 0.1, False),
+    ],
 )
 def test_is_catastrophic_overfitting_thresholds(fgsm_acc, pgd_acc, best, expected):
     assert training.is_catastrophic_overfitting(fgsm_acc, pgd_acc, best) is expected
@@ -180,7 +230,9 @@ def test_one_cycle_rises_to_peak_then_falls_to_zero():
 
 
 def test_current_eps_ramps_linearly_then_holds():
-    cfg = TrainConfig(method="pgd", eps=0.3, eps_ramp_epochs=2, epochs=3, train_size=1280, batch_size=128)
+    cfg = TrainConfig(
+        method="pgd", eps=0.3, eps_ramp_epochs=2, epochs=3, train_size=1280, batch_size=128
+    )
     run = training.AdversarialTraining(cfg, steps_per_epoch=10)
     assert float(run.current_eps(0)) == pytest.approx(0.3 / 20)
     assert float(run.current_eps(9)) == pytest.approx(0.15)
@@ -197,7 +249,11 @@ def test_save_run_round_trip_gives_identical_outputs(tmp_path, clean_run):
     model, history, summary, _ = clean_run
     cfg = TrainConfig(method="clean", **BASE)
     training.save_run(tmp_path, model, cfg, history, summary)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.json", "model.keras"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "metrics.json",
+        "model.keras",
+    ]
     assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == history and metrics["epochs_run"] == summary["epochs_run"]
@@ -206,7 +262,9 @@ def test_save_run_round_trip_gives_identical_outputs(tmp_path, clean_run):
 
 
 def test_probe_reports_threat_model_separately():
-    cfg = TrainConfig(method="pgd", eps=0.2, epochs=1, train_size=1280, batch_size=128, probe_size=64)
+    cfg = TrainConfig(
+        method="pgd", eps=0.2, epochs=1, train_size=1280, batch_size=128, probe_size=64
+    )
     run = training.AdversarialTraining(cfg, steps_per_epoch=10, threat_model=ThreatModel(eps=0.0))
     data = load_data()
     out = run.probe(data.x_val[:256], data.y_val[:256])
@@ -217,8 +275,15 @@ def test_probe_reports_threat_model_separately():
 
 
 def test_certified_training_probe_adds_the_certified_accuracy():
-    cfg = TrainConfig(method="ibp", eps=0.2, eps_ramp_epochs=1, epochs=1, train_size=1280, batch_size=128,
-                      probe_size=64)
+    cfg = TrainConfig(
+        method="ibp",
+        eps=0.2,
+        eps_ramp_epochs=1,
+        epochs=1,
+        train_size=1280,
+        batch_size=128,
+        probe_size=64,
+    )
     run = training.AdversarialTraining(cfg, steps_per_epoch=10, threat_model=ThreatModel(eps=0.0))
     data = load_data()
     out = run.probe(data.x_val[:256], data.y_val[:256])
@@ -242,15 +307,28 @@ def test_train_epoch_several_steps_per_call_gives_the_weights_of_one_step_per_ca
     # PGD's seed and the eps ramp read optimizer.iterations inside the loop: a stale counter
     # would change the attack, so equal weights show every step saw its own step number.
     # SGD (not Adam) so a step applied twice or skipped would show in the weights.
-    cfg = TrainConfig(model="mlp", method="pgd", eps=0.3, steps=2, epochs=1, eps_ramp_epochs=1,
-                      batch_size=32, optimizer="sgd", learning_rate=0.1, schedule="constant", seed=4)
+    cfg = TrainConfig(
+        model="mlp",
+        method="pgd",
+        eps=0.3,
+        steps=2,
+        epochs=1,
+        eps_ramp_epochs=1,
+        batch_size=32,
+        optimizer="sgd",
+        learning_rate=0.1,
+        schedule="constant",
+        seed=4,
+    )
     data = load_data()
-    x, y = data.x_train[:7 * 32], data.y_train[:7 * 32]
+    x, y = data.x_train[: 7 * 32], data.y_train[: 7 * 32]
     reference, ref_metrics = _train_one_epoch(cfg, 1, x, y)
     calls = []
     looped, metrics = _train_one_epoch(cfg, steps_per_call, x, y, calls.append)
     assert calls == ([3, 6, 7] if steps_per_call == 3 else [7])
-    assert int(looped.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy()) == 7
+    assert (
+        int(looped.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy()) == 7
+    )
     for wl, wr in zip(looped.model.get_weights(), reference.model.get_weights()):
         np.testing.assert_allclose(wl, wr, rtol=0, atol=1e-6)
     assert metrics == pytest.approx(ref_metrics, abs=1e-6)

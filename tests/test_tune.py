@@ -39,8 +39,14 @@ TF_NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cuda drivers", "
 def _advtrain(args, env, log: Path, **kw):
     # Output to a file, not a pipe: an unread pipe fills up and blocks the driver.
     with open(log, "a") as f:
-        return subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], env=env, stdout=f,
-                                stderr=subprocess.STDOUT, text=True, **kw)
+        return subprocess.Popen(
+            [sys.executable, "-m", "workflows.cli", *args],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **kw,
+        )
 
 
 def _finished_trials(exp: Path) -> dict[str, float]:
@@ -54,19 +60,32 @@ def _finished_trials(exp: Path) -> dict[str, float]:
     return out
 
 
-def _tune_to_the_end(search_yaml: str, tmp_path: Path, address: str, *, timeout: int, extra=()) -> Path:
+def _tune_to_the_end(
+    search_yaml: str, tmp_path: Path, address: str, *, timeout: int, extra=()
+) -> Path:
     """`advtrain tune --config search.yaml --out exp [extra...]`, run to its end; returns exp."""
     cfg, exp, log = tmp_path / "search.yaml", tmp_path / "exp", tmp_path / "advtrain.log"
     cfg.write_text(search_yaml)
-    proc = _advtrain(["tune", "--config", str(cfg), "--out", str(exp), "--address", address, *extra],
-                     {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
+    proc = _advtrain(
+        ["tune", "--config", str(cfg), "--out", str(exp), "--address", address, *extra],
+        {**os.environ, "PYTHONUNBUFFERED": "1"},
+        log,
+    )
     assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
     noise = [line for line in log.read_text().splitlines() if any(n in line for n in TF_NOISE)]
-    assert not noise, noise[:4]  # driver and Ray workers alike: TensorFlow's C++ start-up lines stay off
+    assert not noise, noise[
+        :4
+    ]  # driver and Ray workers alike: TensorFlow's C++ start-up lines stay off
     text = log.read_text()
-    assert text.count("Token authentication is enabled") <= 1, text[:3000]  # Ray's notice, at most once
-    assert re.search(r"^Tune: \d+ trial\(s\), \w+ scheduler, \w+ searcher", text, re.M), text[:3000]
-    assert re.search(r"^Each trial judged at linf eps [\d.]+ by the \w+ suite \(", text, re.M), text[:3000]
+    assert text.count("Token authentication is enabled") <= 1, text[
+        :3000
+    ]  # Ray's notice, at most once
+    assert re.search(r"^Tune: \d+ trial\(s\), \w+ scheduler, \w+ searcher", text, re.MULTILINE), (
+        text[:3000]
+    )
+    assert re.search(
+        r"^Each trial judged at linf eps [\d.]+ by the \w+ suite \(", text, re.MULTILINE
+    ), text[:3000]
     return exp
 
 
@@ -96,14 +115,22 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
     assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     text = log.read_text()
     assert "continue with: advtrain tune --resume" in text
-    assert "Tuner.restore" not in text  # Ray's own hint, which would restore without advtrain's spec
+    assert (
+        "Tuner.restore" not in text
+    )  # Ray's own hint, which would restore without advtrain's spec
     done_before = _finished_trials(exp)
     assert done_before
 
     # 2. Resume, then SIGKILL the driver once another trial has finished.
-    proc = _advtrain(["tune", "--resume", str(exp), "--address", ray_cluster.address], env, log,
-                     start_new_session=True)
-    _wait(lambda: len(_finished_trials(exp)) > len(done_before), 400, "another finished trial", proc)
+    proc = _advtrain(
+        ["tune", "--resume", str(exp), "--address", ray_cluster.address],
+        env,
+        log,
+        start_new_session=True,
+    )
+    _wait(
+        lambda: len(_finished_trials(exp)) > len(done_before), 400, "another finished trial", proc
+    )
     time.sleep(2)  # the experiment state is saved after results arrive
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -136,13 +163,21 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
     assert vals == sorted(vals, reverse=True)
     from advtrain.report import pareto_front
 
-    points = [{"label": r["trial_id"], "clean": r["test_clean_acc"], "robust": r["test_robust_acc"]}
-              for r in data["trials"]]
+    points = [
+        {"label": r["trial_id"], "clean": r["test_clean_acc"], "robust": r["test_robust_acc"]}
+        for r in data["trials"]
+    ]
     front = {p["label"] for p in pareto_front(points)}
     report_md = (exp / "report.md").read_text()
     for label in front:
         assert f"- {label}: clean" in report_md
-    for name in ("pareto.png", "accuracy_vs_eps.png", "report.html", "results.md", "best_model.keras"):
+    for name in (
+        "pareto.png",
+        "accuracy_vs_eps.png",
+        "report.html",
+        "results.md",
+        "best_model.keras",
+    ):
         assert (exp / name).stat().st_size > 0, name
     # eps 0 is clean training: it must not be the most robust at eps 0.1.
     zero = next(r for r in data["trials"] if r["config"]["eps"] == 0.0)
@@ -165,13 +200,26 @@ def test_search_spec_defaults_validate_and_build_param_space():
     assert search.scheduler == "asha" and search.samples == 4
 
 
-@pytest.mark.parametrize("search, match", [
-    ({"metric": "val_certified_acc"}, r"every trial's method must be one of 'ibp', 'crown-ibp'. Received: method=pgd"),
-    ({"metric": "val_certified_acc", "space": {"method": {"choice": ["ibp", "trades"]}}},
-     r"Received: method=ibp, trades"),
-    ({"metric": "val_pgd_acc"}, r"`metric` must be one of 'val_robust_acc', 'val_certified_acc'. "
-                                r"Received: metric='val_pgd_acc'"),
-])
+@pytest.mark.parametrize(
+    "search, match",
+    [
+        (
+            {"metric": "val_certified_acc"},
+            r"every trial's method must be one of 'ibp', 'crown-ibp'. Received: method=pgd",
+        ),
+        (
+            {"metric": "val_certified_acc", "space": {"method": {"choice": ["ibp", "trades"]}}},
+            r"Received: method=ibp, trades",
+        ),
+        (
+            {"metric": "val_pgd_acc"},
+            (
+                r"`metric` must be one of 'val_robust_acc', 'val_certified_acc'. "
+                r"Received: metric='val_pgd_acc'"
+            ),
+        ),
+    ],
+)
 def test_search_spec_bad_metric_raises(search, match):
     base = load_spec(None, train={"eps_ramp_epochs": 1}).train.to_dict()
     with pytest.raises(ValueError, match=match):
@@ -191,22 +239,33 @@ search:
 """
 
 
-def test_certified_search_ranks_on_the_certified_probe_and_brackets_every_trial(ray_cluster, tmp_path):
+def test_certified_search_ranks_on_the_certified_probe_and_brackets_every_trial(
+    ray_cluster, tmp_path
+):
     # Also the trackers (`search.callbacks`, `--mlflow-uri`), on this two-trial search.
     mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    exp = _tune_to_the_end(CERTIFIED_SEARCH, tmp_path, ray_cluster.address, timeout=600,
-                           extra=["--mlflow-uri", mlflow_uri])
+    exp = _tune_to_the_end(
+        CERTIFIED_SEARCH,
+        tmp_path,
+        ray_cluster.address,
+        timeout=600,
+        extra=["--mlflow-uri", mlflow_uri],
+    )
     data = json.loads((exp / "trials.json").read_text())
     assert data["metric"] == data["objective"]["metric"] == "val_certified_acc"
     trials = data["trials"]
-    assert [r["val_certified_acc"] for r in trials] == sorted((r["val_certified_acc"] for r in trials), reverse=True)
+    assert [r["val_certified_acc"] for r in trials] == sorted(
+        (r["val_certified_acc"] for r in trials), reverse=True
+    )
     # kappa_end 1.0 never weighs the bound loss (natural training under a ramp): it certifies less.
     assert trials[0]["config"]["kappa_end"] == 0.5, trials
     for r in trials:
         assert r["test_certified_acc"] <= r["test_robust_acc"] <= r["test_clean_acc"], r
     report_md = (exp / "report.md").read_text()
     assert "`val_certified_acc`" in report_md
-    assert f"- {trials[0]['trial_id']}: certified {trials[0]['test_certified_acc']:.3f}" in report_md
+    assert (
+        f"- {trials[0]['trial_id']}: certified {trials[0]['test_certified_acc']:.3f}" in report_md
+    )
     _check_trackers(exp, mlflow_uri, trials)
 
 
@@ -221,7 +280,7 @@ def _check_trackers(exp: Path, mlflow_uri: str, trials: list[dict]) -> None:
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == len(trials) == 2
     for row in trials:
-        run, = [r for r in runs if r.data.tags["trial_name"].endswith(row["trial_id"])]
+        (run,) = [r for r in runs if r.data.tags["trial_name"].endswith(row["trial_id"])]
         assert float(run.data.params["kappa_end"]) == row["config"]["kappa_end"]
         history = client.get_metric_history(run.info.run_id, "val_certified_acc")
         assert {m.step for m in history} >= {1, 2}, history  # one report per epoch
@@ -231,20 +290,29 @@ def _check_trackers(exp: Path, mlflow_uri: str, trials: list[dict]) -> None:
         assert run.data.tags["test_flags_failed"] == (",".join(row["test_flags_failed"]) or "none")
 
 
-@pytest.mark.parametrize("train, search, warns", [
-    ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "asha", "grace_period": 1}, True),
-    ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "asha", "grace_period": 4}, False),
-    ({"schedule": "onecycle", "epochs": 2}, {"scheduler": "asha", "grace_period": 1}, False),
-    ({"schedule": "cosine", "epochs": 9}, {"scheduler": "asha", "grace_period": 1}, False),
-    ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "fifo"}, False),
-    ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "sha", "grace_period": 1}, True),
-])
+@pytest.mark.parametrize(
+    "train, search, warns",
+    [
+        ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "asha", "grace_period": 1}, True),
+        ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "asha", "grace_period": 4}, False),
+        ({"schedule": "onecycle", "epochs": 2}, {"scheduler": "asha", "grace_period": 1}, False),
+        ({"schedule": "cosine", "epochs": 9}, {"scheduler": "asha", "grace_period": 1}, False),
+        ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "fifo"}, False),
+        ({"schedule": "onecycle", "epochs": 9}, {"scheduler": "sha", "grace_period": 1}, True),
+    ],
+)
 def test_schedule_warning_flags_asha_rungs_inside_the_onecycle_warmup(train, search, warns):
     spec = load_spec(None, train=train)
-    warning = tune.schedule_warning(spec, tune.SearchSpec.from_dict(search, base=spec.train.to_dict()))
+    warning = tune.schedule_warning(
+        spec, tune.SearchSpec.from_dict(search, base=spec.train.to_dict())
+    )
     assert (warning is not None) == warns
     if warns:
-        assert "grace_period=1" in warning and "3.6 of 9 epochs" in warning and "grace_period >= 4" in warning
+        assert (
+            "grace_period=1" in warning
+            and "3.6 of 9 epochs" in warning
+            and "grace_period >= 4" in warning
+        )
 
 
 SHA_SEARCH = """
@@ -268,7 +336,10 @@ def test_successive_halving_pauses_at_the_rung_and_resumes_only_the_best(ray_clu
         lines = [json.loads(line) for line in rj.read_text().splitlines()]
         reports[lines[0]["trial_id"]] = lines
     assert len(reports) == 3
-    at_rung = {t: next(m for m in lines if m["epoch"] == 1)["val_robust_acc"] for t, lines in reports.items()}
+    at_rung = {
+        t: next(m for m in lines if m["epoch"] == 1)["val_robust_acc"]
+        for t, lines in reports.items()
+    }
     rows = {r["trial_id"]: r for r in json.loads((exp / "trials.json").read_text())["trials"]}
     # Three trials, reduction factor 3: only the best at epoch 1 trains on, the rest stop.
     survivor = max(at_rung, key=at_rung.get)

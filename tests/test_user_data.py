@@ -21,7 +21,7 @@ from workflows.cli import main
 SHAPE = (16, 16, 3)
 CLASSES = 4
 MODULE = "advtrain_user_models"
-USER_MODELS = '''
+USER_MODELS = """
 import keras
 
 
@@ -49,7 +49,7 @@ def probabilities(input_shape, num_classes):
 
 def not_a_model():
     return 3
-'''
+"""
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,12 +70,14 @@ def user_dir(tmp_path_factory):
     x_train, y_train = make_images(384, 0)
     x_test, y_test = make_images(64, 1)
     np.savez(d / "shapes.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    (d / "run.yaml").write_text(textwrap.dedent(f"""
+    (d / "run.yaml").write_text(
+        textwrap.dedent(f"""
         train: {{data: shapes.npz, model: "{MODULE}:small_cnn", method: pgd, eps: 0.03, steps: 2, epochs: 2,
                 batch_size: 32, val_size: 64, probe_size: 32, learning_rate: 0.01, schedule: constant}}
         eval: {{norm: linf, eps: [0.03], suite: quick, n: 32, batch_size: 32}}
         search: {{samples: 1, scheduler: fifo, space: {{mix: {{grid: [0.5, 1.0]}}}}}}
-        """))
+        """)
+    )
     return d
 
 
@@ -116,19 +118,33 @@ def test_keras_file_model_starts_from_its_weights(in_project, tmp_path):
 @pytest.mark.parametrize(
     "model, message",
     [
-        (f"{MODULE}:mnist_mlp", r"model 'advtrain_user_models:mnist_mlp' expects inputs \(28, 28, 1\) but the "
-                                r"data's images are \(16, 16, 3\)"),
-        (f"{MODULE}:wrong_classes", r"outputs \(None, 7\) but the data has 4 classes: expected \(None, 4\) logits"),
-        (f"{MODULE}:probabilities", r"outputs probabilities \(rows summing to 1\) and its last layer is not a "
-                                    r"softmax that can be removed"),
+        (
+            f"{MODULE}:mnist_mlp",
+            (
+                r"model 'advtrain_user_models:mnist_mlp' expects inputs \(28, 28, 1\) but the "
+                r"data's images are \(16, 16, 3\)"
+            ),
+        ),
+        (
+            f"{MODULE}:wrong_classes",
+            r"outputs \(None, 7\) but the data has 4 classes: expected \(None, 4\) logits",
+        ),
+        (
+            f"{MODULE}:probabilities",
+            (
+                r"outputs probabilities \(rows summing to 1\) and its last layer is not a "
+                r"softmax that can be removed"
+            ),
+        ),
         (f"{MODULE}:not_a_model", r"returned int, expected a keras.Model"),
         (f"{MODULE}:missing", r"advtrain_user_models has no function 'missing'"),
         ("no_such_module:build", r"no module named 'no_such_module'"),
         ("mnist.keras", r"expects inputs \(28, 28, 1\) but the data's images are \(16, 16, 3\)"),
     ],
 )
-def test_model_that_does_not_fit_the_data_exits_2_with_one_line_and_writes_nothing(model, message, in_project,
-                                                                                    tmp_path, capsys):
+def test_model_that_does_not_fit_the_data_exits_2_with_one_line_and_writes_nothing(
+    model, message, in_project, tmp_path, capsys
+):
     import re
 
     from advtrain.models import build_model
@@ -136,49 +152,86 @@ def test_model_that_does_not_fit_the_data_exits_2_with_one_line_and_writes_nothi
     if model.endswith(".keras") and not Path(model).exists():
         save_model(build_model("mlp", seed=0), in_project / model)
     out = tmp_path / "run"
-    code, err = _run(["train", "--local", "--config", "run.yaml", "--model", model, "--out", out], capsys)
+    code, err = _run(
+        ["train", "--local", "--config", "run.yaml", "--model", model, "--out", out], capsys
+    )
     assert code == 2 and len(err) == 1, err
     assert re.search(message, err[0]), err[0]
     assert not out.exists()
 
 
 def test_make_model_refuses_what_is_no_model_spec():
-    with pytest.raises(ModelError, match=r"`model` must be one of mlp, cnn, madry, resnet, a .keras file or "
-                                         r"package.module:function. Received: model='cnn.h5'"):
+    with pytest.raises(
+        ModelError,
+        match=r"`model` must be one of mlp, cnn, madry, resnet, a .keras file or "
+        r"package.module:function. Received: model='cnn.h5'",
+    ):
         make_model("cnn.h5", input_shape=SHAPE, num_classes=CLASSES)
 
 
 def test_l2_eps_beyond_the_image_space_diameter_exits_2(in_project, tmp_path, capsys):
-    code, err = _run(["train", "--local", "--config", "run.yaml", "--norm", "l2", "--eps", "30",
-                      "--out", tmp_path / "run"], capsys)
+    code, err = _run(
+        [
+            "train",
+            "--local",
+            "--config",
+            "run.yaml",
+            "--norm",
+            "l2",
+            "--eps",
+            "30",
+            "--out",
+            tmp_path / "run",
+        ],
+        capsys,
+    )
     # 16x16x3 images: the l2 diameter of [0, 1]^768 is sqrt(768) = 27.7.
-    assert code == 2 and err == ["advtrain train: error: `eps` must be in [0.0, 27.71] for 16x16x3 images (l2 diameter of "
-                                 "[0, 1]^768). Received: eps=30.0"], err
+    assert code == 2 and err == [
+        (
+            "advtrain train: error: `eps` must be in [0.0, 27.71] for 16x16x3 images (l2 diameter of "
+            "[0, 1]^768). Received: eps=30.0"
+        )
+    ], err
 
 
-def test_tune_refuses_a_search_space_l2_eps_beyond_the_image_space_diameter(in_project, tmp_path, capsys):
-    (in_project / "l2.yaml").write_text(textwrap.dedent("""
+def test_tune_refuses_a_search_space_l2_eps_beyond_the_image_space_diameter(
+    in_project, tmp_path, capsys
+):
+    (in_project / "l2.yaml").write_text(
+        textwrap.dedent("""
         train: {data: shapes.npz, model: mlp, norm: l2, eps: 1.0, epochs: 1, val_size: 64}
         eval: {norm: l2, eps: [1.0], suite: quick, n: 32}
         search: {samples: 2, space: {eps: {uniform: [0.5, 30.0]}}}
-        """))
+        """)
+    )
     code, err = _run(["tune", "--config", "l2.yaml", "--out", tmp_path / "search"], capsys)
-    assert code == 2 and err[-1:] == ["advtrain tune: error: `search.space.eps` must be in [0.0, 27.71] for 16x16x3 images "
-                                      "(l2 diameter of [0, 1]^768). Received: search.space.eps=30.0"], err
+    assert code == 2 and err[-1:] == [
+        (
+            "advtrain tune: error: `search.space.eps` must be in [0.0, 27.71] for 16x16x3 images "
+            "(l2 diameter of [0, 1]^768). Received: search.space.eps=30.0"
+        )
+    ], err
     assert not (tmp_path / "search").exists()
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def write_file_dataset(root: Path, fmt: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], files: int = 3) -> Path:
+def write_file_dataset(
+    root: Path, fmt: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], files: int = 3
+) -> Path:
     """A file dataset in `fmt` (parquet, npz or images), each split cut into `files` files."""
     from PIL import Image
 
     from advtrain.data import write_file_dataset as write
 
     if fmt != "images":
-        return write(root, splits, fmt=fmt, rows_per_file=-(-max(len(x) for x, _ in splits.values()) // files))
+        return write(
+            root,
+            splits,
+            fmt=fmt,
+            rows_per_file=-(-max(len(x) for x, _ in splits.values()) // files),
+        )
     for split, (x, y) in splits.items():
         for i in range(len(x)):
             (root / split / f"class{y[i]}").mkdir(parents=True, exist_ok=True)
@@ -215,7 +268,9 @@ def test_file_dataset_errors_name_the_folder_and_the_problem(tmp_path):
     import shutil
 
     shutil.rmtree(root / "val")
-    with pytest.raises(DataError, match=r"noval/val: missing \(a file dataset needs train/, val/ and test/ folders"):
+    with pytest.raises(
+        DataError, match=r"noval/val: missing \(a file dataset needs train/, val/ and test/ folders"
+    ):
         load_data(str(root))
     (root / "val").mkdir()
     with pytest.raises(DataError, match=r"noval/val: empty"):
@@ -231,10 +286,22 @@ def test_file_dataset_errors_name_the_folder_and_the_problem(tmp_path):
 
 def test_data_error_in_a_run_exits_2_naming_the_file(in_project, tmp_path, capsys):
     bad = tmp_path / "bad.npz"
-    np.savez(bad, x_train=np.zeros((10, 16, 16, 3), np.float32) + 2.0, y_train=np.zeros(10), x_test=np.zeros((4, 16, 16, 3)),
-             y_test=np.zeros(4))
-    code, err = _run(["train", "--local", "--config", "run.yaml", "--data", bad, "--out", tmp_path / "run"], capsys)
-    assert code == 2 and len(err) == 1 and f"{bad}: x_train values span [2.0, 2.0], expected [0, 1] (or uint8)" in err[0]
+    np.savez(
+        bad,
+        x_train=np.zeros((10, 16, 16, 3), np.float32) + 2.0,
+        y_train=np.zeros(10),
+        x_test=np.zeros((4, 16, 16, 3)),
+        y_test=np.zeros(4),
+    )
+    code, err = _run(
+        ["train", "--local", "--config", "run.yaml", "--data", bad, "--out", tmp_path / "run"],
+        capsys,
+    )
+    assert (
+        code == 2
+        and len(err) == 1
+        and f"{bad}: x_train values span [2.0, 2.0], expected [0, 1] (or uint8)" in err[0]
+    )
 
 
 def test_every_shipped_config_validates():
@@ -242,7 +309,11 @@ def test_every_shipped_config_validates():
     from workflows.tune import SearchSpec
 
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
-    assert {p.name for p in configs} >= {"quick.yaml", "fashion-mnist-linf-0.1.yaml", "cifar10-linf-8.yaml"}
+    assert {p.name for p in configs} >= {
+        "quick.yaml",
+        "fashion-mnist-linf-0.1.yaml",
+        "cifar10-linf-8.yaml",
+    }
     for path in configs:
         spec = load_spec(path)
         SearchSpec.from_dict(spec.search, base=spec.train.to_dict())
@@ -265,16 +336,50 @@ def test_train_local_evaluate_and_fine_tune_a_user_model_on_user_data(in_project
     model = load_model(run / "model.keras")
     assert model.output_shape == (None, CLASSES)
 
-    code, err = _run(["evaluate", run / "model.keras", "--data", "shapes.npz", "--eps", "0.03", "--suite", "fgsm",
-                      "--n", "32", "--out", tmp_path / "eval"], capsys)
+    code, err = _run(
+        [
+            "evaluate",
+            run / "model.keras",
+            "--data",
+            "shapes.npz",
+            "--eps",
+            "0.03",
+            "--suite",
+            "fgsm",
+            "--n",
+            "32",
+            "--out",
+            tmp_path / "eval",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    assert json.loads((tmp_path / "eval" / "report.json").read_text())["data"]["input_shape"] == [16, 16, 3]
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["data"]["input_shape"] == [
+        16,
+        16,
+        3,
+    ]
 
     # Adversarial fine-tuning starts from the saved weights: the first epoch's clean accuracy is
     # already that of the trained model, not chance.
     tuned = tmp_path / "tuned"
-    code, err = _run(["train", "--local", "--config", "run.yaml", "--model", run / "model.keras", "--epochs", "1",
-                      "--learning-rate", "0.0001", "--out", tuned], capsys)
+    code, err = _run(
+        [
+            "train",
+            "--local",
+            "--config",
+            "run.yaml",
+            "--model",
+            run / "model.keras",
+            "--epochs",
+            "1",
+            "--learning-rate",
+            "0.0001",
+            "--out",
+            tuned,
+        ],
+        capsys,
+    )
     assert code == 0, err
     first = json.loads((tuned / "metrics.json").read_text())["epochs"][0]
     assert first["val_clean_acc"] >= metrics["epochs"][-1]["val_clean_acc"] - 0.1
@@ -282,7 +387,9 @@ def test_train_local_evaluate_and_fine_tune_a_user_model_on_user_data(in_project
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_train_two_workers_fine_tunes_a_keras_model_on_user_data(ray_cluster, in_project, tmp_path, capsys):
+def test_train_two_workers_fine_tunes_a_keras_model_on_user_data(
+    ray_cluster, in_project, tmp_path, capsys
+):
     import ray
 
     from advtrain.models import build_model
@@ -291,15 +398,33 @@ def test_train_two_workers_fine_tunes_a_keras_model_on_user_data(ray_cluster, in
     save_model(build_model("cnn", input_shape=SHAPE, num_classes=CLASSES, seed=0), start)
     run = tmp_path / "run"
     try:
-        code, err = _run(["train", "--workers", "2", "--address", ray_cluster.address, "--config", "run.yaml",
-                          "--model", "start.keras", "--epochs", "1", "--out", run], capsys)
+        code, err = _run(
+            [
+                "train",
+                "--workers",
+                "2",
+                "--address",
+                ray_cluster.address,
+                "--config",
+                "run.yaml",
+                "--model",
+                "start.keras",
+                "--epochs",
+                "1",
+                "--out",
+                run,
+            ],
+            capsys,
+        )
     finally:
         ray.shutdown()
     assert code == 0, err[-3:]
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 1
     assert json.loads((run / "report.json").read_text())["data"]["input_shape"] == [16, 16, 3]
     cfg = json.loads((run / "config.json").read_text())["train"]
-    assert cfg["model"] == str(start) and cfg["data"] == str(in_project / "shapes.npz")  # made absolute where typed
+    assert cfg["model"] == str(start) and cfg["data"] == str(
+        in_project / "shapes.npz"
+    )  # made absolute where typed
 
 
 @pytest.mark.slow
@@ -309,14 +434,27 @@ def test_train_streams_a_parquet_dataset_with_ray_data(ray_cluster, in_project, 
 
     splits = {"train": make_images(256, 0), "val": make_images(32, 1), "test": make_images(32, 2)}
     write_file_dataset(in_project / "parquet_data", "parquet", splits, files=4)
-    base = ["train", "--address", ray_cluster.address, "--config", "run.yaml", "--data", "parquet_data",
-            "--epochs", "2"]
+    base = [
+        "train",
+        "--address",
+        ray_cluster.address,
+        "--config",
+        "run.yaml",
+        "--data",
+        "parquet_data",
+        "--epochs",
+        "2",
+    ]
     try:
         # The fixture cluster has 2 CPUs: 2 one-CPU workers would leave none for Ray Data's reads.
         code, err = _run([*base, "--workers", "2", "--out", tmp_path / "refused"], capsys)
-        assert code == 2 and err[-1:] == ["advtrain train: error: a file dataset streams through Ray Data, whose tasks need 1 CPU "
-                                     "beside the Train workers: 2 worker(s) x {CPU: 1} leave 0 of the cluster's 2 CPUs. "
-                                     "Use fewer workers, or in-memory data (an .npz). Received: workers=2"], err
+        assert code == 2 and err[-1:] == [
+            (
+                "advtrain train: error: a file dataset streams through Ray Data, whose tasks need 1 CPU "
+                "beside the Train workers: 2 worker(s) x {CPU: 1} leave 0 of the cluster's 2 CPUs. "
+                "Use fewer workers, or in-memory data (an .npz). Received: workers=2"
+            )
+        ], err
         assert not (tmp_path / "refused").exists()
         ray.shutdown()  # the refused run connected this process
         code, err = _run([*base, "--workers", "1", "--out", tmp_path / "run"], capsys)
@@ -328,7 +466,11 @@ def test_train_streams_a_parquet_dataset_with_ray_data(ray_cluster, in_project, 
     # 256 rows, one worker, batch 32: 8 steps of 32 per epoch, all from the stream.
     assert all(h["examples_per_second"] > 0 for h in history)
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert rep["data"]["train"] == 256 and rep["data"]["val"] == 32 and rep["data"]["input_shape"] == [16, 16, 3]
+    assert (
+        rep["data"]["train"] == 256
+        and rep["data"]["val"] == 32
+        and rep["data"]["input_shape"] == [16, 16, 3]
+    )
 
 
 @pytest.mark.slow
@@ -338,7 +480,9 @@ def test_tune_searches_a_user_model_on_user_data(ray_cluster, in_project, tmp_pa
 
     out = tmp_path / "search"
     try:
-        code, err = _run(["tune", "--address", ray_cluster.address, "--config", "run.yaml", "--out", out], capsys)
+        code, err = _run(
+            ["tune", "--address", ray_cluster.address, "--config", "run.yaml", "--out", out], capsys
+        )
     finally:
         ray.shutdown()
     assert code == 0, err
@@ -346,7 +490,9 @@ def test_tune_searches_a_user_model_on_user_data(ray_cluster, in_project, tmp_pa
     assert len(trials) == 2 and all(t["test_clean_acc"] is not None for t in trials)
     assert sorted(t["config"]["mix"] for t in trials) == [0.5, 1.0]
     train = json.loads((out / "spec.json").read_text())["spec"]["train"]
-    assert train["model"] == f"{MODULE}:small_cnn" and train["data"] == str(in_project / "shapes.npz")
+    assert train["model"] == f"{MODULE}:small_cnn" and train["data"] == str(
+        in_project / "shapes.npz"
+    )
     best = load_model(out / "best_model.keras")
     assert best.input_shape == (None, *SHAPE) and best.output_shape == (None, CLASSES)
 
@@ -365,19 +511,32 @@ def test_readme_own_model_and_data_commands(tmp_path, monkeypatch, capsys):
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    section = readme[readme.index("## Your model and your data"):]
-    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines()
-    module = re.search(r"```python\n# mymodels.py.*?\n(.*?)```", section, re.S).group(1)
+    section = readme[readme.index("## Your model and your data") :]
+    commands = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1).splitlines()
+    module = re.search(r"```python\n# mymodels.py.*?\n(.*?)```", section, re.DOTALL).group(1)
     (tmp_path / "configs").mkdir()
     shutil.copy(root / "configs" / "quick.yaml", tmp_path / "configs" / "quick.yaml")
     (tmp_path / "mymodels.py").write_text(module)
     x_train, y_train = make_images(3000, 0)
     x_test, y_test = make_images(500, 1)  # quick.yaml evaluates the first 500
-    np.savez(tmp_path / "mydata.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    write_file_dataset(tmp_path / "mydata", "parquet", {"train": (x_train[1000:], y_train[1000:]),
-                                                        "val": (x_train[:1000], y_train[:1000]), "test": (x_test, y_test)})
+    np.savez(
+        tmp_path / "mydata.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
+    )
+    write_file_dataset(
+        tmp_path / "mydata",
+        "parquet",
+        {
+            "train": (x_train[1000:], y_train[1000:]),
+            "val": (x_train[:1000], y_train[:1000]),
+            "test": (x_test, y_test),
+        },
+    )
     monkeypatch.chdir(tmp_path)
-    typed = [c.split("#")[0].split() for c in commands if c.startswith("advtrain ") and "cifar10" not in c]
+    typed = [
+        c.split("#")[0].split()
+        for c in commands
+        if c.startswith("advtrain ") and "cifar10" not in c
+    ]
     assert [c[1] for c in typed] == ["train", "train", "train", "evaluate"]
     for argv in typed:
         try:
@@ -389,13 +548,16 @@ def test_readme_own_model_and_data_commands(tmp_path, monkeypatch, capsys):
         rep = json.loads((tmp_path / run / "report.json").read_text())
         assert rep["data"]["input_shape"] == [16, 16, 3] and rep["data"]["val"] == 1000, run
     assert json.loads((tmp_path / "runs/mine-ft/config.json").read_text())["train"]["model"] == str(
-        tmp_path / "runs/mine/model.keras")
+        tmp_path / "runs/mine/model.keras"
+    )
     assert json.loads((tmp_path / "runs/mine/eval-model/report.json").read_text())["n"] == 100
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_file_dataset_in_a_bucket_reads_in_memory_and_streams_with_ray_data(ray_cluster, s3_server, s3_bucket, tmp_path):
+def test_file_dataset_in_a_bucket_reads_in_memory_and_streams_with_ray_data(
+    ray_cluster, s3_server, s3_bucket, tmp_path
+):
     """A file dataset on the cluster's storage (a real S3-compatible server): `load_data` reads its
     val and test splits through pyarrow.fs, and Ray Data streams the same training rows."""
     import ray

@@ -90,7 +90,9 @@ def read() -> Capacity:
     """The connected cluster's capacity (`ray.init` must have run)."""
     import ray
 
-    nodes = tuple({k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive"))
+    nodes = tuple(
+        {k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")
+    )
     return Capacity(nodes=nodes, node_types=_node_types())
 
 
@@ -107,8 +109,11 @@ def _node_types() -> tuple[NodeType, ...]:
         return ()
     if config is None:
         return ()
-    return tuple(NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
-                 for g in config.node_group_configs if g.max_count != 0)
+    return tuple(
+        NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+        for g in config.node_group_configs
+        if g.max_count != 0
+    )
 
 
 def cluster_config(autoscaling_config: Mapping) -> bytes:
@@ -137,8 +142,13 @@ def publish(autoscaling_config: Mapping, address: str) -> int:
 
     data = cluster_config(autoscaling_config)
     GcsClient(address=address).report_cluster_config(data)
-    return len([n for n in autoscaling_config.get("available_node_types", {})
-                if n != autoscaling_config.get("head_node_type")])
+    return len(
+        [
+            n
+            for n in autoscaling_config.get("available_node_types", {})
+            if n != autoscaling_config.get("head_node_type")
+        ]
+    )
 
 
 def check(capacity: Capacity, workers: int, per_worker: Mapping[str, float]) -> str | None:
@@ -161,20 +171,28 @@ def check(capacity: Capacity, workers: int, per_worker: Mapping[str, float]) -> 
         have = _describe(_total(capacity.nodes))
         # `ray start --head` runs Ray's autoscaler monitor on every cluster, so its presence says
         # nothing; node types the autoscaler can add are known only when published.
-        raise ValueError(f"{workers} worker(s) x {one} (in all {need}) do not fit the cluster's nodes ({have}; "
-                         f"each worker must fit on one node; an autoscaling cluster must publish its node types: "
-                         f"python -m workflows.capacity publish CONFIG). Received: workers={workers}")
+        raise ValueError(
+            f"{workers} worker(s) x {one} (in all {need}) do not fit the cluster's nodes ({have}; "
+            f"each worker must fit on one node; an autoscaling cluster must publish its node types: "
+            f"python -m workflows.capacity publish CONFIG). Received: workers={workers}"
+        )
     holding = [t for t in capacity.node_types if _fits(t.resources, per_worker) > 0]
     if not holding and capacity.slots_now(per_worker) == 0:
         kinds = ", ".join(f"{t.name} {_describe(t.resources)}" for t in capacity.node_types)
-        raise ValueError(f"no node type can hold one worker of {one} (node types: {kinds}). Received: workers={workers}")
+        raise ValueError(
+            f"no node type can hold one worker of {one} (node types: {kinds}). Received: workers={workers}"
+        )
     reach = capacity.slots_max(per_worker)
     if reach < workers:
         limits = ", ".join(f"{t.name} x {t.max_count}" for t in holding)
-        raise ValueError(f"{workers} worker(s) x {one} exceed what the cluster can scale to: {reach:g} worker(s) "
-                         f"({limits} at most). Received: workers={workers}")
-    types = ", ".join(f"node type {t.name}, up to {'any number of' if t.max_count < 0 else t.max_count} nodes"
-                      for t in holding)
+        raise ValueError(
+            f"{workers} worker(s) x {one} exceed what the cluster can scale to: {reach:g} worker(s) "
+            f"({limits} at most). Received: workers={workers}"
+        )
+    types = ", ".join(
+        f"node type {t.name}, up to {'any number of' if t.max_count < 0 else t.max_count} nodes"
+        for t in holding
+    )
     return f"waiting for the autoscaler: {workers} worker(s) x {one}, {types}"
 
 
@@ -186,8 +204,14 @@ def _total(nodes) -> dict[str, float]:
     return {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
 
 
-def max_concurrent(capacity: Capacity, workers: int, per_worker: Mapping[str, float], *, trials: int,
-                   streamed: bool = False) -> int:
+def max_concurrent(
+    capacity: Capacity,
+    workers: int,
+    per_worker: Mapping[str, float],
+    *,
+    trials: int,
+    streamed: bool = False,
+) -> int:
     """Trials that fit at once on what the cluster can scale to (at least 1, at most `trials`).
 
     A streamed trial also needs `STREAM_CPUS` for its Ray Data tasks; on a fixed-size cluster
@@ -197,7 +221,13 @@ def max_concurrent(capacity: Capacity, workers: int, per_worker: Mapping[str, fl
         return trials
     fit = int(reach // workers)
     if streamed and not capacity.autoscaling:
-        fit = min(fit, int(_total(capacity.nodes)["CPU"] // (workers * per_worker.get("CPU", 0.0) + STREAM_CPUS)))
+        fit = min(
+            fit,
+            int(
+                _total(capacity.nodes)["CPU"]
+                // (workers * per_worker.get("CPU", 0.0) + STREAM_CPUS)
+            ),
+        )
     return max(1, min(trials, fit))
 
 
@@ -217,10 +247,12 @@ def check_stream(capacity: Capacity, workers: int, per_worker: Mapping[str, floa
     total = _total(capacity.nodes)["CPU"]
     used = workers * per_worker.get("CPU", 0.0)
     if total - used < STREAM_CPUS:
-        raise ValueError(f"a file dataset streams through Ray Data, whose tasks need {STREAM_CPUS:g} CPU beside the "
-                         f"Train workers: {workers} worker(s) x {_describe(per_worker)} leave {total - used:g} of the "
-                         f"cluster's {total:g} CPUs. Use fewer workers, or in-memory data (an .npz). "
-                         f"Received: workers={workers}")
+        raise ValueError(
+            f"a file dataset streams through Ray Data, whose tasks need {STREAM_CPUS:g} CPU beside the "
+            f"Train workers: {workers} worker(s) x {_describe(per_worker)} leave {total - used:g} of the "
+            f"cluster's {total:g} CPUs. Use fewer workers, or in-memory data (an .npz). "
+            f"Received: workers={workers}"
+        )
 
 
 def main(argv=None) -> int:
@@ -233,8 +265,12 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m workflows.capacity")
     p.add_argument("action", choices=("publish",))
-    p.add_argument("config", help="the autoscaling config (cluster.yaml, ~/ray_bootstrap_config.yaml)")
-    p.add_argument("--address", default="auto", help="GCS address; default: the cluster on this machine")
+    p.add_argument(
+        "config", help="the autoscaling config (cluster.yaml, ~/ray_bootstrap_config.yaml)"
+    )
+    p.add_argument(
+        "--address", default="auto", help="GCS address; default: the cluster on this machine"
+    )
     args = p.parse_args(argv)
     with open(os.path.expanduser(args.config)) as f:
         config = yaml.safe_load(f)

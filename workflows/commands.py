@@ -36,7 +36,17 @@ from workflows import quiet, storage
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
 
-__all__ = ["attack", "certify", "cluster", "evaluate", "report", "resume", "train", "tune", "write_evaluation"]
+__all__ = [
+    "attack",
+    "certify",
+    "cluster",
+    "evaluate",
+    "report",
+    "resume",
+    "train",
+    "tune",
+    "write_evaluation",
+]
 
 
 def _say(text: str) -> None:
@@ -46,11 +56,16 @@ def _say(text: str) -> None:
 def _epoch_line(m: dict) -> str:
     # Certified training's probe: the proven share of the probe batch, beside the attacked one at
     # the same (threat-model) eps. val PGD is at the training eps, which may exceed it.
-    certified = (f"val certified {m['val_certified_acc']:.3f} <= robust {m['val_robust_acc']:.3f}  "
-                 if "val_certified_acc" in m else "")
-    return (f"epoch {m['epoch']}: loss {m['train_loss']:.3f}  train adv acc {m['train_adv_acc']:.3f}  "
-            f"val clean {m['val_clean_acc']:.3f}  val FGSM {m['val_fgsm_acc']:.3f}  val PGD {m['val_pgd_acc']:.3f}  "
-            f"{certified}eps {m['eps']:.3f}  {m['examples_per_second']:.0f} ex/s  {m['epoch_seconds']:.1f}s")
+    certified = (
+        f"val certified {m['val_certified_acc']:.3f} <= robust {m['val_robust_acc']:.3f}  "
+        if "val_certified_acc" in m
+        else ""
+    )
+    return (
+        f"epoch {m['epoch']}: loss {m['train_loss']:.3f}  train adv acc {m['train_adv_acc']:.3f}  "
+        f"val clean {m['val_clean_acc']:.3f}  val FGSM {m['val_fgsm_acc']:.3f}  val PGD {m['val_pgd_acc']:.3f}  "
+        f"{certified}eps {m['eps']:.3f}  {m['examples_per_second']:.0f} ex/s  {m['epoch_seconds']:.1f}s"
+    )
 
 
 class _AttackProgress:
@@ -67,8 +82,14 @@ class _AttackProgress:
         if label != self.label:
             self.close()
             self.label = label
-            self.bar = tqdm(total=total, desc=label, unit="ex", leave=False, file=sys.stderr,
-                            disable=quiet.is_quiet())
+            self.bar = tqdm(
+                total=total,
+                desc=label,
+                unit="ex",
+                leave=False,
+                file=sys.stderr,
+                disable=quiet.is_quiet(),
+            )
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -92,9 +113,18 @@ def write_evaluation(model, cfg: EvalConfig, out: Path, data) -> dict:
     report.plot_accuracy_vs_eps(d, out / "accuracy_vs_eps.png")
     x, y = data.split(cfg.split)
     k = min(16, len(x), cfg.n or len(x))
-    x_adv = attacks.run_attack("pgd", model, x[:k], y[:k], eps=cfg.threat_model.eps, norm=cfg.norm, steps=40, batch_size=k)
-    report.plot_adversarial_grid(x[:k], x_adv, y[:k], np.argmax(model(x[:k]), -1), np.argmax(model(x_adv), -1),
-                                 out / "examples.png", n=k)
+    x_adv = attacks.run_attack(
+        "pgd", model, x[:k], y[:k], eps=cfg.threat_model.eps, norm=cfg.norm, steps=40, batch_size=k
+    )
+    report.plot_adversarial_grid(
+        x[:k],
+        x_adv,
+        y[:k],
+        np.argmax(model(x[:k]), -1),
+        np.argmax(model(x_adv), -1),
+        out / "examples.png",
+        n=k,
+    )
     return d
 
 
@@ -150,19 +180,23 @@ def check_run(spec: RunSpec, *, include_train: bool, certified: bool = False):
 def _connect_and_check(spec: RunSpec, address: str | None) -> None:
     """Joins (or starts) Ray, then fails at once if the cluster can never hold one run's workers;
     on an autoscaling cluster whose nodes are not up yet, says what the run waits for."""
+    from advtrain.data import is_file_dataset
     from workflows import capacity
     from workflows.connect import connect
     from workflows.tune import per_worker
-
-    from advtrain.data import is_file_dataset
 
     # Every worker process (remote nodes' too, which do not inherit this environment) keeps
     # TensorFlow's start-up lines off the driver's terminal unless -v; Ray's own INFO lines
     # ("Connecting to existing Ray cluster at ...") likewise.
     verbose = os.environ.get(quiet.VERBOSE_ENV, "0")
-    connect(address, logging_level=logging.INFO if verbose == "1" else logging.WARNING,
-            runtime_env={"worker_process_setup_hook": "workflows.quiet.worker_setup",
-                         "env_vars": {quiet.VERBOSE_ENV: verbose}})
+    connect(
+        address,
+        logging_level=logging.INFO if verbose == "1" else logging.WARNING,
+        runtime_env={
+            "worker_process_setup_hook": "workflows.quiet.worker_setup",
+            "env_vars": {quiet.VERBOSE_ENV: verbose},
+        },
+    )
     cap = capacity.read()
     waiting = capacity.check(cap, spec.scaling.workers, per_worker(spec))
     if is_file_dataset(spec.train.data):
@@ -178,8 +212,10 @@ def _release_placement_groups() -> None:
 
     released = placement_groups.release_own()
     if released:
-        _say(f"advtrain: released {len(released)} placement group(s) Ray left reserved after the run's "
-             f"trials ended: {'; '.join(released)}")
+        _say(
+            f"advtrain: released {len(released)} placement group(s) Ray left reserved after the run's "
+            f"trials ended: {'; '.join(released)}"
+        )
 
 
 # --------------------------------------------------------------------------- train
@@ -187,7 +223,9 @@ def _release_placement_groups() -> None:
 
 def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None) -> int:
     """`advtrain train`: trains (locally or on Ray Train), saves the run folder, evaluates."""
-    data = check_run(spec, include_train=local)  # before TensorFlow loads: a data error is one clean line
+    data = check_run(
+        spec, include_train=local
+    )  # before TensorFlow loads: a data error is one clean line
     from advtrain.files import write_json
     from advtrain.models import load_model
     from advtrain.training import fit, save_run
@@ -201,13 +239,21 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
         def progress(epoch: int, step: int) -> None:
             bar = bars.get(epoch)
             if bar is None:
-                bar = bars[epoch] = tqdm(total=None, desc=f"epoch {epoch + 1}/{spec.train.epochs}", unit="step",
-                                         leave=False, file=sys.stderr, disable=quiet.is_quiet())
+                bar = bars[epoch] = tqdm(
+                    total=None,
+                    desc=f"epoch {epoch + 1}/{spec.train.epochs}",
+                    unit="step",
+                    leave=False,
+                    file=sys.stderr,
+                    disable=quiet.is_quiet(),
+                )
             bar.update(1)
 
         from advtrain.summaries import EpochSummaries
 
-        summaries = EpochSummaries(folder.local / "tensorboard")  # tensorboard --logdir <run folder>
+        summaries = EpochSummaries(
+            folder.local / "tensorboard"
+        )  # tensorboard --logdir <run folder>
 
         def on_epoch(m: dict) -> None:
             bar = bars.pop(m["epoch"] - 1, None)
@@ -217,8 +263,9 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
             summaries(m)
 
         try:
-            model, history, summary = fit(spec.train, on_epoch=on_epoch, progress=progress,
-                                          threat_model=spec.threat_model)
+            model, history, summary = fit(
+                spec.train, on_epoch=on_epoch, progress=progress, threat_model=spec.threat_model
+            )
         finally:
             summaries.close()
     else:
@@ -228,9 +275,17 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
         s = spec.scaling
         ray_storage = storage.join(folder.ray_location, "ray")
         _say(f"Ray Train: {s.workers} worker(s), gpu={s.gpu}, storage {ray_storage}")
-        trainer = build_trainer(spec.train, workers=s.workers, gpu=s.gpu, cpus_per_worker=s.cpus_per_worker,
-                                max_failures=s.max_failures, storage_path=ray_storage, name=folder.name,
-                                threat_model=spec.threat_model, placement_strategy=s.placement_strategy)
+        trainer = build_trainer(
+            spec.train,
+            workers=s.workers,
+            gpu=s.gpu,
+            cpus_per_worker=s.cpus_per_worker,
+            max_failures=s.max_failures,
+            storage_path=ray_storage,
+            name=folder.name,
+            threat_model=spec.threat_model,
+            placement_strategy=s.placement_strategy,
+        )
         try:
             result = trainer.fit()
         finally:
@@ -241,14 +296,22 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
         model = load_model(model_path)
         for m in history:
             _say(_epoch_line(m))
-    summary = {**summary, "train_seconds": time.perf_counter() - t0, "mode": "local" if local else "ray",
-               "workers": 1 if local else spec.scaling.workers}
+    summary = {
+        **summary,
+        "train_seconds": time.perf_counter() - t0,
+        "mode": "local" if local else "ray",
+        "workers": 1 if local else spec.scaling.workers,
+    }
     save_run(folder.local, model, spec.train, history, summary)
     write_json(folder.local / "config.json", spec.to_dict())
     if summary.get("stopped_early"):
-        _say(f"WARNING: {summary['stop_reason']}: stopped after epoch {summary['epochs_run']}, "
-             f"restored epoch {summary['restored_epoch']}")
-    _say(f"Evaluating ({spec.eval.suite} suite, {spec.eval.norm} eps {list(spec.eval.eps)}, split {spec.eval.split}) ...")
+        _say(
+            f"WARNING: {summary['stop_reason']}: stopped after epoch {summary['epochs_run']}, "
+            f"restored epoch {summary['restored_epoch']}"
+        )
+    _say(
+        f"Evaluating ({spec.eval.suite} suite, {spec.eval.norm} eps {list(spec.eval.eps)}, split {spec.eval.split}) ..."
+    )
     d = write_evaluation(model, spec.eval, folder.local, data)
     _print_report_summary(d)
     _published(folder)
@@ -259,7 +322,9 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
 # --------------------------------------------------------------------------- tune
 
 
-def tune(spec: RunSpec, search, folder: RunFolder, *, address: str | None, storage_base: str | None) -> int:
+def tune(
+    spec: RunSpec, search, folder: RunFolder, *, address: str | None, storage_base: str | None
+) -> int:
     """`advtrain tune --config FILE`: writes spec.json, runs the search, writes the results."""
     from workflows.tune import schedule_warning, write_spec
 
@@ -268,7 +333,9 @@ def tune(spec: RunSpec, search, folder: RunFolder, *, address: str | None, stora
     from advtrain.config import CERTIFIED_METHODS
 
     methods = next(iter(search.space["method"].values())) if "method" in search.space else []
-    data = check_run(spec, include_train=False, certified=any(m in CERTIFIED_METHODS for m in methods))
+    data = check_run(
+        spec, include_train=False, certified=any(m in CERTIFIED_METHODS for m in methods)
+    )
     _check_search_eps(spec, search, data.input_shape)
     _connect_and_check(spec, address)
     folder.local.mkdir(parents=True, exist_ok=True)
@@ -289,14 +356,22 @@ def _tune_plan(spec: RunSpec, search, folder: RunFolder, data) -> list[str]:
     e = spec.eval
     n = e.n if e.n is not None else len(data.split(e.split)[1])
     staged = f" (staged in {folder.local})" if folder.remote else ""
-    lines = [f"Tune: {search.num_trials} trial(s), {search.scheduler} scheduler, {search.searcher} searcher, "
-             f"{spec.train.epochs} epoch(s) each; folder {folder}{staged}",
-             f"Each trial judged at {e.norm} eps {spec.threat_model.eps:g} by the {e.suite} suite "
-             f"({describe_suite(e.suite)}) on {n} {e.split} images; reported at eps {', '.join(f'{v:g}' for v in e.eps)}"]
+    lines = [
+        (
+            f"Tune: {search.num_trials} trial(s), {search.scheduler} scheduler, {search.searcher} searcher, "
+            f"{spec.train.epochs} epoch(s) each; folder {folder}{staged}"
+        ),
+        (
+            f"Each trial judged at {e.norm} eps {spec.threat_model.eps:g} by the {e.suite} suite "
+            f"({describe_suite(e.suite)}) on {n} {e.split} images; reported at eps {', '.join(f'{v:g}' for v in e.eps)}"
+        ),
+    ]
     defaults = [name for name in ("search", "eval") if name not in given]
     if defaults:
-        lines.append(f"note: {' and '.join(f'`{d}`' for d in defaults)} not in {spec.source}: using the defaults "
-                     "(`advtrain config --show` prints them; set eval.suite quick and eval.n 1000 for a quicker judge)")
+        lines.append(
+            f"note: {' and '.join(f'`{d}`' for d in defaults)} not in {spec.source}: using the defaults "
+            "(`advtrain config --show` prints them; set eval.suite quick and eval.n 1000 for a quicker judge)"
+        )
     return lines
 
 
@@ -316,7 +391,9 @@ def resume(location: str, *, address: str | None, storage_base: str | None) -> i
         local = Path(location)
         spec, search, saved = read_spec(local)
         base = storage_base or saved.get("storage")
-        folder = RunFolder(local, storage.join(base, saved.get("name") or local.resolve().name) if base else None)
+        folder = RunFolder(
+            local, storage.join(base, saved.get("name") or local.resolve().name) if base else None
+        )
     _connect_and_check(spec, address)
     return _search_and_finish(spec, search, folder, restore=True, origin=saved.get("origin"))
 
@@ -328,14 +405,18 @@ def _check_search_eps(spec: RunSpec, search, input_shape) -> None:
 
     if "eps" not in search.space:
         return
-    (_kind, values), = search.space["eps"].items()
-    norms = next(iter(search.space["norm"].values())) if "norm" in search.space else [spec.train.norm]
+    ((_kind, values),) = search.space["eps"].items()
+    norms = (
+        next(iter(search.space["norm"].values())) if "norm" in search.space else [spec.train.norm]
+    )
     for norm in norms:
         for eps in values:
             check_eps_fits("search.space.eps", eps, norm, input_shape)
 
 
-def _search_and_finish(spec: RunSpec, search, folder: RunFolder, *, restore: bool, origin: str | None = None) -> int:
+def _search_and_finish(
+    spec: RunSpec, search, folder: RunFolder, *, restore: bool, origin: str | None = None
+) -> int:
     from workflows import results  # noqa: F401 - imported before the chdir below
     from workflows.spec import eval_data
     from workflows.tune import run_search
@@ -356,7 +437,9 @@ def _search_and_finish(spec: RunSpec, search, folder: RunFolder, *, restore: boo
         _release_placement_groups()
     if interrupted:
         folder.publish()
-        _say(f"advtrain: search interrupted (state saved); continue with: advtrain tune --resume {folder}")
+        _say(
+            f"advtrain: search interrupted (state saved); continue with: advtrain tune --resume {folder}"
+        )
         return 130
     return _finish(spec, grid, folder, search)
 
@@ -369,7 +452,9 @@ def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:
     if search is not None:
         from workflows import tracking
 
-        if line := tracking.log_final(rows, search, folder.name):  # the test figures, in each trial's MLflow run
+        if line := tracking.log_final(
+            rows, search, folder.name
+        ):  # the test figures, in each trial's MLflow run
             _say(line)
     lines = results.write_all(folder.local)
     for line in lines:
@@ -377,8 +462,10 @@ def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:
     _published(folder)
     failed = [r for r in rows if r["stopped"] == "error"]
     if failed:
-        _say(f"advtrain: {len(failed)} of {len(rows)} trial(s) failed; first: {failed[0]['trial_id']}: "
-             f"{failed[0]['error']}")
+        _say(
+            f"advtrain: {len(failed)} of {len(rows)} trial(s) failed; first: {failed[0]['trial_id']}: "
+            f"{failed[0]['error']}"
+        )
         return 1
     return 0
 
@@ -386,7 +473,9 @@ def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:
 def report(location: str) -> int:
     """`advtrain report DIR|URI`: rebuilds tables, plots and the report from the folder alone."""
     folder = RunFolder.open(location)
-    if not (folder.local / "trials.json").is_file():  # before Ray and TensorFlow load: one quick line
+    if not (
+        folder.local / "trials.json"
+    ).is_file():  # before Ray and TensorFlow load: one quick line
         raise ValueError(f"{location!r} holds no trials.json: not a finished advtrain tune folder")
     from workflows import render  # the folder alone: no Ray
 
@@ -399,8 +488,14 @@ def report(location: str) -> int:
 # --------------------------------------------------------------------------- evaluate, attack
 
 
-def evaluate(model_location: str, cfg: EvalConfig, out: str | None, data_source: str = "bundled", *,
-             overwrite: bool = False) -> int:
+def evaluate(
+    model_location: str,
+    cfg: EvalConfig,
+    out: str | None,
+    data_source: str = "bundled",
+    *,
+    overwrite: bool = False,
+) -> int:
     """`advtrain evaluate MODEL`: loads with safe_mode, evaluates, writes the report folder.
 
     `MODEL` and `--out` may be local paths or storage URIs; without `--out` the report goes
@@ -411,8 +506,12 @@ def evaluate(model_location: str, cfg: EvalConfig, out: str | None, data_source:
     folder = _folder_beside(model_location, model_path, out, "eval")
     earlier = storage.join(str(folder), "report.json")
     if not overwrite and storage.exists(earlier):
-        raise ValueError(f"{earlier} exists (an earlier evaluation): pass --overwrite to replace it, or another --out")
-    data, model = _load_model_and_data(name, model_path, cfg, data_source, announce=_evaluate_plan(cfg))
+        raise ValueError(
+            f"{earlier} exists (an earlier evaluation): pass --overwrite to replace it, or another --out"
+        )
+    data, model = _load_model_and_data(
+        name, model_path, cfg, data_source, announce=_evaluate_plan(cfg)
+    )
     d = write_evaluation(model, cfg, folder.local, data)
     _print_report_summary(d)
     _published(folder)
@@ -436,8 +535,10 @@ def _evaluate_plan(cfg: EvalConfig):
         hint = f" (quicker: {' or '.join(quicker)})" if quicker else ""
         attacks = describe_suite(cfg.suite)
         attacks = f" ({attacks})" if attacks != cfg.suite else ""
-        return (f"Evaluating: {cfg.suite} suite{attacks} at {cfg.norm} eps {eps}, on {n} "
-                f"{cfg.split} images{bounds}{hint}")
+        return (
+            f"Evaluating: {cfg.suite} suite{attacks} at {cfg.norm} eps {eps}, on {n} "
+            f"{cfg.split} images{bounds}{hint}"
+        )
 
     return plan
 
@@ -449,23 +550,35 @@ def _model_file(model_location: str) -> tuple[str, Path]:
     if not name.endswith(".keras"):
         raise ValueError(f"model must be a .keras file. Received: {model_location!r}")
     if storage.is_uri(model_location):
-        model_path = storage.fetch_file(model_location, Path(tempfile.mkdtemp(prefix="advtrain-model-")))
+        model_path = storage.fetch_file(
+            model_location, Path(tempfile.mkdtemp(prefix="advtrain-model-"))
+        )
     else:
         model_path = Path(model_location)
     check_keras_file(model_path)
     return name, model_path
 
 
-def _folder_beside(model_location: str, model_path: Path, out: str | None, prefix: str) -> RunFolder:
+def _folder_beside(
+    model_location: str, model_path: Path, out: str | None, prefix: str
+) -> RunFolder:
     """`--out`, or `<prefix>-<model name>` beside the model; staged locally for a URI."""
     stem = storage.basename(model_location)[: -len(".keras")]
-    target = out or (storage.join(storage.parent(model_location), f"{prefix}-{stem}") if storage.is_uri(model_location)
-                     else str(model_path.parent / f"{prefix}-{stem}"))
-    return (RunFolder(Path(tempfile.mkdtemp(prefix=f"advtrain-{prefix}-")), target) if storage.is_uri(target)
-            else RunFolder(Path(target)))
+    target = out or (
+        storage.join(storage.parent(model_location), f"{prefix}-{stem}")
+        if storage.is_uri(model_location)
+        else str(model_path.parent / f"{prefix}-{stem}")
+    )
+    return (
+        RunFolder(Path(tempfile.mkdtemp(prefix=f"advtrain-{prefix}-")), target)
+        if storage.is_uri(target)
+        else RunFolder(Path(target))
+    )
 
 
-def _load_model_and_data(name: str, model_path: Path, cfg: EvalConfig, data_source: str, *, announce=None):
+def _load_model_and_data(
+    name: str, model_path: Path, cfg: EvalConfig, data_source: str, *, announce=None
+):
     """The data (every eps checked against its images) and the model (which must take them and
     output one logit per class: read from the file's config before TensorFlow loads, and from
     the loaded model where the config does not say). `announce(data)`, when given, is said once
@@ -496,16 +609,22 @@ def _check_fits(name: str, config: dict, data) -> None:
     images and classes: before TensorFlow loads (the loaded model is checked again after)."""
     want = input_shape(config)
     shape = tuple(data.input_shape)
-    if want is not None and (len(want) != len(shape) or any(w is not None and w != d for w, d in zip(want, shape))):
-        raise ValueError(f"model {name!r} expects inputs {shape_text(want)} but the data's images are "
-                         f"{shape_text(shape)}")
+    if want is not None and (
+        len(want) != len(shape) or any(w is not None and w != d for w, d in zip(want, shape))
+    ):
+        raise ValueError(
+            f"model {name!r} expects inputs {shape_text(want)} but the data's images are "
+            f"{shape_text(shape)}"
+        )
     _check_classes(name, output_classes(config), data)
 
 
 def _check_classes(name: str, width: int | None, data) -> None:
     if width is not None and width != data.num_classes:
-        raise ValueError(f"model {name!r} outputs {width} logits but the data ({data.source}) has "
-                         f"{data.num_classes} classes: expected one logit per class")
+        raise ValueError(
+            f"model {name!r} outputs {width} logits but the data ({data.source}) has "
+            f"{data.num_classes} classes: expected one logit per class"
+        )
 
 
 def _attacked_reports(model_location: str):
@@ -517,15 +636,21 @@ def _attacked_reports(model_location: str):
     stem = storage.basename(model_location)[: -len(".keras")]
     if storage.is_uri(model_location):
         base = storage.parent(model_location)
-        places = [storage.join(base, "report.json"), storage.join(base, f"eval-{stem}", "report.json")]
+        places = [
+            storage.join(base, "report.json"),
+            storage.join(base, f"eval-{stem}", "report.json"),
+        ]
     else:
         base = Path(model_location).parent
         places = [str(base / "report.json"), str(base / f"eval-{stem}" / "report.json")]
     for location in places:
         if not storage.exists(location):
             continue
-        local = (storage.fetch_file(location, Path(tempfile.mkdtemp(prefix="advtrain-report-")))
-                 if storage.is_uri(location) else Path(location))
+        local = (
+            storage.fetch_file(location, Path(tempfile.mkdtemp(prefix="advtrain-report-")))
+            if storage.is_uri(location)
+            else Path(location)
+        )
         try:
             yield location, json.loads(local.read_text())
         except (OSError, ValueError):
@@ -545,12 +670,20 @@ def _check_not_overwriting(path: Path) -> None:
     except (OSError, ValueError, AttributeError):
         schema = None
     if schema != CERTIFY_SCHEMA:
-        raise ValueError(f"{path} is not a certify report (schema {schema!r}) and would be "
-                         "replaced: choose another --out")
+        raise ValueError(
+            f"{path} is not a certify report (schema {schema!r}) and would be "
+            "replaced: choose another --out"
+        )
 
 
-def certify(model_location: str, cfg: EvalConfig, out: str | None, data_source: str = "bundled", *,
-            batch_size: int = 256) -> int:
+def certify(
+    model_location: str,
+    cfg: EvalConfig,
+    out: str | None,
+    data_source: str = "bundled",
+    *,
+    batch_size: int = 256,
+) -> int:
     """`advtrain certify MODEL`: certified accuracy per eps and bound method (`cfg.certify`) on
     the first `cfg.n` examples of `cfg.split`, written to `report.json` (per-example masks).
 
@@ -575,22 +708,36 @@ def certify(model_location: str, cfg: EvalConfig, out: str | None, data_source: 
     x, y = data.split(cfg.split)
     if cfg.n is not None:
         if cfg.n > len(x):
-            raise ValueError(f"`n` asks for more examples than the {cfg.split} split holds. Received: n={cfg.n}, "
-                             f"len({cfg.split})={len(x)}")
+            raise ValueError(
+                f"`n` asks for more examples than the {cfg.split} split holds. Received: n={cfg.n}, "
+                f"len({cfg.split})={len(x)}"
+            )
         x, y = x[: cfg.n], y[: cfg.n]
     m = min(len(x), 64)
-    model, notes, _grads = check_model(model, x[:m], y[:m].astype(np.int32))  # logits; a final softmax removed
+    model, notes, _grads = check_model(
+        model, x[:m], y[:m].astype(np.int32)
+    )  # logits; a final softmax removed
     try:
-        d = certification.certify_report(model, x, y, eps=cfg.eps, norm=cfg.norm, methods=cfg.certify,
-                                         split=cfg.split, data=data.describe(), batch_size=batch_size)
+        d = certification.certify_report(
+            model,
+            x,
+            y,
+            eps=cfg.eps,
+            norm=cfg.norm,
+            methods=cfg.certify,
+            split=cfg.split,
+            data=data.describe(),
+            batch_size=batch_size,
+        )
     except bounds.UnsupportedLayerError as e:
         raise ValueError(f"{name}: {e}") from None
     d["model"], d["notes"] = model_location, notes
     reports = list(_attacked_reports(model_location))
     for r in d["per_eps"]:
         for location, report in reports:
-            entry = certification.attacked_figure(report, eps=r["eps"], norm=cfg.norm, n=len(y), split=cfg.split,
-                                                  data=d["data"])
+            entry = certification.attacked_figure(
+                report, eps=r["eps"], norm=cfg.norm, n=len(y), split=cfg.split, data=d["data"]
+            )
             if entry is not None:
                 break
         else:
@@ -601,7 +748,8 @@ def certify(model_location: str, cfg: EvalConfig, out: str | None, data_source: 
             raise certification.CertificationError(
                 f"certified {r['certified_acc']:.4f} > robust {entry['robust_acc']:.4f} at {cfg.norm} eps {r['eps']:g} "
                 f"on the same {len(y)} examples ({location}): the bound or the attack is wrong, or that report is of "
-                "another model")
+                "another model"
+            )
     write_json(folder.local / "report.json", d)
     for line in certification.certify_lines(d):
         _say(line)
@@ -610,8 +758,15 @@ def certify(model_location: str, cfg: EvalConfig, out: str | None, data_source: 
     return 0
 
 
-def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, split: str, out: Path,
-           data_source: str = "bundled") -> int:
+def attack(
+    model_path: Path,
+    cfg: AttackConfig,
+    input_path: str | None,
+    n: int,
+    split: str,
+    out: Path,
+    data_source: str = "bundled",
+) -> int:
     """`advtrain attack`: adversarial examples for given images, saved atomically as .npz."""
     from advtrain.config import check_eps_fits
     from advtrain.data import DataError, check_arrays, load_data
@@ -627,7 +782,9 @@ def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, 
         try:
             with np.load(input_path, allow_pickle=False) as f:
                 if "x" not in f.files or "y" not in f.files:
-                    raise DataError(f"{input_path}: needs arrays 'x' and 'y' (found: {', '.join(f.files) or 'none'})")
+                    raise DataError(
+                        f"{input_path}: needs arrays 'x' and 'y' (found: {', '.join(f.files) or 'none'})"
+                    )
                 x, y = check_arrays(f["x"], f["y"], input_path, "input")
         except OSError as e:
             raise DataError(f"{input_path}: cannot be read as .npz ({e})") from None
@@ -650,10 +807,16 @@ def attack(model_path: Path, cfg: AttackConfig, input_path: str | None, n: int, 
     x_adv = attacks.run_attack(cfg.name, model, x, y, batch_size=min(256, len(x)), **kw)
     pred = np.argmax(model.predict(x, verbose=0), -1)
     pred_adv = np.argmax(model.predict(x_adv, verbose=0), -1)
-    write_atomic(out, lambda tmp: np.savez_compressed(tmp, x=x, y=y, x_adv=x_adv, pred=pred,
-                                                      pred_adv=pred_adv, attack=str(cfg)))
-    _say(f"{cfg.name} {cfg.norm} eps={cfg.eps}: accuracy {np.mean(pred == y):.3f} -> {np.mean(pred_adv == y):.3f} "
-         f"on {len(x)} images; wrote {out}")
+    write_atomic(
+        out,
+        lambda tmp: np.savez_compressed(
+            tmp, x=x, y=y, x_adv=x_adv, pred=pred, pred_adv=pred_adv, attack=str(cfg)
+        ),
+    )
+    _say(
+        f"{cfg.name} {cfg.norm} eps={cfg.eps}: accuracy {np.mean(pred == y):.3f} -> {np.mean(pred_adv == y):.3f} "
+        f"on {len(x)} images; wrote {out}"
+    )
     return 0
 
 
@@ -673,8 +836,10 @@ def cluster(action: str, root: str, *, num_cpus: int | None, add_node: bool) -> 
     if action == "up":
         c = local_cluster.up(root, num_cpus=num_cpus, add_node=add_node)
         info = local_cluster.status(c.root)
-        print(f"cluster up at {c.address}: {info['nodes']} node(s), {info['cpus'] or 0:g} CPU(s), "
-              f"dashboard {c.dashboard_url}")
+        print(
+            f"cluster up at {c.address}: {info['nodes']} node(s), {info['cpus'] or 0:g} CPU(s), "
+            f"dashboard {c.dashboard_url}"
+        )
         print(f"token file: {c.token_path}")
         for key, value in local_cluster.env_for(c).items():
             print(f"export {key}={shlex.quote(value)}")
@@ -687,7 +852,10 @@ def cluster(action: str, root: str, *, num_cpus: int | None, add_node: bool) -> 
         print(f"no cluster in {info['root']}")
         return 1
     state = "alive" if info["alive"] else "not alive"
-    detail = (f", {info['nodes']} node(s), {info['cpus']:g} CPU(s), {info['gpus']:g} GPU(s)"
-              if info["nodes"] is not None else "")
+    detail = (
+        f", {info['nodes']} node(s), {info['cpus']:g} CPU(s), {info['gpus']:g} GPU(s)"
+        if info["nodes"] is not None
+        else ""
+    )
     print(f"cluster at {info['address']}: {state}{detail}")
     return 0 if info["alive"] else 1

@@ -18,14 +18,19 @@ from workflows.spec import SECTIONS, Scaling, load_spec
 __all__ = ["SECTION_CLASSES", "effective_config", "json_schema", "markdown", "show"]
 
 # The class that validates each section of a run file, in the order of `workflows.spec.SECTIONS`.
-SECTION_CLASSES = {"train": TrainConfig, "eval": EvalConfig, "search": SearchSpec, "scaling": Scaling}
+SECTION_CLASSES = {
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "search": SearchSpec,
+    "scaling": Scaling,
+}
 assert tuple(SECTION_CLASSES) == SECTIONS
 
 _SECTION_NOTES = {
     "train": "Command-line flags of `advtrain train` (`--eps`, `--learning-rate`, ...) override these keys.",
     "eval": "The largest `eps` is the search's one fixed threat model: every trial's per-epoch PGD probe "
-            "(`val_robust_acc` on `train.probe_size` validation examples) and its final test evaluation are "
-            "judged under it.",
+    "(`val_robust_acc` on `train.probe_size` validation examples) and its final test evaluation are "
+    "judged under it.",
     "search": "Read by `advtrain tune` only; without the section a search uses these defaults.",
     "scaling": "Ray Train only: `advtrain train --local` runs one process and ignores it.",
 }
@@ -80,11 +85,19 @@ def markdown() -> str:
     """docs/config.md: one table per section (key, type, default, allowed values, meaning)."""
     lines = [_INTRO]
     for name, cls in SECTION_CLASSES.items():
-        lines += [f"## `{name}`", "", f"{_summary(cls)} {_SECTION_NOTES[name]}", "",
-                  "| Key | Type | Default | Allowed | Meaning |", "|---|---|---|---|---|"]
+        lines += [
+            f"## `{name}`",
+            "",
+            f"{_summary(cls)} {_SECTION_NOTES[name]}",
+            "",
+            "| Key | Type | Default | Allowed | Meaning |",
+            "|---|---|---|---|---|",
+        ]
         for row in describe_fields(cls):
-            lines.append(f"| `{row['key']}` | {_cell(row['type'])} | {_cell(_default_text(row['default']))} | "
-                         f"{_cell(row['allowed'])} | {_cell(row['help'])} |")
+            lines.append(
+                f"| `{row['key']}` | {_cell(row['type'])} | {_cell(_default_text(row['default']))} | "
+                f"{_cell(row['allowed'])} | {_cell(row['help'])} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -114,8 +127,12 @@ def effective_config(path: str | Path | None = None) -> dict[str, Any]:
     plain data in section order. Raises the one-line ValueError/TypeError of the checks."""
     spec = load_spec(path)
     search = SearchSpec.from_dict(spec.search, base=spec.train.to_dict())
-    sections = {"train": spec.train.to_dict(), "eval": spec.eval.to_dict(), "search": search.to_dict(),
-                "scaling": spec.to_dict()["scaling"]}
+    sections = {
+        "train": spec.train.to_dict(),
+        "eval": spec.eval.to_dict(),
+        "search": search.to_dict(),
+        "scaling": spec.to_dict()["scaling"],
+    }
     return {name: _plain(sections[name]) for name in SECTIONS}
 
 
@@ -126,7 +143,11 @@ def show(path: str | Path | None = None) -> str:
     class _Dumper(yaml.SafeDumper):  # sections and mappings in block style, lists inline
         pass
 
-    _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
-    body = yaml.dump(effective_config(path), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+    _Dumper.add_representer(
+        list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+    )
+    body = yaml.dump(
+        effective_config(path), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100
+    )
     source = str(path) if path is not None else "no file (every default)"
     return f"# Effective config of {source}: every key, defaults filled in (advtrain config --show).\n{body}"

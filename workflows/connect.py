@@ -22,8 +22,16 @@ from typing import Any
 
 from advtrain.config import check_number
 
-__all__ = ["LOOPBACK", "LOOPBACK_ENV", "ClusterError", "apply_env", "connect", "ensure_token", "pin_loopback",
-           "tcp_open"]
+__all__ = [
+    "LOOPBACK",
+    "LOOPBACK_ENV",
+    "ClusterError",
+    "apply_env",
+    "connect",
+    "ensure_token",
+    "pin_loopback",
+    "tcp_open",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +43,10 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 _GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"  # Ray's spelling
 
+
 class ClusterError(RuntimeError):
     """A cluster could not be started, reached or stopped; the message says which and where."""
+
 
 def ensure_token(path: Path) -> None:
     """Creates a random token file with mode 0600, or tightens an existing one's mode."""
@@ -48,10 +58,12 @@ def ensure_token(path: Path) -> None:
             path.chmod(0o600)
         if not path.read_text().strip():
             raise ClusterError(
-                f"Token file {path} is empty; delete it and run `up` again.") from None
+                f"Token file {path} is empty; delete it and run `up` again."
+            ) from None
         return
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
+
 
 def tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
     try:
@@ -60,6 +72,7 @@ def tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
     except OSError:
         return False
 
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -67,6 +80,7 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
 
 def pin_loopback() -> None:
     """Keeps Ray in this process (and its children) from rewriting 127.0.0.1."""
@@ -77,6 +91,7 @@ def pin_loopback() -> None:
         # on each address resolution.
         logger.debug("Ray was imported before %s=0 was set; pinning loopback.", LOOPBACK_ENV)
         constants.ENABLE_RAY_CLUSTER = False
+
 
 def _refresh_ray_auth() -> None:
     """Makes an already-imported Ray read RAY_AUTH_MODE and the token from os.environ again.
@@ -93,6 +108,7 @@ def _refresh_ray_auth() -> None:
         return
     raylet.Config.initialize("")
     raylet.AuthenticationTokenLoader.instance().reset_cache()
+
 
 def apply_env(env: Mapping[str, str | None]) -> dict[str, str | None]:
     """Sets `env` in `os.environ` and makes this process's Ray, even if imported, follow it.
@@ -118,6 +134,7 @@ def apply_env(env: Mapping[str, str | None]) -> dict[str, str | None]:
     _refresh_ray_auth()
     return previous
 
+
 def _secure_default_token() -> None:
     """Creates ~/.ray/auth_token with mode 0600 when a new embedded Ray is about to create it.
 
@@ -125,7 +142,8 @@ def _secure_default_token() -> None:
     but with the umask's mode (usually 0644: readable by every local user).
     """
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or any(
-            os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    ):
         return
     path = Path.home() / ".ray" / "auth_token"
     if not path.exists():
@@ -134,17 +152,31 @@ def _secure_default_token() -> None:
     elif path.stat().st_mode & 0o077:
         logger.warning("%s is readable by other users; consider `chmod 600 %s`.", path, path)
 
+
 def _auth_refused(error: BaseException) -> bool:
     while error is not None:
         text = f"{type(error).__name__} {error}"
-        if any(mark in text for mark in ("Unauthenticated", "InvalidAuthToken",
-                                         "AuthenticationError", "authentication token")):
+        if any(
+            mark in text
+            for mark in (
+                "Unauthenticated",
+                "InvalidAuthToken",
+                "AuthenticationError",
+                "authentication token",
+            )
+        ):
             return True
         error = error.__cause__ or error.__context__
     return False
 
-def connect(address: str | None = None, *, num_cpus: int | None = None,
-            timeout_s: float = 10.0, **init_kwargs: Any):
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    timeout_s: float = 10.0,
+    **init_kwargs: Any,
+):
     """Connects this process to Ray: an embedded loopback instance, or a running cluster.
 
     With `address=None`, starts Ray inside this process with `ray.init(address="local")` on
@@ -180,8 +212,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         import ray
 
         if ray.is_initialized():
-            raise ClusterError("Ray is already initialized in this process; "
-                               "call ray.shutdown() first.")
+            raise ClusterError(
+                "Ray is already initialized in this process; call ray.shutdown() first."
+            )
         _secure_default_token()
         _refresh_ray_auth()
         logger.info("Starting embedded Ray on 127.0.0.1.")
@@ -189,25 +222,34 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         # without it every run logs "State API may be temporarily unavailable" every second.
         init_kwargs.setdefault("include_dashboard", True)
         init_kwargs.setdefault("dashboard_host", LOOPBACK)
-        return ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
-                        _node_ip_address=LOOPBACK, **init_kwargs)
+        return ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            _node_ip_address=LOOPBACK,
+            **init_kwargs,
+        )
 
     given = address
     if address == "auto":
         address = os.environ.get("RAY_ADDRESS", "")
         if not address:
-            raise ClusterError("address 'auto' needs RAY_ADDRESS; start a cluster with "
-                               "`advtrain cluster up --local` and run the export lines it prints.")
+            raise ClusterError(
+                "address 'auto' needs RAY_ADDRESS; start a cluster with "
+                "`advtrain cluster up --local` and run the export lines it prints."
+            )
     match = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d{1,5})", address)
     if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"`address` must be None, 'auto' or 'host:port'. "
-                         f"Received: address={given!r}")
+        raise ValueError(
+            f"`address` must be None, 'auto' or 'host:port'. Received: address={given!r}"
+        )
     host, port = match.group(1), int(match.group(2))
     if _is_loopback(host):
         pin_loopback()
     if not tcp_open(host, port, timeout_s=min(timeout_s, 3.0)):
-        raise ClusterError(f"No Ray cluster answers at {address} ({given!r}): "
-                           f"nothing accepts connections on that port.")
+        raise ClusterError(
+            f"No Ray cluster answers at {address} ({given!r}): "
+            f"nothing accepts connections on that port."
+        )
     import ray
 
     if ray.is_initialized():
@@ -226,8 +268,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
                 f"(RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE')!r}, "
                 f"RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH')!r})."
             ) from e
-        raise ClusterError(f"Could not connect to Ray at {address}: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ClusterError(
+            f"Could not connect to Ray at {address}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     finally:
         if saved is None:
             os.environ.pop(_GCS_WAIT_ENV, None)

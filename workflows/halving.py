@@ -51,10 +51,26 @@ class SuccessiveHalving(HyperBandScheduler):
             `RunningLimit` so new trials keep to it too.
     """
 
-    def __init__(self, *, time_attr: str, max_t: int, grace_period: int, reduction_factor: int, num_trials: int,
-                 max_running: int, metric: str | None = None, mode: str | None = None):
-        super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=max_t,
-                         reduction_factor=reduction_factor, stop_last_trials=False)
+    def __init__(
+        self,
+        *,
+        time_attr: str,
+        max_t: int,
+        grace_period: int,
+        reduction_factor: int,
+        num_trials: int,
+        max_running: int,
+        metric: str | None = None,
+        mode: str | None = None,
+    ):
+        super().__init__(
+            time_attr=time_attr,
+            metric=metric,
+            mode=mode,
+            max_t=max_t,
+            reduction_factor=reduction_factor,
+            stop_last_trials=False,
+        )
         self._grace_period = grace_period
         self._num_trials = num_trials
         self.max_running = max_running
@@ -66,8 +82,15 @@ class SuccessiveHalving(HyperBandScheduler):
         self._get_r0 = lambda s: grace_period
 
     def _create_bracket(self, s: int) -> _Bracket:
-        return _Bracket(time_attr=self._time_attr, max_trials=self._num_trials, init_t_attr=self._grace_period,
-                        max_t_attr=self._max_t_attr, eta=self._eta, s=self._halvings, stop_last_trials=False)
+        return _Bracket(
+            time_attr=self._time_attr,
+            max_trials=self._num_trials,
+            init_t_attr=self._grace_period,
+            max_t_attr=self._max_t_attr,
+            eta=self._eta,
+            s=self._halvings,
+            stop_last_trials=False,
+        )
 
     def running(self) -> int:
         """Trials running or about to start: not paused, not ended."""
@@ -78,7 +101,10 @@ class SuccessiveHalving(HyperBandScheduler):
         # A resumed search hands a fresh scheduler every trial, those with results first. The
         # rung decisions made before the interruption are not rebuilt: the unfinished trials
         # train to their end, which costs compute but stops no trial on a partial rung.
-        if math.isfinite(trial.run_metadata.last_result_time) or trial.status in (Trial.TERMINATED, Trial.ERROR):
+        if math.isfinite(trial.run_metadata.last_result_time) or trial.status in (
+            Trial.TERMINATED,
+            Trial.ERROR,
+        ):
             self._resumed = True
         if not self._resumed:
             super().on_trial_add(tune_controller, trial)

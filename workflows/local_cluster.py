@@ -42,8 +42,17 @@ from advtrain.config import check_number
 from advtrain.files import write_json
 from workflows.connect import LOOPBACK, LOOPBACK_ENV, ClusterError, ensure_token, tcp_open
 
-__all__ = ["DEFAULT_ROOT", "LocalCluster", "NodeRecord", "autoscaling_config", "down", "env_for", "find_processes",
-           "status", "up"]
+__all__ = [
+    "DEFAULT_ROOT",
+    "LocalCluster",
+    "NodeRecord",
+    "autoscaling_config",
+    "down",
+    "env_for",
+    "find_processes",
+    "status",
+    "up",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +138,9 @@ class LocalCluster:
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-ready dict; `from_dict` reads it back."""
         out = dataclasses.asdict(self)
-        out.update(root=str(self.root), temp_dir=str(self.temp_dir),
-                   token_path=str(self.token_path))
+        out.update(
+            root=str(self.root), temp_dir=str(self.temp_dir), token_path=str(self.token_path)
+        )
         out["nodes"] = [dict(n, ports=dict(n["ports"]), pids=list(n["pids"])) for n in out["nodes"]]
         return out
 
@@ -148,8 +158,15 @@ class LocalCluster:
                 f"Received: keys={sorted(data)}"
             )
         nodes = tuple(NodeRecord(**dict(n, pids=tuple(n["pids"]))) for n in data["nodes"])
-        return cls(**dict(data, root=Path(data["root"]), temp_dir=Path(data["temp_dir"]),
-                          token_path=Path(data["token_path"]), nodes=nodes))
+        return cls(
+            **dict(
+                data,
+                root=Path(data["root"]),
+                temp_dir=Path(data["temp_dir"]),
+                token_path=Path(data["token_path"]),
+                nodes=nodes,
+            )
+        )
 
 
 def _root(root: str | os.PathLike | None) -> Path:
@@ -183,7 +200,8 @@ def _load(root: Path) -> LocalCluster | None:
         return None
     except (ValueError, KeyError, TypeError) as e:
         raise ClusterError(
-            f"Unreadable {root / _CLUSTER_FILE} ({e}); run `down` to clear it.") from e
+            f"Unreadable {root / _CLUSTER_FILE} ({e}); run `down` to clear it."
+        ) from e
 
 
 def _free_ports(count: int) -> list[int]:
@@ -255,12 +273,16 @@ def _scan(temp_dir: Path, sessions: Mapping[int, float]) -> list:
     spared = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     own_session = os.getsid(0)
     found, daemon_sessions = {}, set()
-    procs = [p for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"])
-             if p.info["pid"] not in spared]
+    procs = [
+        p
+        for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"])
+        if p.info["pid"] not in spared
+    ]
     for p in procs:
         cmdline = p.info["cmdline"] or []
         is_ray = p.info["name"] in ("gcs_server", "raylet") or (
-            ray_dir is not None and any(ray_dir in arg for arg in cmdline))
+            ray_dir is not None and any(ray_dir in arg for arg in cmdline)
+        )
         if is_ray and _mentions(cmdline, temp_dir):
             found[p.info["pid"]] = p
             if p.info["name"] in ("gcs_server", "raylet"):
@@ -310,8 +332,9 @@ def _terminate(procs: list, timeout_s: float) -> None:
             p.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=timeout_s)
     for p in alive:
-        logger.info("Process %d (%s) ignored SIGTERM for %.0f s; killing it.", p.pid,
-                    _name(p), timeout_s)
+        logger.info(
+            "Process %d (%s) ignored SIGTERM for %.0f s; killing it.", p.pid, _name(p), timeout_s
+        )
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=5)
@@ -334,13 +357,24 @@ def _stop(temp_dir: Path, sessions: Mapping[int, float], timeout_s: float) -> in
     return len(procs)
 
 
-def _start_node(cmd: list[str], env: Mapping[str, str], log_path: Path, timeout_s: float,
-                sessions: dict[int, float]) -> int:
+def _start_node(
+    cmd: list[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    timeout_s: float,
+    sessions: dict[int, float],
+) -> int:
     """Runs one `ray start` in a new session, recorded in `sessions`; returns the session id."""
     started = time.time()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     sessions[proc.pid] = started  # before waiting: a failed start must still be cleaned up
     try:
         code = proc.wait(timeout=timeout_s)
@@ -348,7 +382,8 @@ def _start_node(cmd: list[str], env: Mapping[str, str], log_path: Path, timeout_
         proc.kill()
         proc.wait()
         raise ClusterError(
-            f"`ray start` did not finish in {timeout_s:.0f} s; see {log_path}") from None
+            f"`ray start` did not finish in {timeout_s:.0f} s; see {log_path}"
+        ) from None
     if code != 0:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else "no output"
@@ -358,14 +393,18 @@ def _start_node(cmd: list[str], env: Mapping[str, str], log_path: Path, timeout_
 
 # Head listeners that `ray start` has no flag for: Ray reads these variables, else takes fixed
 # ports 44217/44227, which a second cluster on the machine would then fail to bind.
-_ENV_PORTS = {"autoscaler_metric": "AUTOSCALER_METRIC_PORT",
-              "dashboard_metric": "DASHBOARD_METRIC_PORT"}
+_ENV_PORTS = {
+    "autoscaler_metric": "AUTOSCALER_METRIC_PORT",
+    "dashboard_metric": "DASHBOARD_METRIC_PORT",
+}
 
 
 def _flags(ports: Mapping[str, int]) -> list[str]:
-    return [f"--{name.replace('_', '-')}-port={port}" for name, port in ports.items()
-            if name not in ("gcs", "min_worker", "max_worker", *_ENV_PORTS)] + [
-        f"--min-worker-port={ports['min_worker']}", f"--max-worker-port={ports['max_worker']}"]
+    return [
+        f"--{name.replace('_', '-')}-port={port}"
+        for name, port in ports.items()
+        if name not in ("gcs", "min_worker", "max_worker", *_ENV_PORTS)
+    ] + [f"--min-worker-port={ports['min_worker']}", f"--max-worker-port={ports['max_worker']}"]
 
 
 def _node_ports(names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
@@ -378,14 +417,28 @@ def _node_ports(names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
     return ports
 
 
-_NODE_LISTENERS = ("node_manager", "object_manager", "dashboard_agent_listen",
-                   "dashboard_agent_grpc", "metrics_export", "runtime_env_agent")
+_NODE_LISTENERS = (
+    "node_manager",
+    "object_manager",
+    "dashboard_agent_listen",
+    "dashboard_agent_grpc",
+    "metrics_export",
+    "runtime_env_agent",
+)
 
 
-def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
-       port: int | None = None, add_node: bool = False, node_cpus: int = 1,
-       *, node_types: Mapping[str, Mapping[str, Any]] | None = None, idle_timeout_minutes: float = 0.5,
-       extra_env: Mapping[str, str] | None = None, timeout_s: float = 120.0) -> LocalCluster:
+def up(
+    root: str | os.PathLike | None = None,
+    num_cpus: int | None = None,
+    port: int | None = None,
+    add_node: bool = False,
+    node_cpus: int = 1,
+    *,
+    node_types: Mapping[str, Mapping[str, Any]] | None = None,
+    idle_timeout_minutes: float = 0.5,
+    extra_env: Mapping[str, str] | None = None,
+    timeout_s: float = 120.0,
+) -> LocalCluster:
     """Starts a local Ray cluster on 127.0.0.1 with token auth and waits until it answers.
 
     The head runs `ray start --head --node-ip-address=127.0.0.1` with an explicit free port for
@@ -443,10 +496,13 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
         check_number("num_cpus", num_cpus, low=0, integer=True)
     check_number("node_cpus", node_cpus, low=1, integer=True)
     if node_types is not None and add_node:
-        raise ValueError("`add_node` and `node_types` exclude each other: the autoscaler adds the nodes. "
-                         f"Received: add_node={add_node!r}, node_types={dict(node_types)!r}")
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
-                             or not 1024 <= port <= 65535):
+        raise ValueError(
+            "`add_node` and `node_types` exclude each other: the autoscaler adds the nodes. "
+            f"Received: add_node={add_node!r}, node_types={dict(node_types)!r}"
+        )
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535
+    ):
         raise ValueError(f"`port` must be an integer in [1024, 65535]. Received: port={port!r}")
     if port is not None and not _port_free(port):
         raise ClusterError(f"Port {port} on 127.0.0.1 is in use; choose another `port`.")
@@ -454,8 +510,9 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     previous = status(root)
     if previous["alive"]:
-        raise ClusterError(f"A cluster already runs in {root} at {previous['address']}; "
-                           f"run `down` first.")
+        raise ClusterError(
+            f"A cluster already runs in {root} at {previous['address']}; run `down` first."
+        )
     down(root)  # leftovers of a crashed run: stale cluster.json or orphaned processes
     temp_dir, token_path = _temp_dir(root), root / "auth_token"
     if temp_dir.parent != root:
@@ -463,36 +520,65 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
     temp_dir.mkdir(exist_ok=True, mode=0o700)
     ensure_token(token_path)
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-               RAY_USAGE_STATS_ENABLED="0", **{LOOPBACK_ENV: "0"}, **dict(extra_env or {}))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")
+    }
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAY_USAGE_STATS_ENABLED="0",
+        **{LOOPBACK_ENV: "0"},
+        **dict(extra_env or {}),
+    )
     # Job entrypoints (`ray job submit -- python -m workflows.cli ...`) and workers resolve
     # `python` and `advtrain` on the nodes' PATH: put this interpreter's folder first so a
     # cluster started from an unactivated venv runs jobs with the Python that has advtrain.
     bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep)
-                                              if p and p != bin_dir)])
+    env["PATH"] = os.pathsep.join(
+        [bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir)]
+    )
     taken: set[int] = {port} if port else set()
-    head = _node_ports(("gcs", "dashboard", "ray_client_server", *_ENV_PORTS, *_NODE_LISTENERS),
-                       taken)
+    head = _node_ports(
+        ("gcs", "dashboard", "ray_client_server", *_ENV_PORTS, *_NODE_LISTENERS), taken
+    )
     if port is not None:
         head["gcs"] = port
     env.update({var: str(head[name]) for name, var in _ENV_PORTS.items()})
     address = f"{LOOPBACK}:{head['gcs']}"
     common = ["--node-ip-address=" + LOOPBACK, f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    cluster = LocalCluster(root=root, temp_dir=temp_dir, token_path=token_path, address=address,
-                           dashboard_url=f"http://{LOOPBACK}:{head['dashboard']}",
-                           started_at=time.time(), nodes=())
+    cluster = LocalCluster(
+        root=root,
+        temp_dir=temp_dir,
+        token_path=token_path,
+        address=address,
+        dashboard_url=f"http://{LOOPBACK}:{head['dashboard']}",
+        started_at=time.time(),
+        nodes=(),
+    )
     sessions: dict[int, float] = {}
     try:
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-               f"--port={head['gcs']}", f"--dashboard-host={LOOPBACK}", *common, *_flags(head)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            f"--port={head['gcs']}",
+            f"--dashboard-host={LOOPBACK}",
+            *common,
+            *_flags(head),
+        ]
         if num_cpus is not None:
             cmd.append(f"--num-cpus={num_cpus}")
         if node_types is not None:
-            config = autoscaling_config(node_types, address=address, head_cpus=num_cpus,
-                                        idle_timeout_minutes=idle_timeout_minutes)
+            config = autoscaling_config(
+                node_types,
+                address=address,
+                head_cpus=num_cpus,
+                idle_timeout_minutes=idle_timeout_minutes,
+            )
             config_path = write_json(root / "autoscaling.json", config)
             cmd.append(f"--autoscaling-config={config_path}")
             # The fake provider refuses to run without RAY_FAKE_CLUSTER; the monitor loop
@@ -505,8 +591,16 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
         write_json(cluster.cluster_file, cluster.to_dict())  # so `down` finds it if we fail
         if add_node:
             extra = _node_ports(_NODE_LISTENERS, taken)
-            cmd = [sys.executable, "-c", _NODE_LAUNCHER, "start", f"--address={address}",
-                   f"--num-cpus={node_cpus}", *common, *_flags(extra)]
+            cmd = [
+                sys.executable,
+                "-c",
+                _NODE_LAUNCHER,
+                "start",
+                f"--address={address}",
+                f"--num-cpus={node_cpus}",
+                *common,
+                *_flags(extra),
+            ]
             logger.info("Adding a %d-CPU node to %s.", node_cpus, address)
             sid = _start_node(cmd, env, temp_dir / "ray-start-node.log", timeout_s, sessions)
             nodes.append(NodeRecord("worker", sid, node_cpus, extra))
@@ -516,16 +610,33 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
         if node_types is not None:
             # What cluster.yaml's head does after `ray start`: tell the GCS which node types the
             # autoscaler can add (workflows.capacity), so drivers see them before any node is up.
-            cmd = [sys.executable, "-m", "workflows.capacity", "publish", str(config_path), "--address", address]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+            cmd = [
+                sys.executable,
+                "-m",
+                "workflows.capacity",
+                "publish",
+                str(config_path),
+                "--address",
+                address,
+            ]
+            done = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+            )
             if done.returncode != 0:
-                raise ClusterError(f"publishing the node types failed: {(done.stderr or done.stdout)[-500:]}")
+                raise ClusterError(
+                    f"publishing the node types failed: {(done.stderr or done.stdout)[-500:]}"
+                )
         pids = {}
         for p in _scan(temp_dir, sessions):
             with contextlib.suppress(OSError):  # it exited meanwhile
                 pids.setdefault(os.getsid(p.pid), []).append(p.pid)
-        cluster = dataclasses.replace(cluster, nodes=tuple(
-            dataclasses.replace(n, pids=tuple(sorted(pids.get(n.session_id, ())))) for n in nodes))
+        cluster = dataclasses.replace(
+            cluster,
+            nodes=tuple(
+                dataclasses.replace(n, pids=tuple(sorted(pids.get(n.session_id, ()))))
+                for n in nodes
+            ),
+        )
         write_json(cluster.cluster_file, cluster.to_dict())
     except BaseException:
         logger.warning("Cluster in %s did not come up; stopping what was started.", root)
@@ -536,8 +647,13 @@ def up(root: str | os.PathLike | None = None, num_cpus: int | None = None,
     return cluster
 
 
-def autoscaling_config(node_types: Mapping[str, Mapping[str, Any]], *, address: str, head_cpus: int | None,
-                       idle_timeout_minutes: float = 0.5) -> dict[str, Any]:
+def autoscaling_config(
+    node_types: Mapping[str, Mapping[str, Any]],
+    *,
+    address: str,
+    head_cpus: int | None,
+    idle_timeout_minutes: float = 0.5,
+) -> dict[str, Any]:
     """The autoscaler's cluster config for Ray's fake multi-node provider on this machine.
 
     What Ray's `ray.cluster_utils.AutoscalingCluster` builds from the provider's example.yaml
@@ -559,10 +675,17 @@ def autoscaling_config(node_types: Mapping[str, Mapping[str, Any]], *, address: 
     for name, spec in node_types.items():
         spec = dict(spec)
         if not isinstance(spec.get("resources"), Mapping) or "max_workers" not in spec:
-            raise ValueError(f"node type {name!r} needs `resources` and `max_workers`. Received: {name}={spec!r}")
+            raise ValueError(
+                f"node type {name!r} needs `resources` and `max_workers`. Received: {name}={spec!r}"
+            )
         low = check_number(f"{name}.min_workers", spec.get("min_workers", 0), low=0, integer=True)
         high = check_number(f"{name}.max_workers", spec["max_workers"], low=low, integer=True)
-        types[name] = {"resources": dict(spec["resources"]), "node_config": {}, "min_workers": low, "max_workers": high}
+        types[name] = {
+            "resources": dict(spec["resources"]),
+            "node_config": {},
+            "min_workers": low,
+            "max_workers": high,
+        }
     head = {"CPU": head_cpus} if head_cpus is not None else {}
     types["ray.head.default"] = {"resources": head, "node_config": {}, "max_workers": 0}
     return {
@@ -570,14 +693,28 @@ def autoscaling_config(node_types: Mapping[str, Mapping[str, Any]], *, address: 
         "max_workers": sum(t["max_workers"] for t in types.values()),
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_minutes,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": address},
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": address,
+        },
         "available_node_types": types,
         "head_node_type": "ray.head.default",
-        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
@@ -589,8 +726,10 @@ def _wait_for_nodes(cluster: LocalCluster, expected: int, timeout_s: float) -> N
             return
         time.sleep(0.5)
     count = "no answer" if seen is None else f"{len(seen)} node(s)"
-    raise ClusterError(f"Cluster at {cluster.address} did not report {expected} live node(s) "
-                       f"within {timeout_s:.0f} s ({count}); logs under {cluster.temp_dir}")
+    raise ClusterError(
+        f"Cluster at {cluster.address} did not report {expected} live node(s) "
+        f"within {timeout_s:.0f} s ({count}); logs under {cluster.temp_dir}"
+    )
 
 
 def query_state(cluster: LocalCluster, resource: str = "nodes") -> list[dict] | None:
@@ -599,7 +738,8 @@ def query_state(cluster: LocalCluster, resource: str = "nodes") -> list[dict] | 
     """
     request = urllib.request.Request(  # our own http://127.0.0.1 URL
         f"{cluster.dashboard_url}/api/v0/{resource}?limit=1000&detail=1",
-        headers={"Authorization": "Bearer " + cluster.token_path.read_text().strip()})
+        headers={"Authorization": "Bearer " + cluster.token_path.read_text().strip()},
+    )
     try:
         with urllib.request.urlopen(request, timeout=3) as response:
             return json.load(response)["data"]["result"]["result"]
@@ -607,8 +747,9 @@ def query_state(cluster: LocalCluster, resource: str = "nodes") -> list[dict] | 
         return None
 
 
-def down(root: str | os.PathLike | None = None, *, timeout_s: float = 15.0,
-         purge: bool = False) -> int:
+def down(
+    root: str | os.PathLike | None = None, *, timeout_s: float = 15.0, purge: bool = False
+) -> int:
     """Stops only the processes of the cluster in `root` and removes its `cluster.json`.
 
     Processes are found by `find_processes`; each is sent SIGTERM (gcs_server last), and
@@ -634,8 +775,7 @@ def down(root: str | os.PathLike | None = None, *, timeout_s: float = 15.0,
     (root / _CLUSTER_FILE).unlink(missing_ok=True)
     if purge:
         # The /tmp/advtrain-<hash> folder too, when the temp dir lives there.
-        shutil.rmtree(temp_dir if temp_dir.parent == root else temp_dir.parent,
-                      ignore_errors=True)
+        shutil.rmtree(temp_dir if temp_dir.parent == root else temp_dir.parent, ignore_errors=True)
     if stopped:
         logger.info("Stopped %d process(es) of the cluster in %s.", stopped, root)
     return stopped
@@ -654,22 +794,35 @@ def status(root: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     root = _root(root)
     cluster = _load(root)
-    out: dict[str, Any] = {"root": str(root), "address": None, "alive": False, "nodes": None,
-                           "cpus": None, "gpus": None, "dashboard_url": None,
-                           "token_path": str(root / "auth_token"),
-                           "temp_dir": str(_temp_dir(root))}
+    out: dict[str, Any] = {
+        "root": str(root),
+        "address": None,
+        "alive": False,
+        "nodes": None,
+        "cpus": None,
+        "gpus": None,
+        "dashboard_url": None,
+        "token_path": str(root / "auth_token"),
+        "temp_dir": str(_temp_dir(root)),
+    }
     if cluster is None:
         return out
     host, port = cluster.address.rsplit(":", 1)
-    out.update(address=cluster.address, dashboard_url=cluster.dashboard_url,
-               token_path=str(cluster.token_path), temp_dir=str(cluster.temp_dir),
-               alive=tcp_open(host, int(port)))
+    out.update(
+        address=cluster.address,
+        dashboard_url=cluster.dashboard_url,
+        token_path=str(cluster.token_path),
+        temp_dir=str(cluster.temp_dir),
+        alive=tcp_open(host, int(port)),
+    )
     nodes = query_state(cluster) if out["alive"] else None
     if nodes is not None:
         live = [n for n in nodes if n.get("state") == "ALIVE"]
-        out.update(nodes=len(live),
-                   cpus=sum(n.get("resources_total", {}).get("CPU", 0.0) for n in live),
-                   gpus=sum(n.get("resources_total", {}).get("GPU", 0.0) for n in live))
+        out.update(
+            nodes=len(live),
+            cpus=sum(n.get("resources_total", {}).get("CPU", 0.0) for n in live),
+            gpus=sum(n.get("resources_total", {}).get("GPU", 0.0) for n in live),
+        )
     return out
 
 
@@ -687,6 +840,10 @@ def env_for(cluster: LocalCluster) -> dict[str, str]:
     Returns:
         Variable name to value.
     """
-    return {"RAY_ADDRESS": cluster.address, "RAY_API_SERVER_ADDRESS": cluster.dashboard_url,
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_path),
-            LOOPBACK_ENV: "0"}
+    return {
+        "RAY_ADDRESS": cluster.address,
+        "RAY_API_SERVER_ADDRESS": cluster.dashboard_url,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(cluster.token_path),
+        LOOPBACK_ENV: "0",
+    }

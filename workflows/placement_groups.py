@@ -26,8 +26,12 @@ def held(job_id: str) -> list:
     """
     from ray.util import state
 
-    groups = state.list_placement_groups(filters=[("creator_job_id", "=", job_id)], detail=True, timeout=10,
-                                         raise_on_missing_output=False)
+    groups = state.list_placement_groups(
+        filters=[("creator_job_id", "=", job_id)],
+        detail=True,
+        timeout=10,
+        raise_on_missing_output=False,
+    )
     return [g for g in groups if g.state != "REMOVED" and not g.is_detached]
 
 
@@ -45,14 +49,16 @@ def release_own() -> list[str]:
 
     try:
         groups = held(ray.get_runtime_context().get_job_id())
-    except Exception as e:  # no dashboard on this cluster, or it did not answer in time
-        logger.warning("could not list this run's placement groups (%s); any Ray left reserved stay so", e)
+    except Exception as e:  # noqa: BLE001 - no dashboard on this cluster, or it did not answer in time
+        logger.warning(
+            "could not list this run's placement groups (%s); any Ray left reserved stay so", e
+        )
         return []
     released = []
     for g in groups:
         try:
             remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(g.placement_group_id)))
-        except Exception as e:  # removed meanwhile, or the GCS refused: the rest still go
+        except Exception as e:  # noqa: BLE001 - removed meanwhile, or the GCS refused: the rest still go
             logger.warning("could not remove placement group %s: %s", g.placement_group_id, e)
             continue
         released.append(f"{g.placement_group_id[:8]} {_resources(g.bundles)}")

@@ -23,11 +23,24 @@ from advtrain.files import write_text
 from advtrain.flag_text import ANCHOR, HEADING, flag_link, flags_markdown
 from advtrain.page import html_page
 
-__all__ = ["write_all", "rank", "csv_columns", "COLUMNS", "TOP_K"]
+__all__ = ["COLUMNS", "TOP_K", "csv_columns", "rank", "write_all"]
 
 TOP_K = 3
-COLUMNS = ("rank", "trial_id", "config", "val_clean_acc", "val_robust_acc", "val_certified_acc", "test_clean_acc",
-           "test_robust_acc", "test_certified_acc", "test_flags_failed", "epochs_run", "stopped", "wall_s")
+COLUMNS = (
+    "rank",
+    "trial_id",
+    "config",
+    "val_clean_acc",
+    "val_robust_acc",
+    "val_certified_acc",
+    "test_clean_acc",
+    "test_robust_acc",
+    "test_certified_acc",
+    "test_flags_failed",
+    "epochs_run",
+    "stopped",
+    "wall_s",
+)
 # Shown as upper bounds, with the failed flags beside them, when a trial's model failed a check.
 ROBUST_COLUMNS = ("val_robust_acc", "test_robust_acc")
 TITLE = "advtrain search report"
@@ -38,10 +51,16 @@ def rank(rows: list[dict], metric: str = "val_robust_acc") -> list[dict]:
     only an upper bound, never a reason to rank it first); then by the search's metric on the
     validation split (`val_robust_acc` or `val_certified_acc`, never the test split), trials
     that trained every epoch before those stopped early, then validation clean accuracy."""
+
     def key(r):
         full = r.get("stopped") in ("no", "overfitting guard")
         score = r.get(metric)
-        return (not r.get("test_flags_failed"), -1.0 if score is None else score, full, r.get("val_clean_acc") or -1.0)
+        return (
+            not r.get("test_flags_failed"),
+            -1.0 if score is None else score,
+            full,
+            r.get("val_clean_acc") or -1.0,
+        )
 
     out = sorted(rows, key=key, reverse=True)
     for i, r in enumerate(out, 1):
@@ -58,7 +77,9 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     if isinstance(v, dict):
-        return ", ".join(f"{k}={_fmt(x) if not isinstance(x, float) else f'{x:g}'}" for k, x in v.items())
+        return ", ".join(
+            f"{k}={_fmt(x) if not isinstance(x, float) else f'{x:g}'}" for k, x in v.items()
+        )
     if isinstance(v, list):
         return ", ".join(map(str, v)) or "-"
     return str(v)
@@ -70,8 +91,9 @@ def _cells(r: dict, digits: int = 4) -> dict[str, str]:
     for c in ROBUST_COLUMNS:
         cells[c] = report.robust_cell(r.get(c), r.get("test_flags_failed") or (), digits)
     # Never 0 for a model the bounds cannot cover: "not available (layer 'x')".
-    cells["test_certified_acc"] = report.certified_cell(r.get("test_certified_acc"), note=r.get("test_certified_note"),
-                                                        digits=digits)
+    cells["test_certified_acc"] = report.certified_cell(
+        r.get("test_certified_acc"), note=r.get("test_certified_note"), digits=digits
+    )
     cells["wall_s"] = report.duration(r.get("wall_s"))
     return cells
 
@@ -85,11 +107,15 @@ def csv_columns(rows: list[dict]) -> list[str]:
     searched key (in order of first appearance), as Tune's `ResultGrid.get_dataframe` names them."""
     keys = list(dict.fromkeys(k for r in rows for k in (r.get("config") or {})))
     at = COLUMNS.index("config")
-    return [*COLUMNS[:at], *(f"config/{k}" for k in keys), *COLUMNS[at + 1:]]
+    return [*COLUMNS[:at], *(f"config/{k}" for k in keys), *COLUMNS[at + 1 :]]
 
 
 def _csv_value(r: dict, column: str) -> Any:
-    v = (r.get("config") or {}).get(column[len("config/"):]) if column.startswith("config/") else r.get(column)
+    v = (
+        (r.get("config") or {}).get(column[len("config/") :])
+        if column.startswith("config/")
+        else r.get(column)
+    )
     if isinstance(v, dict):
         return json.dumps(v)
     if isinstance(v, list):
@@ -121,10 +147,20 @@ class _Front:
 
 
 def _front(evaluated: list[dict]) -> _Front:
-    points = [{"label": r["trial_id"], "clean": r["test_clean_acc"], "robust": r["test_robust_acc"],
-               "flags_failed": r.get("test_flags_failed") or []} for r in evaluated]
-    return _Front(points, report.pareto_front([p for p in points if not p["flags_failed"]]),
-                  [p for p in points if p["flags_failed"]])
+    points = [
+        {
+            "label": r["trial_id"],
+            "clean": r["test_clean_acc"],
+            "robust": r["test_robust_acc"],
+            "flags_failed": r.get("test_flags_failed") or [],
+        }
+        for r in evaluated
+    ]
+    return _Front(
+        points,
+        report.pareto_front([p for p in points if not p["flags_failed"]]),
+        [p for p in points if p["flags_failed"]],
+    )
 
 
 def _plots(run_dir: Path, rows: list[dict], pf: _Front) -> tuple[bool, bool]:
@@ -170,7 +206,10 @@ def _trial_pages(run_dir: Path, rows: list[dict]) -> list[dict]:
         folder = run_dir / "trials" / r["trial_id"]
         if (folder / "report.md").is_file() and not (folder / "report.html").is_file():
             text = _local_links((folder / "report.md").read_text(encoding="utf-8"))
-            write_text(folder / "report.html", html_page(text, f"advtrain robustness report: {r['trial_id']}"))
+            write_text(
+                folder / "report.html",
+                html_page(text, f"advtrain robustness report: {r['trial_id']}"),
+            )
         if (folder / "report.html").is_file():
             out.append(r)
     return out
@@ -198,58 +237,101 @@ def _threat(tm: dict) -> str:
 
 
 def _bracket(r: dict) -> str:
-    return report.bracket(r["test_clean_acc"], r["test_robust_acc"], r.get("test_flags_failed") or (),
-                          r.get("test_certified_acc"), r.get("test_certified_by"), r.get("test_certified_note"))
+    return report.bracket(
+        r["test_clean_acc"],
+        r["test_robust_acc"],
+        r.get("test_flags_failed") or (),
+        r.get("test_certified_acc"),
+        r.get("test_certified_by"),
+        r.get("test_certified_note"),
+    )
 
 
 def _intro(data: dict) -> list[str]:
     tm = data["threat_model"]
     obj = data.get("objective") or {"metric": "val_robust_acc", "attack": "pgd", "n": "?"}
-    return [f"# {TITLE}", "", f"Threat model (fixed for every trial): **{_threat(tm)}**.", "",
+    return [
+        f"# {TITLE}",
+        "",
+        f"Threat model (fixed for every trial): **{_threat(tm)}**.",
+        "",
+        (
             f"- The search's objective, `{obj.get('metric', 'val_robust_acc')}`, is a cheap probe: "
             f"{obj['attack'].upper()} on the first "
             f"{obj['n']} validation examples at {tm['norm']} eps {tm['eps']:g}, after every epoch. It ranks the trials "
-            "and steers the scheduler.",
+            "and steers the scheduler."
+        ),
+        (
             f"- The test columns are the full `{tm['suite']}` suite on the {tm['split']} split, run once on each "
             "trial's final model (for trials the scheduler stopped: their last checkpoint, evaluated by the driver). "
-            "They never steered the search.",
+            "They never steered the search."
+        ),
+        (
             "- A robust accuracy marked `<=` is an upper bound: that trial's model failed a sanity check (named beside "
-            f"it, see [{HEADING.lower()}](#{ANCHOR})). Such trials rank below every trial that passed.",
+            f"it, see [{HEADING.lower()}](#{ANCHOR})). Such trials rank below every trial that passed."
+        ),
+        (
             "- `test_certified_acc` is proven by bound propagation on the same test examples (a lower bound: no input "
-            "in the eps-ball changes those predictions); `-` when certification did not run, \"not available\" when "
-            "the model has a layer the bounds cannot cover."]
+            'in the eps-ball changes those predictions); `-` when certification did not run, "not available" when '
+            "the model has a layer the bounds cannot cover."
+        ),
+    ]
 
 
 def _front_lines(pf: _Front, digits: int) -> list[str]:
-    lines = [f"- {p['label']}: clean {p['clean']:.{digits}f}, robust {p['robust']:.{digits}f}" for p in pf.front]
+    lines = [
+        f"- {p['label']}: clean {p['clean']:.{digits}f}, robust {p['robust']:.{digits}f}"
+        for p in pf.front
+    ]
     lines = lines or ["- no evaluated trial"]
-    return lines + [f"- not on the front, flagged: {p['label']}: clean {p['clean']:.{digits}f}, robust "
-                    f"{report.robust_cell(p['robust'], p['flags_failed'], digits)}" for p in pf.flagged]
+    return lines + [
+        f"- not on the front, flagged: {p['label']}: clean {p['clean']:.{digits}f}, robust "
+        f"{report.robust_cell(p['robust'], p['flags_failed'], digits)}"
+        for p in pf.flagged
+    ]
 
 
 def _markdown(rep: _Report, digits: int, page: str) -> str:
     """The report as Markdown, linking each trial's report.`page` ("md" or "html")."""
     md = [*_intro(rep.data), "", "## Ranked trials", "", _table(rep.rows, digits), ""]
     if rep.trial_pages:
-        md += ["Evaluation reports: " + ", ".join(
-            f"[#{r['rank']} {r['trial_id']}](trials/{r['trial_id']}/report.{page})" for r in rep.trial_pages) + ".", ""]
+        md += [
+            "Evaluation reports: "
+            + ", ".join(
+                f"[#{r['rank']} {r['trial_id']}](trials/{r['trial_id']}/report.{page})"
+                for r in rep.trial_pages
+            )
+            + ".",
+            "",
+        ]
     md += ["## Certified <= robust <= clean (test)", ""]
     md += [f"- {r['trial_id']}: {_bracket(r)}" for r in rep.evaluated] or ["- no evaluated trial"]
     md += ["", "## Clean vs robust (test) Pareto front", "", *_front_lines(rep.pf, digits)]
     if rep.pareto_png:
         md += ["", "![Pareto front](pareto.png)"]
     if rep.curves_png:
-        md += ["", "## Accuracy against eps (top trials)", "", "![accuracy vs eps](accuracy_vs_eps.png)"]
+        md += [
+            "",
+            "## Accuracy against eps (top trials)",
+            "",
+            "![accuracy vs eps](accuracy_vs_eps.png)",
+        ]
     if rep.pf.flagged:
         md += ["", "## Sanity-check warnings", ""]
-        md += [f"- WARNING {p['label']}: failed {', '.join(flag_link(f) for f in p['flags_failed'])}"
-               for p in rep.pf.flagged]
+        md += [
+            f"- WARNING {p['label']}: failed {', '.join(flag_link(f) for f in p['flags_failed'])}"
+            for p in rep.pf.flagged
+        ]
     best = rep.data.get("best_trial")
     if best and "best_model.keras" in rep.files:
         pages = {r["trial_id"] for r in rep.trial_pages}
-        evaluation = f"; its evaluation: [report](trials/{best}/report.{page})" if best in pages else ""
+        evaluation = (
+            f"; its evaluation: [report](trials/{best}/report.{page})" if best in pages else ""
+        )
         md += ["", f"Best model: [best_model.keras](best_model.keras) (trial {best}){evaluation}."]
-    others = [n for n in rep.files if n != "best_model.keras"] + (["report.md"] if page == "html" else [])
+    others = [n for n in rep.files if n != "best_model.keras"] + (
+        ["report.md"] if page == "html" else []
+    )
     md += ["", "Files: " + ", ".join(f"[{name}]({name})" for name in others) + "."]
     md += ["", *flags_markdown()]
     return "\n".join(md) + "\n"
@@ -259,10 +341,15 @@ def _summary(run_dir: Path, data: dict, table: str, pf: _Front) -> list[str]:
     """The lines the command prints."""
     lines = [f"Threat model: {_threat(data['threat_model'])}", table]
     if pf.front:
-        lines.append("Pareto front (test clean, robust): " + "; ".join(
-            f"{p['label']} ({p['clean']:.3f}, {p['robust']:.3f})" for p in pf.front))
-    lines += [f"WARNING: trial {p['label']} failed {', '.join(p['flags_failed'])}: its robust accuracy "
-              f"{report.robust_cell(p['robust'], p['flags_failed'])} is an upper bound" for p in pf.flagged]
+        lines.append(
+            "Pareto front (test clean, robust): "
+            + "; ".join(f"{p['label']} ({p['clean']:.3f}, {p['robust']:.3f})" for p in pf.front)
+        )
+    lines += [
+        f"WARNING: trial {p['label']} failed {', '.join(p['flags_failed'])}: its robust accuracy "
+        f"{report.robust_cell(p['robust'], p['flags_failed'])} is an upper bound"
+        for p in pf.flagged
+    ]
     lines.append(f"Report: {run_dir / 'report.md'} (and report.html)")
     return lines
 
@@ -283,8 +370,14 @@ def write_all(run_dir: Path) -> list[str]:
     evaluated = [r for r in rows if r["test_robust_acc"] is not None]
     pf = _front(evaluated)
     pareto_png, curves_png = _plots(run_dir, rows, pf)
-    files = [n for n in ("best_model.keras", "results.csv", "results.md", "trials.json") if (run_dir / n).is_file()]
-    rep = _Report(data, rows, evaluated, pf, pareto_png, curves_png, _trial_pages(run_dir, rows), files)
+    files = [
+        n
+        for n in ("best_model.keras", "results.csv", "results.md", "trials.json")
+        if (run_dir / n).is_file()
+    ]
+    rep = _Report(
+        data, rows, evaluated, pf, pareto_png, curves_png, _trial_pages(run_dir, rows), files
+    )
     write_text(run_dir / "report.md", _markdown(rep, 4, "md"))
     # People read the page: three decimals (the noise of a few hundred examples is larger).
     write_text(run_dir / "report.html", html_page(_markdown(rep, 3, "html"), TITLE))

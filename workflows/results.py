@@ -21,7 +21,7 @@ from advtrain.models import load_model
 from workflows.render import COLUMNS, TOP_K, rank, write_all
 from workflows.spec import RunSpec, eval_data
 
-__all__ = ["evaluate_trial", "collect", "write_all", "rank", "COLUMNS"]
+__all__ = ["COLUMNS", "collect", "evaluate_trial", "rank", "write_all"]
 
 
 def evaluate_trial(model, spec: RunSpec, data, out: Path) -> dict[str, Any]:
@@ -38,9 +38,14 @@ def evaluate_trial(model, spec: RunSpec, data, out: Path) -> dict[str, Any]:
     rep.write(out)
     eps = spec.threat_model.eps
     r = rep.result(eps)
-    return {"test_clean_acc": r.clean_acc, "test_robust_acc": r.robust_acc,
-            "test_certified_acc": r.certified_acc, "test_certified_by": r.certified_method,
-            "test_certified_note": r.certified_note, "test_flags_failed": rep.failed_at(eps)}
+    return {
+        "test_clean_acc": r.clean_acc,
+        "test_robust_acc": r.robust_acc,
+        "test_certified_acc": r.certified_acc,
+        "test_certified_by": r.certified_method,
+        "test_certified_note": r.certified_note,
+        "test_flags_failed": rep.failed_at(eps),
+    }
 
 
 def _stopped(metrics: dict, error: Any, scheduler: str) -> str:
@@ -74,14 +79,19 @@ def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict
     storage, `None` for a local run folder); copies the best model and the top trials' reports."""
     search = json.loads((run_dir / "spec.json").read_text())["search"]
     searched, scheduler = list(search["space"]), search["scheduler"]
-    metric = search.get("metric", "val_robust_acc")  # searches saved before `search.metric` ranked on PGD
+    metric = search.get(
+        "metric", "val_robust_acc"
+    )  # searches saved before `search.metric` ranked on PGD
     rows = []
     for result in grid:
         m = dict(result.metrics or {})
         cfg = result.config or {}
         row = {
             "trial_id": m.get("trial_id") or Path(result.path).name,
-            "config": {k: (round(cfg[k], 4) if isinstance(cfg.get(k), float) else cfg.get(k)) for k in searched},
+            "config": {
+                k: (round(cfg[k], 4) if isinstance(cfg.get(k), float) else cfg.get(k))
+                for k in searched
+            },
             "val_clean_acc": m.get("val_clean_acc"),
             "val_robust_acc": m.get("val_robust_acc"),
             "val_certified_acc": m.get("val_certified_acc"),
@@ -96,7 +106,9 @@ def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict
             "stopped": _stopped(m, result.error, scheduler),
             "wall_s": m.get("time_total_s"),
             "error": None if result.error is None else str(result.error).splitlines()[0][:300],
-            "_dir": Path(result.checkpoint.to_directory()) if result.checkpoint is not None else None,
+            "_dir": Path(result.checkpoint.to_directory())
+            if result.checkpoint is not None
+            else None,
             "_train_checkpoint": m.get("checkpoint_path"),
         }
         rows.append(row)
@@ -121,9 +133,18 @@ def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict
     if best is not None:
         copy_file(trials_dir / best["trial_id"] / "model.keras", run_dir / "best_model.keras")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in ranked]
-    attack = f"pgd-{spec.train.probe_steps}" if metric == "val_robust_acc" else "ibp+crown-ibp bounds"
+    attack = (
+        f"pgd-{spec.train.probe_steps}" if metric == "val_robust_acc" else "ibp+crown-ibp bounds"
+    )
     objective = {"metric": metric, "attack": attack, "split": "val", "n": spec.train.probe_size}
-    write_json(run_dir / "trials.json", {"threat_model": spec.threat_model.to_dict(), "objective": objective,
-                                         "metric": metric, "trials": clean,
-                                         "best_trial": best["trial_id"] if best else None})
+    write_json(
+        run_dir / "trials.json",
+        {
+            "threat_model": spec.threat_model.to_dict(),
+            "objective": objective,
+            "metric": metric,
+            "trials": clean,
+            "best_trial": best["trial_id"] if best else None,
+        },
+    )
     return clean

@@ -15,13 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from advtrain.config import (MODELS, EvalConfig, ThreatModel, TrainConfig, check_fields, check_keys,
-                             field_names, load_yaml, option)
+from advtrain.config import (
+    MODELS,
+    EvalConfig,
+    ThreatModel,
+    TrainConfig,
+    check_fields,
+    check_keys,
+    field_names,
+    load_yaml,
+    option,
+)
 
-__all__ = ["Scaling", "RunSpec", "eval_data", "load_spec", "locate", "with_absolute_paths"]
+__all__ = ["RunSpec", "Scaling", "eval_data", "load_spec", "locate", "with_absolute_paths"]
 
 SECTIONS = ("train", "eval", "search", "scaling")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -32,23 +42,37 @@ class Scaling:
     """Ray Train scaling: workers per run, GPUs, CPUs per worker, tolerated worker failures and
     how workers are placed on nodes (the `scaling` section of a run file)."""
 
-    workers: int = option(1, low=1, high=1024, help="Ray Train workers per run (each trains on its own shard of "
-                                                    "the data; `--workers` overrides)")
+    workers: int = option(
+        1,
+        low=1,
+        high=1024,
+        help="Ray Train workers per run (each trains on its own shard of "
+        "the data; `--workers` overrides)",
+    )
     gpu: bool = option(False, help="one GPU per worker (`--gpu` overrides)")
     cpus_per_worker: int = option(1, low=1, high=256, help="CPUs reserved for each worker")
-    max_failures: int = option(1, low=0, high=100, help="worker-group restarts tolerated before the run fails, from "
-                                                        "its latest checkpoint (`--max-failures` overrides)")
+    max_failures: int = option(
+        1,
+        low=0,
+        high=100,
+        help="worker-group restarts tolerated before the run fails, from "
+        "its latest checkpoint (`--max-failures` overrides)",
+    )
     placement_strategy: str = option(
-        "PACK", choices=PLACEMENT_STRATEGIES,
+        "PACK",
+        choices=PLACEMENT_STRATEGIES,
         help="how the workers of one run are placed on nodes (a Ray placement group strategy): `PACK` on as few nodes "
-             "as possible, `SPREAD` across nodes; `STRICT_PACK` and `STRICT_SPREAD` the same, strictly")
+        "as possible, `SPREAD` across nodes; `STRICT_PACK` and `STRICT_SPREAD` the same, strictly",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "workers", "gpu", "cpus_per_worker", "max_failures")
         strategies = PLACEMENT_STRATEGIES  # upper-case and exact, so not `check_choice`
         if self.placement_strategy not in strategies:
-            raise ValueError(f"`placement_strategy` must be one of {', '.join(strategies)}. "
-                             f"Received: placement_strategy={self.placement_strategy!r}")
+            raise ValueError(
+                f"`placement_strategy` must be one of {', '.join(strategies)}. "
+                f"Received: placement_strategy={self.placement_strategy!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +89,12 @@ class RunSpec:
         return self.eval.threat_model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"train": self.train.to_dict(), "eval": self.eval.to_dict(),
-                "scaling": dataclasses.asdict(self.scaling), "search": dict(self.search)}
+        return {
+            "train": self.train.to_dict(),
+            "eval": self.eval.to_dict(),
+            "scaling": dataclasses.asdict(self.scaling),
+            "search": dict(self.search),
+        }
 
 
 def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -81,8 +109,13 @@ def _build(cls, values: dict[str, Any], section: str):
     return cls(**values)
 
 
-def load_spec(path: str | Path | None = None, *, train: Mapping[str, Any] | None = None,
-              eval: Mapping[str, Any] | None = None, scaling: Mapping[str, Any] | None = None) -> RunSpec:
+def load_spec(
+    path: str | Path | None = None,
+    *,
+    train: Mapping[str, Any] | None = None,
+    eval: Mapping[str, Any] | None = None,
+    scaling: Mapping[str, Any] | None = None,
+) -> RunSpec:
     """Reads a run file and applies overrides (CLI flags) on top of it, validating everything.
 
     Raises:
@@ -90,7 +123,13 @@ def load_spec(path: str | Path | None = None, *, train: Mapping[str, Any] | None
             range; the message names the key, the value and the allowed range.
     """
     data = load_yaml(path) if path is not None else {}
-    check_keys(data, SECTIONS, f"Unknown section(s) in {str(path)!r}", known_label="Known sections", sort=False)
+    check_keys(
+        data,
+        SECTIONS,
+        f"Unknown section(s) in {str(path)!r}",
+        known_label="Known sections",
+        sort=False,
+    )
     t = {**_section(data, "train"), **dict(train or {})}
     e = {**_section(data, "eval"), **dict(eval or {})}
     s = {**_section(data, "scaling"), **dict(scaling or {})}
@@ -118,7 +157,11 @@ def with_absolute_paths(spec: RunSpec) -> RunSpec:
     changes = {}
     for key in ("data", "model"):
         value = getattr(spec.train, key)
-        if _is_local_path(value) and not os.path.isabs(value) and os.path.exists(os.path.expanduser(value)):
+        if (
+            _is_local_path(value)
+            and not os.path.isabs(value)
+            and os.path.exists(os.path.expanduser(value))
+        ):
             changes[key] = os.path.abspath(os.path.expanduser(value))
     return dataclasses.replace(spec, train=spec.train.replace(**changes)) if changes else spec
 

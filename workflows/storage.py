@@ -84,8 +84,10 @@ def filesystem(location: str | Path):
     try:
         return pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as e:
-        raise ValueError(f"storage {location!r} is not a location pyarrow.fs can open ({e}). Use a local path or a "
-                         "URI such as s3://bucket/prefix, gs://bucket/prefix or file:///path") from None
+        raise ValueError(
+            f"storage {location!r} is not a location pyarrow.fs can open ({e}). Use a local path or a "
+            "URI such as s3://bucket/prefix, gs://bucket/prefix or file:///path"
+        ) from None
 
 
 def _is_local(fs) -> bool:
@@ -103,7 +105,9 @@ def _put(src: Path, fs, dst: str) -> None:
         return
     # An object store publishes the object when the upload stream closes (a multipart upload
     # completes then); an error before that aborts it and leaves no object behind.
-    pafs.copy_files(str(src), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(
+        str(src), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def upload(local_dir: Path, location: str, *, skip: tuple[str, ...] = RAY_FOLDERS) -> list[str]:
@@ -137,9 +141,11 @@ def list_files(location: str) -> list[str]:
     root = root.rstrip("/")
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return []
-    return sorted(entry.path[len(root):].lstrip("/")
-                  for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                  if entry.type == pafs.FileType.File)
+    return sorted(
+        entry.path[len(root) :].lstrip("/")
+        for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if entry.type == pafs.FileType.File
+    )
 
 
 def download(location: str, local_dir: Path, *, skip: tuple[str, ...] = RAY_FOLDERS) -> list[str]:
@@ -154,8 +160,12 @@ def download(location: str, local_dir: Path, *, skip: tuple[str, ...] = RAY_FOLD
     root = root.rstrip("/")
     copied = [rel for rel in list_files(location) if rel.split("/", 1)[0] not in skip]
     for rel in copied:
-        write_atomic(Path(local_dir, rel), lambda tmp, path=f"{root}/{rel}": pafs.copy_files(
-            path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()))
+        write_atomic(
+            Path(local_dir, rel),
+            lambda tmp, path=f"{root}/{rel}": pafs.copy_files(
+                path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+            ),
+        )
     return copied
 
 
@@ -179,8 +189,12 @@ def fetch_file(location: str, local_dir: Path) -> Path:
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise ValueError(f"no file at {location!r}")
     dst = Path(local_dir, basename(location))
-    write_atomic(dst, lambda tmp: pafs.copy_files(path, tmp, source_filesystem=fs,
-                                                  destination_filesystem=pafs.LocalFileSystem()))
+    write_atomic(
+        dst,
+        lambda tmp: pafs.copy_files(
+            path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        ),
+    )
     return dst
 
 
@@ -207,7 +221,9 @@ class RunFolder:
         """
         local = Path(out) if out else None
         if local is not None and local.exists() and (not local.is_dir() or any(local.iterdir())):
-            raise ValueError(f"output folder {str(local)!r} exists and is not empty; choose another --out")
+            raise ValueError(
+                f"output folder {str(local)!r} exists and is not empty; choose another --out"
+            )
         if storage is None:
             return cls(local or Path("runs") / name)
         remote = join(storage, name)

@@ -26,7 +26,14 @@ import ray
 import ray.data
 import ray.train
 
-from advtrain.data import FILE_FORMATS, GRAY_MODES, IMAGE_SUFFIXES, DataError, count_split_rows, split_files
+from advtrain.data import (
+    FILE_FORMATS,
+    GRAY_MODES,
+    IMAGE_SUFFIXES,
+    DataError,
+    count_split_rows,
+    split_files,
+)
 from workflows.storage import filesystem, join
 
 __all__ = [
@@ -74,7 +81,9 @@ def _decode_npz(batch: dict) -> dict:
         with np.load(io.BytesIO(raw), allow_pickle=False) as shard:
             missing = [k for k in ("x", "y") if k not in shard.files]
             if missing:
-                raise DataError(f"{path}: missing array(s) {', '.join(missing)} (found: {', '.join(shard.files)})")
+                raise DataError(
+                    f"{path}: missing array(s) {', '.join(missing)} (found: {', '.join(shard.files)})"
+                )
             x, y = shard["x"], shard["y"]
         if len(x) != len(y):
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
@@ -90,8 +99,10 @@ def _label_from_path(batch: dict, *, root: str, classes: list[str]) -> dict:
         # The class is the first folder under the split, whatever lies deeper.
         name = path.split(root.rstrip("/") + "/", 1)[-1].split("/", 1)[0]
         if name not in index:
-            raise DataError(f"{path}: class folder {name!r} is not one of the training split's classes "
-                            f"({', '.join(classes)})")
+            raise DataError(
+                f"{path}: class folder {name!r} is not one of the training split's classes "
+                f"({', '.join(classes)})"
+            )
         labels.append(index[name])
     return {"image": batch["image"], "label": np.asarray(labels, np.int64)}
 
@@ -100,7 +111,9 @@ def _standardize(batch: dict) -> dict:
     """`image` (n, H, W, C) uint8 or float32 and `label` int64; nothing else."""
     x, y = batch["image"], np.asarray(batch["label"])
     if x.dtype == object:
-        raise DataError("images of different shapes in one split; every image must be H x W x C alike")
+        raise DataError(
+            "images of different shapes in one split; every image must be H x W x C alike"
+        )
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
@@ -108,7 +121,9 @@ def _standardize(batch: dict) -> dict:
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32, copy=False)
     elif x.dtype != np.uint8:
-        raise DataError(f"images have dtype {x.dtype}, expected uint8 in [0, 255] or float in [0, 1]")
+        raise DataError(
+            f"images have dtype {x.dtype}, expected uint8 in [0, 255] or float in [0, 1]"
+        )
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"labels have dtype {y.dtype}, expected integer class labels")
     return {"image": x, "label": y.astype(np.int64, copy=False)}
@@ -121,8 +136,14 @@ def _image_mode(fs, path: str) -> str:
         return "L" if image.mode in GRAY_MODES else "RGB"
 
 
-def read_split(source: str, split: str, *, shuffle_files: bool = False, seed: int | None = None,
-               num_cpus: float | None = None) -> ray.data.Dataset:
+def read_split(
+    source: str,
+    split: str,
+    *,
+    shuffle_files: bool = False,
+    seed: int | None = None,
+    num_cpus: float | None = None,
+) -> ray.data.Dataset:
     """A split as a lazy Ray Dataset of rows `image` (H, W, C) and `label` (int64).
 
     Images keep their stored dtype, uint8 or float32 (other floats become float32); (H, W)
@@ -163,24 +184,50 @@ def read_split(source: str, split: str, *, shuffle_files: bool = False, seed: in
     if kind == "parquet":
         # select_columns, not columns= (deprecated in Ray 2.60): the projection is still pushed
         # into the read, so other columns are never loaded.
-        ds = ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle, file_extensions=["parquet"],
-                                   **remote).select_columns(["image", "label"])
+        ds = ray.data.read_parquet(
+            path, filesystem=fs, shuffle=shuffle, file_extensions=["parquet"], **remote
+        ).select_columns(["image", "label"])
     elif kind == "npz":
-        ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True, shuffle=shuffle,
-                                        file_extensions=["npz"], **remote)
+        ds = ray.data.read_binary_files(
+            path,
+            filesystem=fs,
+            include_paths=True,
+            shuffle=shuffle,
+            file_extensions=["npz"],
+            **remote,
+        )
         # One shard per batch: each shard becomes its own block, never one block of all shards.
         ds = ds.map_batches(_decode_npz, batch_size=1, batch_format="numpy", **remote)
     else:
         mode = _image_mode(fs, files[0])
-        ds = ray.data.read_images(path, filesystem=fs, include_paths=True, mode=mode, shuffle=shuffle,
-                                  file_extensions=list(IMAGE_EXTENSIONS), **remote)
-        ds = ds.map_batches(_label_from_path, batch_format="numpy", fn_kwargs={"root": path,
-                            "classes": class_names(source)}, **remote)
+        ds = ray.data.read_images(
+            path,
+            filesystem=fs,
+            include_paths=True,
+            mode=mode,
+            shuffle=shuffle,
+            file_extensions=list(IMAGE_EXTENSIONS),
+            **remote,
+        )
+        ds = ds.map_batches(
+            _label_from_path,
+            batch_format="numpy",
+            fn_kwargs={"root": path, "classes": class_names(source)},
+            **remote,
+        )
     return ds.map_batches(_standardize, batch_format="numpy", **remote)
 
 
-def epoch_dataset(iterator, *, batch_size: int, input_shape: tuple[int, int, int], steps: int, seed: int,
-                  shuffle_buffer: int, prefetch_batches: int = 2):
+def epoch_dataset(
+    iterator,
+    *,
+    batch_size: int,
+    input_shape: tuple[int, int, int],
+    steps: int,
+    seed: int,
+    shuffle_buffer: int,
+    prefetch_batches: int = 2,
+):
     """One epoch of a worker's shard as a `tf.data.Dataset` of exactly `steps` batches.
 
     Starts one `iterator.iter_batches` pass (Ray Train's equal split makes every worker call
@@ -215,31 +262,52 @@ def epoch_dataset(iterator, *, batch_size: int, input_shape: tuple[int, int, int
     """
     import tensorflow as tf
 
-    for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1),
-                             ("prefetch_batches", prefetch_batches, 1), ("shuffle_buffer", shuffle_buffer, 0)):
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("steps", steps, 1),
+        ("prefetch_batches", prefetch_batches, 1),
+        ("shuffle_buffer", shuffle_buffer, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
     if 0 < shuffle_buffer < batch_size:
-        raise ValueError(f"`shuffle_buffer` must be 0 or >= batch_size ({batch_size}). "
-                         f"Received: shuffle_buffer={shuffle_buffer}")
+        raise ValueError(
+            f"`shuffle_buffer` must be 0 or >= batch_size ({batch_size}). "
+            f"Received: shuffle_buffer={shuffle_buffer}"
+        )
     if len(input_shape) != 3 or not all(isinstance(d, int) and d >= 1 for d in input_shape):
-        raise ValueError(f"`input_shape` must be (H, W, C), positive integers. Received: input_shape={input_shape!r}")
+        raise ValueError(
+            f"`input_shape` must be (H, W, C), positive integers. Received: input_shape={input_shape!r}"
+        )
     shape = (batch_size, *input_shape)
-    batches = iter(iterator.iter_batches(
-        batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=seed if shuffle_buffer else None))
+    batches = iter(
+        iterator.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            prefetch_batches=prefetch_batches,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=seed if shuffle_buffer else None,
+        )
+    )
 
     def checked(batch, done):
         x, y = batch["image"], batch["label"]
         if x.shape != shape:
-            raise DataError(f"a batch of images has shape {x.shape}, expected {shape} (batch_size, *input_shape)")
+            raise DataError(
+                f"a batch of images has shape {x.shape}, expected {shape} (batch_size, *input_shape)"
+            )
         if x.dtype != np.uint8 and not (x.min() >= 0 and x.max() <= 1):
-            raise DataError(f"float images span [{x.min()}, {x.max()}] in batch {done}, expected [0, 1]")
+            raise DataError(
+                f"float images span [{x.min()}, {x.max()}] in batch {done}, expected [0, 1]"
+            )
         return x, y.astype(np.int32)
 
     def short(done):
-        return DataError(f"this worker's shard gave {done} batches of {batch_size}, fewer than "
-                         f"steps={steps}; steps must be at most floor(rows / workers / batch_size)")
+        return DataError(
+            f"this worker's shard gave {done} batches of {batch_size}, fewer than "
+            f"steps={steps}; steps must be at most floor(rows / workers / batch_size)"
+        )
 
     first = next(batches, None)
     if first is None:
@@ -261,15 +329,18 @@ def epoch_dataset(iterator, *, batch_size: int, input_shape: tuple[int, int, int
             if batch is None:
                 raise short(done)
 
-    ds = tf.data.Dataset.from_generator(generate, output_signature=(
-        tf.TensorSpec(shape, dtype), tf.TensorSpec((batch_size,), tf.int32)))
+    ds = tf.data.Dataset.from_generator(
+        generate,
+        output_signature=(tf.TensorSpec(shape, dtype), tf.TensorSpec((batch_size,), tf.int32)),
+    )
     if dtype == tf.uint8:
         ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
     return ds.apply(tf.data.experimental.assert_cardinality(steps))
 
 
-def trainer_datasets(source: str, *, seed: int | None, shuffle_files: bool = True,
-                     num_cpus: float | None = None):
+def trainer_datasets(
+    source: str, *, seed: int | None, shuffle_files: bool = True, num_cpus: float | None = None
+):
     """The `datasets` and `dataset_config` of a `TensorflowTrainer` streaming `train`.
 
     Only `train` goes through Ray Data, split across the workers; `val` and `test` are read in

@@ -11,7 +11,8 @@ figures, for every trial, to its run.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["FINAL_METRICS", "log_final"]
 
@@ -49,8 +50,12 @@ def log_final(rows: Iterable[dict[str, Any]], search, run_name: str) -> str | No
         logged, missing = 0, []
         for row in rows:
             trial_id = row["trial_id"]
-            runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_name LIKE '%{trial_id}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+            runs = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.trial_name LIKE '%{trial_id}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
             if not runs:
                 missing.append(trial_id)
                 continue
@@ -61,11 +66,18 @@ def log_final(rows: Iterable[dict[str, Any]], search, run_name: str) -> str | No
             metrics = {k: _number(row.get(k)) for k in FINAL_METRICS}
             flags = list(row.get("test_flags_failed") or [])
             metrics["test_flags_failed"] = float(len(flags))
-            client.log_batch(run.info.run_id,
-                             metrics=[Metric(k, v, now, step) for k, v in metrics.items()
-                                      if v is not None and logged_before.get(k) != v],
-                             tags=[RunTag("test_flags_failed", ",".join(flags) or "none"),
-                                   RunTag("stopped", str(row.get("stopped")))])
+            client.log_batch(
+                run.info.run_id,
+                metrics=[
+                    Metric(k, v, now, step)
+                    for k, v in metrics.items()
+                    if v is not None and logged_before.get(k) != v
+                ],
+                tags=[
+                    RunTag("test_flags_failed", ",".join(flags) or "none"),
+                    RunTag("stopped", str(row.get("stopped"))),
+                ],
+            )
             logged += 1
     except Exception as e:  # noqa: BLE001 - a tracking server's failure must not fail a finished search
         first = (str(e).splitlines() or [""])[0][:200]

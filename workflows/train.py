@@ -44,7 +44,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Quiet TF's C++ logs in workers; keep Keras 3 (Ray sets TF_USE_LEGACY_KERAS=1 otherwise).
-WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+WORKER_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "TF_USE_LEGACY_KERAS": "0",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
 HISTORY_FILE = "history.json"
 MODEL_FILE = "model.keras"
 # "auto": the default strategy for one worker, MultiWorkerMirroredStrategy for more;
@@ -57,7 +61,9 @@ COMMUNICATIONS = ("auto", "ring", "nccl")
 STREAM_SHUFFLE_BUFFER = 2048
 
 
-def configure_tensorflow(cpus: float, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
+def configure_tensorflow(
+    cpus: float, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None
+):
     """Pins TF's thread pools to this worker's CPU share (no oversubscription) and turns on GPU
     memory growth, before any TF op runs.
 
@@ -74,14 +80,17 @@ def configure_tensorflow(cpus: float, *, intra_op_threads: int | None = None, in
 
     threads = max(1, int(cpus))
     tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads or threads)
-    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads or max(1, min(2, threads)))
+    tf.config.threading.set_inter_op_parallelism_threads(
+        inter_op_threads or max(1, min(2, threads))
+    )
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
     return tf
 
 
-def make_strategy(world_size: int, *, strategy: str = "auto", communication: str = "auto",
-                  bytes_per_pack: int = 0):
+def make_strategy(
+    world_size: int, *, strategy: str = "auto", communication: str = "auto", bytes_per_pack: int = 0
+):
     """The worker's `tf.distribute.Strategy`.
 
     One worker gets TensorFlow's default strategy unless `strategy="mwms"`: with nothing to
@@ -105,19 +114,35 @@ def make_strategy(world_size: int, *, strategy: str = "auto", communication: str
 
     check_choice("strategy", strategy, STRATEGIES)
     check_choice("communication", communication, COMMUNICATIONS)
-    if isinstance(bytes_per_pack, bool) or not isinstance(bytes_per_pack, int) or bytes_per_pack < 0:
-        raise ValueError(f"`bytes_per_pack` must be an integer >= 0. Received: bytes_per_pack={bytes_per_pack!r}")
+    if (
+        isinstance(bytes_per_pack, bool)
+        or not isinstance(bytes_per_pack, int)
+        or bytes_per_pack < 0
+    ):
+        raise ValueError(
+            f"`bytes_per_pack` must be an integer >= 0. Received: bytes_per_pack={bytes_per_pack!r}"
+        )
     if world_size == 1 and strategy == "auto":
         return tf.distribute.get_strategy()
     options = tf.distribute.experimental.CommunicationOptions(
         bytes_per_pack=bytes_per_pack,
-        implementation=getattr(tf.distribute.experimental.CommunicationImplementation, communication.upper()),
+        implementation=getattr(
+            tf.distribute.experimental.CommunicationImplementation, communication.upper()
+        ),
     )
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
-def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, autotune: bool = False,
-                   distributed: bool | None = None, stream_rows: int | None = None):
+def shard_datasets(
+    cfg: TrainConfig,
+    strategy,
+    rank: int,
+    world_size: int,
+    *,
+    autotune: bool = False,
+    distributed: bool | None = None,
+    stream_rows: int | None = None,
+):
     """This worker's shard of the training split and a factory of its per-epoch datasets.
 
     With one replica per worker (one CPU share or one GPU, as Ray Train places them) the epoch's
@@ -150,7 +175,9 @@ def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, au
     from advtrain.data import load_data, make_dataset, shard
     from advtrain.training import without_autotune
 
-    data = load_data(cfg.data, val_size=cfg.val_size, seed=cfg.seed, include_train=stream_rows is None)
+    data = load_data(
+        cfg.data, val_size=cfg.val_size, seed=cfg.seed, include_train=stream_rows is None
+    )
     if distributed is None:
         distributed = strategy.num_replicas_in_sync > world_size
     if stream_rows is not None:
@@ -161,9 +188,15 @@ def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, au
         steps = (stream_rows // world_size) // cfg.batch_size
 
         def pipeline(epoch: int):
-            return stream.epoch_dataset(iterator, batch_size=cfg.batch_size, input_shape=data.input_shape,
-                                        steps=steps, seed=(cfg.seed * 1000 + epoch) * 97 + rank,
-                                        shuffle_buffer=STREAM_SHUFFLE_BUFFER)
+            return stream.epoch_dataset(
+                iterator,
+                batch_size=cfg.batch_size,
+                input_shape=data.input_shape,
+                steps=steps,
+                seed=(cfg.seed * 1000 + epoch) * 97 + rank,
+                shuffle_buffer=STREAM_SHUFFLE_BUFFER,
+            )
+
         idx = None
     else:
         x_train, y_train = data.x_train, data.y_train
@@ -175,7 +208,9 @@ def shard_datasets(cfg: TrainConfig, strategy, rank: int, world_size: int, *, au
 
         def pipeline(epoch: int):
             # Per-replica batches as written: cfg.batch_size is the per-worker batch.
-            ds = make_dataset(x_shard, y_shard, cfg.batch_size, seed=(cfg.seed * 1000 + epoch) * 97 + rank)
+            ds = make_dataset(
+                x_shard, y_shard, cfg.batch_size, seed=(cfg.seed * 1000 + epoch) * 97 + rank
+            )
             return ds if autotune else without_autotune(ds)
 
     def dataset_for(epoch: int):
@@ -211,9 +246,16 @@ def device_info(tf, model) -> dict[str, Any]:
     if gpus:
         name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
     weights = model.weights[0]
-    device = getattr(weights, "device", "") or getattr(getattr(weights, "value", None), "device", "")
-    return {"gpu_ids": ",".join(gpu_ids), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            "tf_gpus": len(gpus), "weights_device": str(device).rsplit("/", 1)[-1].removeprefix("device:") or "?", "device_name": name}
+    device = getattr(weights, "device", "") or getattr(
+        getattr(weights, "value", None), "device", ""
+    )
+    return {
+        "gpu_ids": ",".join(gpu_ids),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "tf_gpus": len(gpus),
+        "weights_device": str(device).rsplit("/", 1)[-1].removeprefix("device:") or "?",
+        "device_name": name,
+    }
 
 
 def _digest(indices) -> str:
@@ -248,13 +290,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     strategy = make_strategy(world)
-    idx, dataset_for, steps, data = shard_datasets(cfg, strategy, rank, world, stream_rows=config.get("stream_rows"))
+    idx, dataset_for, steps, data = shard_datasets(
+        cfg, strategy, rank, world, stream_rows=config.get("stream_rows")
+    )
 
     threat_model = ThreatModel.from_dict(config["threat_model"]) if config["threat_model"] else None
-    run = AdversarialTraining(cfg, steps_per_epoch=steps, strategy=strategy, rank=rank,
-                              threat_model=threat_model, steps_per_call=config["steps_per_call"] or STEPS_PER_CALL,
-                              input_shape=data.input_shape, num_classes=data.num_classes,
-                              model_paths=[origin] if origin else ())
+    run = AdversarialTraining(
+        cfg,
+        steps_per_epoch=steps,
+        strategy=strategy,
+        rank=rank,
+        threat_model=threat_model,
+        steps_per_call=config["steps_per_call"] or STEPS_PER_CALL,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        model_paths=[origin] if origin else (),
+    )
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -263,20 +314,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history = json.loads(Path(d, HISTORY_FILE).read_text())
         log.info("rank %d resumed after epoch %d", rank, len(history))
 
-    shard_info = {"shard_digest": _digest(idx), "shard_size": steps * cfg.batch_size if idx is None else len(idx),
-                  "world_size": world, "rank": rank,
-                  "global_batch": cfg.batch_size * world, "node_id": ray.get_runtime_context().get_node_id(),
-                  **device_info(tf, run.model)}
+    shard_info = {
+        "shard_digest": _digest(idx),
+        "shard_size": steps * cfg.batch_size if idx is None else len(idx),
+        "world_size": world,
+        "rank": rank,
+        "global_batch": cfg.batch_size * world,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        **device_info(tf, run.model),
+    }
     # One line per worker in the job's log: which run, where it runs and on which accelerator.
-    print(f"advtrain worker {rank}/{world} of {ctx.get_experiment_name()} from epoch {len(history)}: "
-          f"node {shard_info['node_id']}, GPU ids [{shard_info['gpu_ids']}], "
-          f"CUDA_VISIBLE_DEVICES={shard_info['cuda_visible_devices']!r}, weights on {shard_info['weights_device']} "
-          f"({shard_info['device_name']})", flush=True)
+    print(
+        f"advtrain worker {rank}/{world} of {ctx.get_experiment_name()} from epoch {len(history)}: "
+        f"node {shard_info['node_id']}, GPU ids [{shard_info['gpu_ids']}], "
+        f"CUDA_VISIBLE_DEVICES={shard_info['cuda_visible_devices']!r}, weights on {shard_info['weights_device']} "
+        f"({shard_info['device_name']})",
+        flush=True,
+    )
 
     def report(metrics: dict, *, final: bool = False, summary: dict | None = None):
         # Tune's live table shows the first four metrics: put the ones a search is judged by first.
-        first = {k: metrics[k] for k in ("val_robust_acc", "val_clean_acc", "epoch", "train_loss") if k in metrics}
-        metrics = {**first, **metrics, **shard_info, "resumed_from_epoch": resumed_from, "final": final}
+        first = {
+            k: metrics[k]
+            for k in ("val_robust_acc", "val_clean_acc", "epoch", "train_loss")
+            if k in metrics
+        }
+        metrics = {
+            **first,
+            **metrics,
+            **shard_info,
+            "resumed_from_epoch": resumed_from,
+            "final": final,
+        }
         state = {"history": history, "summary": summary}
         # Every rank writes (a collective-safe save); only rank 0's folder becomes the checkpoint.
         with tempfile.TemporaryDirectory() as d:
@@ -296,8 +365,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import time
 
     _model, history_out, summary = run_epochs(
-        run, dataset_for, data.x_val, data.y_val, start_epoch=len(history), history=history,
-        on_epoch=lambda m: (history.append(m), report(m)), clock=time.perf_counter,
+        run,
+        dataset_for,
+        data.x_val,
+        data.y_val,
+        start_epoch=len(history),
+        history=history,
+        on_epoch=lambda m: (history.append(m), report(m)),
+        clock=time.perf_counter,
         examples_per_epoch=steps * cfg.batch_size * world,
     )
     # run_epochs appends to its own copy; `history` above already holds every epoch.
@@ -305,10 +380,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     report(last, final=True, summary=summary)
 
 
-def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per_worker: float = 1,
-                  storage_path: str, name: str, max_failures: int = 1, callbacks=None,
-                  threat_model: ThreatModel | None = None, placement_strategy: str = "PACK",
-                  steps_per_call: int | None = None, origin: str | None = None):
+def build_trainer(
+    cfg: TrainConfig,
+    *,
+    workers: int,
+    gpu: bool = False,
+    cpus_per_worker: float = 1,
+    storage_path: str,
+    name: str,
+    max_failures: int = 1,
+    callbacks=None,
+    threat_model: ThreatModel | None = None,
+    placement_strategy: str = "PACK",
+    steps_per_call: int | None = None,
+    origin: str | None = None,
+):
     """A Train V2 TensorflowTrainer for one adversarial training run.
 
     A file dataset (`advtrain.data.is_file_dataset`) is streamed to the workers by Ray Data;
@@ -323,19 +409,32 @@ def build_trainer(cfg: TrainConfig, *, workers: int, gpu: bool = False, cpus_per
 
     streamed = stream_source(cfg)
     datasets, data_config, rows = streamed if streamed else (None, None, None)
-    if steps_per_call is not None and (isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int)
-                                       or steps_per_call < 1):
-        raise ValueError(f"`steps_per_call` must be an integer >= 1. Received: steps_per_call={steps_per_call!r}")
+    if steps_per_call is not None and (
+        isinstance(steps_per_call, bool)
+        or not isinstance(steps_per_call, int)
+        or steps_per_call < 1
+    ):
+        raise ValueError(
+            f"`steps_per_call` must be an integer >= 1. Received: steps_per_call={steps_per_call!r}"
+        )
     return TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "cpus_per_worker": cpus_per_worker,
-                           "steps_per_call": steps_per_call, "origin": origin or os.getcwd(), "stream_rows": rows,
-                           "threat_model": threat_model.to_dict() if threat_model else None},
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "cpus_per_worker": cpus_per_worker,
+            "steps_per_call": steps_per_call,
+            "origin": origin or os.getcwd(),
+            "stream_rows": rows,
+            "threat_model": threat_model.to_dict() if threat_model else None,
+        },
         datasets=datasets,
         **({"dataset_config": data_config} if data_config is not None else {}),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})},
-                                     placement_strategy=placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            placement_strategy=placement_strategy,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -351,4 +450,8 @@ def read_final(result) -> tuple[Path, list[dict], dict]:
     if result.checkpoint is None:
         raise RuntimeError(f"Training ended without a checkpoint: {result.error!r}")
     d = Path(result.checkpoint.to_directory())
-    return d / MODEL_FILE, json.loads((d / HISTORY_FILE).read_text()), json.loads((d / "summary.json").read_text())
+    return (
+        d / MODEL_FILE,
+        json.loads((d / HISTORY_FILE).read_text()),
+        json.loads((d / "summary.json").read_text()),
+    )

@@ -30,16 +30,34 @@ from ray import tune
 
 from advtrain.config import TrainConfig
 from workflows import quiet, storage
+
 # The search section's spec lives in a Ray-free module (`advtrain config` reads it); its names stay here too.
-from workflows.search import (CALLBACKS, DEFAULT_SPACE, DISTRIBUTIONS, METRIC, METRICS, MODE,  # noqa: F401
-                              NOT_SEARCHABLE, SCHEDULERS, SEARCHERS, SearchSpec, _check_callback_packages,
-                              _validate_space)
+from workflows.search import (
+    CALLBACKS,
+    METRIC,
+    METRICS,
+    MODE,
+    SearchSpec,
+)
 from workflows.spec import RunSpec
 from workflows.storage import RunFolder
 
-__all__ = ["CALLBACKS", "METRIC", "METRICS", "MODE", "SPEC_FILE", "SearchSpec", "build_callbacks",
-           "build_param_space", "per_worker", "read_spec", "run_search",
-           "run_trial", "schedule_warning", "write_spec"]
+__all__ = [
+    "CALLBACKS",
+    "METRIC",
+    "METRICS",
+    "MODE",
+    "SPEC_FILE",
+    "SearchSpec",
+    "build_callbacks",
+    "build_param_space",
+    "per_worker",
+    "read_spec",
+    "run_search",
+    "run_trial",
+    "schedule_warning",
+    "write_spec",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +73,17 @@ def build_callbacks(search: SearchSpec, name: str) -> list:
     if "mlflow" in search.callbacks:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+        logging.getLogger("mlflow.store.db.utils").setLevel(
+            logging.WARNING
+        )  # "Creating initial MLflow database tables"
         # Runs on the driver: a file or SQLite tracking URI is the driver's.
         out.append(MLflowLoggerCallback(tracking_uri=search.mlflow_uri, experiment_name=name))
     if "wandb" in search.callbacks:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT") or "advtrain", group=name))
+        out.append(
+            WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT") or "advtrain", group=name)
+        )
     return out
 
 
@@ -69,14 +91,18 @@ def build_param_space(search: SearchSpec) -> dict[str, Any]:
     """Tune distributions from the validated space."""
     out = {}
     for key, dist in search.space.items():
-        (kind, v), = dist.items()
-        out[key] = {
-            "choice": lambda: tune.choice(v),
-            "grid": lambda: tune.grid_search(v),
-            "uniform": lambda: tune.uniform(v[0], v[1]),
-            "loguniform": lambda: tune.loguniform(v[0], v[1]),
-            "randint": lambda: tune.randint(int(v[0]), int(v[1]) + 1),
-        }[kind]()
+        ((kind, v),) = dist.items()
+        match kind:
+            case "choice":
+                out[key] = tune.choice(v)
+            case "grid":
+                out[key] = tune.grid_search(v)
+            case "uniform":
+                out[key] = tune.uniform(v[0], v[1])
+            case "loguniform":
+                out[key] = tune.loguniform(v[0], v[1])
+            case "randint":
+                out[key] = tune.randint(int(v[0]), int(v[1]) + 1)
     return out
 
 
@@ -100,10 +126,17 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     scaling = spec.scaling
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
-        cfg, workers=scaling.workers, gpu=scaling.gpu, cpus_per_worker=scaling.cpus_per_worker,
-        storage_path=base["train_storage"], name=f"train_{trial_id}", max_failures=scaling.max_failures,
-        callbacks=[TuneReportCallback()], threat_model=spec.threat_model,
-        placement_strategy=scaling.placement_strategy, origin=base["origin"],
+        cfg,
+        workers=scaling.workers,
+        gpu=scaling.gpu,
+        cpus_per_worker=scaling.cpus_per_worker,
+        storage_path=base["train_storage"],
+        name=f"train_{trial_id}",
+        max_failures=scaling.max_failures,
+        callbacks=[TuneReportCallback()],
+        threat_model=spec.threat_model,
+        placement_strategy=scaling.placement_strategy,
+        origin=base["origin"],
     )
     result = trainer.fit()
     if is_import_path(cfg.model):  # registers the user's custom Keras objects before loading
@@ -111,12 +144,19 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     model_path, history, summary = read_final(result)
     model = load_model(model_path)
     # The delivered model is the restored epoch's when the overfitting guard fired.
-    delivered = history[summary["restored_epoch"] - 1] if summary.get("restored_epoch") else history[-1]
+    delivered = (
+        history[summary["restored_epoch"] - 1] if summary.get("restored_epoch") else history[-1]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         test = evaluate_trial(model, spec, eval_data(spec), Path(tmp))
-        final = {**delivered, "epoch": history[-1]["epoch"],
-                 **{k: summary[k] for k in ("stopped_early", "stop_reason", "epochs_run")},
-                 **test, "evaluated": True, "config": cfg.to_dict()}
+        final = {
+            **delivered,
+            "epoch": history[-1]["epoch"],
+            **{k: summary[k] for k in ("stopped_early", "stop_reason", "epochs_run")},
+            **test,
+            "evaluated": True,
+            "config": cfg.to_dict(),
+        }
         save_model(model, Path(tmp, "model.keras"))
         write_json(Path(tmp, "history.json"), history)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -135,8 +175,13 @@ def _max_concurrent(spec: RunSpec, search: SearchSpec) -> int:
         return search.max_concurrent
     from advtrain.data import is_file_dataset
 
-    return capacity.max_concurrent(capacity.read(), spec.scaling.workers, per_worker(spec), trials=search.num_trials,
-                                   streamed=is_file_dataset(spec.train.data))
+    return capacity.max_concurrent(
+        capacity.read(),
+        spec.scaling.workers,
+        per_worker(spec),
+        trials=search.num_trials,
+        streamed=is_file_dataset(spec.train.data),
+    )
 
 
 def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
@@ -154,9 +199,11 @@ def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
     warmup = ONECYCLE_WARMUP * spec.train.epochs
     if search.grace_period >= warmup:
         return None
-    return (f"{search.scheduler.upper()} compares trials first after grace_period={search.grace_period} epoch(s), "
-            f"inside the one-cycle warm-up ({warmup:g} of {spec.train.epochs} epochs): early rungs rank barely-trained "
-            f"models. Use `schedule: cosine`, or grace_period >= {math.ceil(warmup)}.")
+    return (
+        f"{search.scheduler.upper()} compares trials first after grace_period={search.grace_period} epoch(s), "
+        f"inside the one-cycle warm-up ({warmup:g} of {spec.train.epochs} epochs): early rungs rank barely-trained "
+        f"models. Use `schedule: cosine`, or grace_period >= {math.ceil(warmup)}."
+    )
 
 
 def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool, origin: str):
@@ -168,29 +215,50 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
     # folder, or under {storage}/{run name} (every node reaches it, and it outlives the cluster).
     tune_storage = folder.ray_location
     sha = search.scheduler == "sha"
-    base = {**spec.to_dict(), "train_storage": storage.join(tune_storage, "train"), "origin": origin}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
-                                    {"cpu": 0, "memory": 256 * 1024 * 1024})
+    base = {
+        **spec.to_dict(),
+        "train_storage": storage.join(tune_storage, "train"),
+        "origin": origin,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base), {"cpu": 0, "memory": 256 * 1024 * 1024}
+    )
     if restore:
-        return tune.Tuner.restore(storage.join(tune_storage, "tune"), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        return tune.Tuner.restore(
+            storage.join(tune_storage, "tune"),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+        )
     multi = search.searcher == "optuna-multi"
     concurrent = _max_concurrent(spec, search)
     if sha:
         # Not max_concurrent: it counts paused trials, and successive halving pauses every trial
         # at a rung until the last has reached it.
-        scheduler = SuccessiveHalving(time_attr="epoch", max_t=spec.train.epochs, grace_period=search.grace_period,
-                                      reduction_factor=search.reduction_factor, num_trials=search.num_trials,
-                                      max_running=concurrent)
+        scheduler = SuccessiveHalving(
+            time_attr="epoch",
+            max_t=spec.train.epochs,
+            grace_period=search.grace_period,
+            reduction_factor=search.reduction_factor,
+            num_trials=search.num_trials,
+            max_running=concurrent,
+        )
         searcher = RunningLimit(scheduler, random_state=search.seed)
         # A trial's final report repeats its last epoch, which HyperBand logs as a restore.
         logging.getLogger("ray.tune.schedulers.hyperband").setLevel(logging.WARNING)
     else:
         # ASHA's max_t is one past the last epoch: a trial reaching max_t is stopped at once,
         # before the test-split evaluation it reports after training.
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=spec.train.epochs + 1, grace_period=search.grace_period,
-                                   reduction_factor=search.reduction_factor)
-                     if search.scheduler == "asha" else FIFOScheduler())
+        scheduler = (
+            ASHAScheduler(
+                time_attr="epoch",
+                max_t=spec.train.epochs + 1,
+                grace_period=search.grace_period,
+                reduction_factor=search.reduction_factor,
+            )
+            if search.scheduler == "asha"
+            else FIFOScheduler()
+        )
         if search.searcher == "random":
             from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -200,23 +268,39 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
         else:
             from ray.tune.search.optuna import OptunaSearch
 
-            searcher = OptunaSearch(metric=["val_clean_acc", search.metric] if multi else search.metric,
-                                    mode=["max", "max"] if multi else MODE, seed=search.seed)
+            searcher = OptunaSearch(
+                metric=["val_clean_acc", search.metric] if multi else search.metric,
+                mode=["max", "max"] if multi else MODE,
+                seed=search.seed,
+            )
     return tune.Tuner(
         trainable,
         param_space=build_param_space(search),
         tune_config=tune.TuneConfig(
-            metric=None if multi else search.metric, mode=None if multi else MODE, num_samples=search.samples,
-            scheduler=scheduler, search_alg=searcher,
+            metric=None if multi else search.metric,
+            mode=None if multi else MODE,
+            num_samples=search.samples,
+            scheduler=scheduler,
+            search_alg=searcher,
             max_concurrent_trials=None if search.searcher == "random" else concurrent,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=tune_storage, verbose=0 if quiet.is_quiet() else None,
-                                  callbacks=build_callbacks(search, folder.name)),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=tune_storage,
+            verbose=0 if quiet.is_quiet() else None,
+            callbacks=build_callbacks(search, folder.name),
+        ),
     )
 
 
-def run_search(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool = False,
-               origin: str | None = None):
+def run_search(
+    spec: RunSpec,
+    search: SearchSpec,
+    folder: RunFolder,
+    *,
+    restore: bool = False,
+    origin: str | None = None,
+):
     """Runs (or resumes) the search on the connected Ray cluster.
 
     `origin` is the folder the search was started from (imported models are found there);
@@ -261,12 +345,22 @@ def run_search(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore:
 SPEC_FILE = "spec.json"
 
 
-def write_spec(folder: RunFolder, spec: RunSpec, search: SearchSpec, storage_base: str | None) -> None:
+def write_spec(
+    folder: RunFolder, spec: RunSpec, search: SearchSpec, storage_base: str | None
+) -> None:
     """spec.json: what `--resume` and `report` read back (the run spec, the search, where it lives)."""
     from advtrain.files import write_json
 
-    write_json(folder.local / SPEC_FILE, {"spec": spec.to_dict(), "search": search.to_dict(), "storage": storage_base,
-                                          "name": folder.name, "origin": os.getcwd()})
+    write_json(
+        folder.local / SPEC_FILE,
+        {
+            "spec": spec.to_dict(),
+            "search": search.to_dict(),
+            "storage": storage_base,
+            "name": folder.name,
+            "origin": os.getcwd(),
+        },
+    )
 
 
 def read_spec(local_dir: Path) -> tuple[RunSpec, SearchSpec, dict[str, Any]]:
