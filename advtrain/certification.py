@@ -121,14 +121,15 @@ def check_certified(certified, attacked, *, eps: float, method: str) -> None:
     if bad.size:
         shown = ", ".join(str(i) for i in bad[:SHOWN]) + (", ..." if bad.size > SHOWN else "")
         raise CertificationError(
-            f"{bad.size} example(s) certified by {method} at eps {eps:g} were misclassified or broken by an "
-            f"attack (indices {shown}): a certified figure above the attacked one is a bug in the bound or the "
-            "attack, not a result"
+            f"{bad.size} example(s) certified by {method} at eps {eps:g} were misclassified or "
+            f"broken by an attack (indices {shown}): a certified figure above the attacked one is "
+            "a bug in the bound or the attack, not a result"
         )
 
 
 def unavailable_reason(error: Exception) -> str:
-    """`layer 'lstm'` from an `advtrain.bounds.UnsupportedLayerError` (its `layer`), else its text."""
+    """`layer 'lstm'` from an `advtrain.bounds.UnsupportedLayerError` (its `layer`), else its
+    text."""
     layer = getattr(error, "layer", None)
     return f"layer {layer!r}" if layer else (str(error).splitlines() or ["unknown reason"])[0]
 
@@ -341,7 +342,10 @@ def certify_lines(d: dict[str, Any]) -> list[str]:
     for r in d["per_eps"]:
         accs = sorted(r["methods"].items(), key=lambda kv: -kv[1]["certified_acc"])
         each = ", ".join(f"{m} {v['certified_acc']:.3f}" for m, v in accs)
-        line = f"eps {r['eps']:g}: certified {r['certified_acc']:.3f} ({each})  clean {r['clean_acc']:.3f}"
+        line = (
+            f"eps {r['eps']:g}: certified {r['certified_acc']:.3f} ({each})  clean "
+            f"{r['clean_acc']:.3f}"
+        )
         if (
             r.get("robust_acc") is not None
         ):  # an upper bound in any case; flags say why it may be loose

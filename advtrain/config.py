@@ -67,7 +67,8 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     """Checks that `value` is one of `allowed` (case-insensitive) and returns it lower-cased."""
     if not isinstance(value, str) or value.lower() not in allowed:
         raise ValueError(
-            f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}. Received: {name}={value!r}"
+            f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}. Received: "
+            f"{name}={value!r}"
         )
     return value.lower()
 
@@ -109,7 +110,8 @@ def max_eps(norm: str, input_shape=None) -> float:
 
 
 def _check_eps(value: Any, norm: str) -> float:
-    """eps in [0, 1] for linf, >= 0 for l2 (checked after `norm`; `check_eps_fits` bounds l2 by the data)."""
+    """eps in [0, 1] for linf, >= 0 for l2 (checked after `norm`; `check_eps_fits` bounds l2 by
+    the data)."""
     high = max_eps(norm) if norm in NORMS else 1.0
     return check_number("eps", value, low=0.0, high=None if math.isinf(high) else high)
 
@@ -291,7 +293,10 @@ def check_keys(
 
 def range_text(low: float | None = None, high: float | None = None, low_open: bool = False) -> str:
     """`[1, inf]`, `(0.0, 10.0]`: a range as `check_number` words it."""
-    return f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    return (
+        f"{'(' if low_open else '['}{low if low is not None else '-inf'}, "
+        f"{high if high is not None else 'inf'}]"
+    )
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -439,8 +444,8 @@ class AttackConfig(_Config):
     loss: str = option(
         "ce",
         choices=LOSSES,
-        help="loss the attack ascends: cross-entropy, `margin` (Carlini-Wagner) or `dlr` (Croce and "
-        "Hein 2020)",
+        help="loss the attack ascends: cross-entropy, `margin` (Carlini-Wagner) or `dlr` (Croce "
+        "and Hein 2020)",
     )
     seed: int = option(0, low=0, help=_SEED)
 
@@ -464,16 +469,18 @@ class TrainConfig(_Config):
     model: str = option(
         "cnn",
         type="string",
-        allowed=f"{', '.join(f'`{m}`' for m in MODELS)}, a `.keras` file, `package.module:function`",
-        help="a built-in model, a `.keras` file to fine-tune, or `package.module:function` returning an uncompiled "
-        "Keras model",
+        allowed=f"{', '.join(f'`{m}`' for m in MODELS)}, a `.keras` file, "
+        "`package.module:function`",
+        help="a built-in model, a `.keras` file to fine-tune, or `package.module:function` "
+        "returning an uncompiled Keras model",
     )
     method: str = option(
         "pgd",
         choices=METHODS,
-        help="`clean`, `fgsm` (FGSM-RS, Wong et al. 2020), `pgd` (Madry et al. 2018), `trades` (Zhang et al. 2019), "
-        "or certified training: `ibp` (Gowal et al. 2018) and `crown-ibp` (Zhang et al. 2020), whose loss bounds "
-        "the worst case over the eps-ball instead of attacking it",
+        help="`clean`, `fgsm` (FGSM-RS, Wong et al. 2020), `pgd` (Madry et al. 2018), `trades` "
+        "(Zhang et al. 2019), or certified training: `ibp` (Gowal et al. 2018) and `crown-ibp` "
+        "(Zhang et al. 2020), whose loss bounds the worst case over the eps-ball instead of "
+        "attacking it",
     )
     eps: float = option(
         0.3, allowed=_EPS_RANGE, schema=_EPS_SCHEMA, help="training perturbation radius"
@@ -500,16 +507,17 @@ class TrainConfig(_Config):
         0.5,
         low=0.0,
         high=1.0,
-        help="certified training (`ibp`, `crown-ibp`): weight of the natural loss at the end of the eps ramp; it "
-        "falls linearly from 1 over `eps_ramp_epochs`: loss = kappa CE(x) + (1 - kappa) CE(worst-case logits) "
-        "(Gowal et al. 2018)",
+        help="certified training (`ibp`, `crown-ibp`): weight of the natural loss at the end of "
+        "the eps ramp; it falls linearly from 1 over `eps_ramp_epochs`: loss = kappa CE(x) + (1 - "
+        "kappa) CE(worst-case logits) (Gowal et al. 2018)",
     )
     beta_end: float = option(
         0.0,
         low=0.0,
         high=1.0,
-        help="`crown-ibp` only: weight of the CROWN-IBP bound at the end of the eps ramp; it falls linearly from 1, "
-        "the rest of the bound being IBP's (Zhang et al. 2020 end at 0, pure IBP)",
+        help="`crown-ibp` only: weight of the CROWN-IBP bound at the end of the eps ramp; it "
+        "falls linearly from 1, the rest of the bound being IBP's (Zhang et al. 2020 end at 0, "
+        "pure IBP)",
     )
     epochs: int = option(5, low=1, high=10000, help="passes over the training split")
     batch_size: int = option(128, low=1, high=65536, help="examples per step on each worker")
@@ -521,8 +529,8 @@ class TrainConfig(_Config):
     eps_ramp_epochs: int = option(
         0,
         low=0,
-        help="epochs over which eps grows linearly from 0; at least 1 for `ibp` and `crown-ibp` at eps > 0, "
-        "whose kappa and beta follow the same ramp",
+        help="epochs over which eps grows linearly from 0; at least 1 for `ibp` and `crown-ibp` "
+        "at eps > 0, whose kappa and beta follow the same ramp",
     )
     val_size: int = option(
         5000,
@@ -550,9 +558,9 @@ class TrainConfig(_Config):
         "bundled",
         schema={"type": "string", "minLength": 1},
         allowed="a non-empty string",
-        help="the dataset, a source of `advtrain.data.load_data`: `bundled` (MNIST), `keras:fashion_mnist`, "
-        "`keras:cifar10`, an .npz, a folder, or a file dataset (folder or URI) streamed to Ray Train workers by "
-        "Ray Data",
+        help="the dataset, a source of `advtrain.data.load_data`: `bundled` (MNIST), "
+        "`keras:fashion_mnist`, `keras:cifar10`, an .npz, a folder, or a file dataset (folder or "
+        "URI) streamed to Ray Train workers by Ray Data",
     )
     seed: int = option(0, low=0, help="seed of initialisation, shuffling and attacks")
 
@@ -579,8 +587,9 @@ class TrainConfig(_Config):
             # The bound loss at full eps from the first step drives the model to a constant
             # (Gowal et al. 2018 ramp eps from 0); kappa and beta follow the same ramp.
             raise ValueError(
-                f"`eps_ramp_epochs` must be >= 1 for method {self.method!r} (eps, kappa and beta ramp "
-                f"over it; e.g. half the epochs). Received: eps_ramp_epochs={self.eps_ramp_epochs}"
+                f"`eps_ramp_epochs` must be >= 1 for method {self.method!r} (eps, kappa and beta "
+                "ramp over it; e.g. half the epochs). Received: "
+                f"eps_ramp_epochs={self.eps_ramp_epochs}"
             )
         check_fields(self, "val_size", "train_size", "probe_size", "probe_steps", "guard")
         if not isinstance(self.data, str) or not self.data:
@@ -613,8 +622,8 @@ class EvalConfig(_Config):
     suite: str = option(
         "standard",
         choices=SUITES,
-        help="`fgsm` (weak reference), `quick` (PGD-20) or `standard` (PGD-100 x 5 restarts, then AutoAttack's "
-        "APGD-CE, APGD-T and Square)",
+        help="`fgsm` (weak reference), `quick` (PGD-20) or `standard` (PGD-100 x 5 restarts, then "
+        "AutoAttack's APGD-CE, APGD-T and Square)",
     )
     n: int | None = option(
         None, low=1, help="examples evaluated (the first n of the split); null for the whole split"
@@ -635,8 +644,8 @@ class EvalConfig(_Config):
                 {"type": "string"},
             ]
         },
-        help="bound methods run beside the attacks at every eps, on the same examples; the certified accuracy is "
-        "the per-example union; a comma-separated string is split",
+        help="bound methods run beside the attacks at every eps, on the same examples; the "
+        "certified accuracy is the per-example union; a comma-separated string is split",
     )
 
     def __post_init__(self) -> None:
@@ -717,6 +726,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(
-            f"Config file {str(path)!r} must hold a mapping at the top level. Received: {type(data).__name__}"
+            f"Config file {str(path)!r} must hold a mapping at the top level. Received: "
+            f"{type(data).__name__}"
         )
     return data

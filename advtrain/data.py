@@ -261,7 +261,8 @@ def _load_idx_folder(folder: Path, checksums: dict[str, str] | None) -> dict[str
         want_images = key.startswith("x_")
         if (arr.ndim == 3) != want_images:
             raise DataError(
-                f"{path}: holds {'labels' if want_images else 'images'}, expected {'images' if want_images else 'labels'}"
+                f"{path}: holds {'labels' if want_images else 'images'}, expected "
+                f"{'images' if want_images else 'labels'}"
             )
         out[key] = arr
     return out
@@ -273,7 +274,8 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
             missing = [k for k in FILES if k not in f.files]
             if missing:
                 raise DataError(
-                    f"{path}: missing key(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'})"
+                    f"{path}: missing key(s) {', '.join(missing)} (found: "
+                    f"{', '.join(f.files) or 'none'})"
                 )
             if ("x_val" in f.files) != ("y_val" in f.files):
                 raise DataError(
@@ -498,7 +500,8 @@ def read_split_files(
                 with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                     if "x" not in z.files or "y" not in z.files:
                         raise DataError(
-                            f"{where}: needs arrays 'x' and 'y' (found: {', '.join(z.files) or 'none'})"
+                            f"{where}: needs arrays 'x' and 'y' (found: "
+                            f"{', '.join(z.files) or 'none'})"
                         )
                     xs.append(z["x"])
                     ys.append(z["y"])
@@ -555,7 +558,8 @@ def write_file_dataset(
             so a split larger than memory is written piece by piece.
         fmt: `"parquet"` (an `image` column in Ray Data's tensor encoding, and `label`) or `"npz"`
             (shards with `x` and `y`). Defaults to `"parquet"`.
-        rows_per_file: rows per file, >= 1: the unit Ray Data reads and shuffles. Defaults to `8192`.
+        rows_per_file: rows per file, >= 1: the unit Ray Data reads and shuffles. Defaults to
+            `8192`.
 
     Returns:
         `root`. Each file is written atomically.
@@ -656,7 +660,8 @@ def _load_raw(
         name = source.split(":", 1)[1]
         if name not in KERAS_DATASETS:
             raise DataError(
-                f"Keras dataset {name!r} is not one of {', '.join(KERAS_DATASETS)}. Received: data={source!r}"
+                f"Keras dataset {name!r} is not one of {', '.join(KERAS_DATASETS)}. Received: "
+                f"data={source!r}"
             )
         arrays, where = _load_keras(name), f"keras.datasets.{name}"
     elif is_file_dataset(source):
@@ -671,8 +676,9 @@ def _load_raw(
             arrays = _load_npz(path)
         else:
             raise DataError(
-                f"data {source!r} is neither 'bundled', keras:{{{','.join(KERAS_DATASETS)}}}, an .npz file, a "
-                "folder of MNIST IDX files nor a file dataset (a folder or URI with train/, val/ and test/)"
+                f"data {source!r} is neither 'bundled', keras:{{{','.join(KERAS_DATASETS)}}}, an "
+                ".npz file, a folder of MNIST IDX files nor a file dataset (a folder or URI with "
+                "train/, val/ and test/)"
             )
         where = str(path)
     checked = {}
@@ -687,7 +693,8 @@ def _load_raw(
     if len(set(shapes.values())) > 1:
         detail = ", ".join(f"{k} {v}" for k, v in shapes.items())
         raise DataError(
-            f"{where}: the splits' images differ in shape ({detail}); every split must share one (H, W, C)"
+            f"{where}: the splits' images differ in shape ({detail}); every split must share one "
+            "(H, W, C)"
         )
     # The classes are the image folders, else those the training labels name (a val or test
     # label beyond them is a mislabelled file, not a new class).
@@ -697,8 +704,8 @@ def _load_raw(
     for k, v in checked.items():
         if k.startswith("y_") and int(v.max()) >= n_classes:
             raise DataError(
-                f"{where}: {k} labels span [{int(v.min())}, {int(v.max())}] but the {ref[2:]} labels "
-                f"name {n_classes} classes [0, {n_classes - 1}]"
+                f"{where}: {k} labels span [{int(v.min())}, {int(v.max())}] but the {ref[2:]} "
+                f"labels name {n_classes} classes [0, {n_classes - 1}]"
             )
     if n_train is None:
         n_train = len(checked["y_train"])
@@ -793,7 +800,8 @@ def shard(n: int, rank: int, world_size: int, *, seed: int = 0) -> np.ndarray:
         raise ValueError(f"`rank` must be in [0, {world_size - 1}]. Received: rank={rank!r}")
     if n < world_size:
         raise ValueError(
-            f"Cannot shard {n} examples over {world_size} workers. Received: n={n}, world_size={world_size}"
+            f"Cannot shard {n} examples over {world_size} workers. Received: n={n}, "
+            f"world_size={world_size}"
         )
     per = n // world_size
     perm = np.random.default_rng(seed).permutation(n)[: per * world_size]
@@ -818,7 +826,8 @@ def make_dataset(
 
     if len(x) < batch_size:
         raise ValueError(
-            f"`batch_size` must be at most the number of examples ({len(x)}). Received: batch_size={batch_size}"
+            f"`batch_size` must be at most the number of examples ({len(x)}). Received: "
+            f"batch_size={batch_size}"
         )
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:

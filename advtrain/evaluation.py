@@ -401,7 +401,8 @@ def evaluate_model_file(
     Args:
         path: the `.keras` file.
         config: the threat model and sample (see `evaluate_robustness`).
-        data: an `advtrain.data.ImageData`; defaults to `load_data()` (bundled MNIST, default val split).
+        data: an `advtrain.data.ImageData`; defaults to `load_data()` (bundled MNIST, default val
+            split).
         reference_model: a model or a `.keras` path for the transfer check, or None.
         **kwargs: passed to `evaluate_robustness` (`steps_scale`, `progress`, ...).
 

@@ -76,7 +76,8 @@ def _madry(classes: int) -> list:
 
 def _resnet(inputs, classes: int):
     # A small pre-activation ResNet (He et al. 2016) for 32x32 colour images: three stages of
-    # one residual block (16, 32, 64 filters), ~80 k parameters, so a CPU can train it adversarially.
+    # one residual block (16, 32, 64 filters), ~80 k parameters, so a CPU can train it
+    # adversarially.
     x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
     for filters, stride in ((16, 1), (32, 2), (64, 2)):
         h = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
@@ -298,8 +299,8 @@ def fit_to_data(
     out_shape = tuple(model(np.zeros((2, *input_shape), np.float32), training=False).shape)
     if len(out_shape) != 2 or out_shape[1] != num_classes:
         raise ModelError(
-            f"model {spec!r} outputs {shape_text((None, *out_shape[1:]))} but the data has {num_classes} "
-            f"classes: expected (None, {num_classes}) logits"
+            f"model {spec!r} outputs {shape_text((None, *out_shape[1:]))} but the data has "
+            f"{num_classes} classes: expected (None, {num_classes}) logits"
         )
     notes = []
     stripped = strip_softmax(model)

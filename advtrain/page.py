@@ -19,7 +19,8 @@ STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
        max-width: 1100px; margin: 2em auto; padding: 0 1em; line-height: 1.45; color: #1f2328; }
 h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2em; }
-table { border-collapse: collapse; margin: 1em 0; font-size: .9em; display: block; overflow-x: auto; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .9em; display: block; \
+overflow-x: auto; }
 th, td { border: 1px solid #d0d7de; padding: .3em .6em; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }

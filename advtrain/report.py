@@ -51,7 +51,8 @@ def duration(seconds: float | None) -> str:
 
 def robust_cell(acc: float | None, failed: Sequence[str] = (), digits: int = 4) -> str:
     """A robust accuracy as shown to people: `0.9052`, or, when any sanity flag failed, an upper
-    bound with the flags named right beside it: `<= 0.9790 (upper bound: zero-gradients, large-eps)`.
+    bound with the flags named right beside it:
+    `<= 0.9790 (upper bound: zero-gradients, large-eps)`.
     `digits` decimals (4; report.html shows 3).
 
     A robust accuracy is only ever an upper bound (the worst case over the attacks tried); a

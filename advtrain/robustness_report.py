@@ -382,8 +382,9 @@ class RobustnessReport:
             ),
             f"- Suite {self.describe_suite()}",
             (
-                "- Robust accuracy is the per-example worst case over the suite; each attack column is "
-                "the accuracy after that attack (attacks run in order on the examples still robust)."
+                "- Robust accuracy is the per-example worst case over the suite; each attack "
+                "column is the accuracy after that attack (attacks run in order on the examples "
+                "still robust)."
             ),
             "- FGSM is a weak reference, reported apart"
             + (
@@ -394,10 +395,11 @@ class RobustnessReport:
             *(
                 [
                     (
-                        f"- Certified accuracy: proven by bound propagation ({', '.join(self.certify)}; the per-example "
-                        "union) on the same examples: no input in the eps-ball (within [0, 1]) changes the "
-                        "prediction. It is a lower bound on the true robust accuracy, the attacked figure an upper one; "
-                        "every certified example was checked against every attack."
+                        "- Certified accuracy: proven by bound propagation "
+                        f"({', '.join(self.certify)}; the per-example union) on the same examples: "
+                        "no input in the eps-ball (within [0, 1]) changes the prediction. It is a "
+                        "lower bound on the true robust accuracy, the attacked figure an upper "
+                        "one; every certified example was checked against every attack."
                     )
                 ]
                 if certifying
@@ -406,10 +408,11 @@ class RobustnessReport:
             *(
                 [
                     (
-                        f"- BPDA (Athalye et al. 2018): layers {_quoted(self.bpda_layers)} have no useful "
-                        "gradient; the BPDA attack took its gradients from a copy of the model that computes "
-                        "them in the forward pass and the identity in the backward pass, and its adversarial "
-                        "inputs were judged on the model itself."
+                        f"- BPDA (Athalye et al. 2018): layers {_quoted(self.bpda_layers)} have no "
+                        "useful gradient; the BPDA attack took its gradients from a copy of the "
+                        "model that computes them in the forward pass and the identity in the "
+                        "backward pass, and its adversarial inputs were judged on the model "
+                        "itself."
                     )
                 ]
                 if self.bpda_layers
@@ -429,9 +432,9 @@ class RobustnessReport:
             *(
                 [
                     (
-                        "- **A robust accuracy marked `<=` is an upper bound**: a sanity check failed "
-                        "(named beside it), so the attacks may have been fooled by the model; see "
-                        f"[{HEADING_LINK}](#{ANCHOR})."
+                        "- **A robust accuracy marked `<=` is an upper bound**: a sanity check "
+                        "failed (named beside it), so the attacks may have been fooled by the "
+                        f"model; see [{HEADING_LINK}](#{ANCHOR})."
                     )
                 ]
                 if self.failed_flags

@@ -145,5 +145,6 @@ def suite_attacks(suite: str, steps_scale: float = 1.0) -> tuple[SuiteAttack, ..
 
 def describe_suite(suite: str) -> str:
     """What `suite` runs, in one line: e.g. `pgd-100x5, apgd-ce-100, apgd-t-100-top9, square-5000`
-    (APGD-CE through BPDA is left out: it runs only on a model that needs it, and the report names it)."""
+    (APGD-CE through BPDA is left out: it runs only on a model that needs it, and the report
+    names it)."""
     return ", ".join(a.name for a in SUITES[suite] if not a.bpda)

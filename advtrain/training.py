@@ -57,7 +57,8 @@ PROBE_BOUNDS = ("ibp", "crown-ibp")
 
 @keras.saving.register_keras_serializable(package="advtrain")
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """Piecewise-linear one-cycle schedule: 0 -> peak at 40% of the steps -> 0 (Wong et al. 2020)."""
+    """Piecewise-linear one-cycle schedule: 0 -> peak at 40% of the steps -> 0 (Wong et al.
+    2020)."""
 
     def __init__(self, peak: float, total_steps: int, warmup_fraction: float = ONECYCLE_WARMUP):
         self.peak = float(peak)
@@ -173,7 +174,8 @@ class AdversarialTraining:
             or steps_per_call < 1
         ):
             raise ValueError(
-                f"`steps_per_call` must be an integer >= 1. Received: steps_per_call={steps_per_call!r}"
+                "`steps_per_call` must be an integer >= 1. Received: "
+                f"steps_per_call={steps_per_call!r}"
             )
         self.cfg = cfg
         self.steps_per_epoch = steps_per_epoch
@@ -572,7 +574,8 @@ def run_epochs(
             )
         ):
             log.warning(
-                "Catastrophic overfitting at epoch %d (probe FGSM %.3f, PGD %.3f); restoring epoch %d",
+                "Catastrophic overfitting at epoch %d (probe FGSM %.3f, PGD %.3f); restoring "
+                "epoch %d",
                 epoch + 1,
                 metrics["val_fgsm_acc"],
                 metrics["val_pgd_acc"],

@@ -1,6 +1,7 @@
 """ASHA against the full grid of the same search space.
 
-    python -m benchmarks.asha_vs_grid [--searches grid,asha3,asha4,sha3] [--epochs 9] [--train-size 2048]
+    python -m benchmarks.asha_vs_grid [--searches grid,asha3,asha4,sha3] [--epochs 9] \
+        [--train-size 2048]
 
 The space is eps {0.05, 0.1, 0.15} x steps {1, 3} x mix {0.5, 1.0} (12 configs), cnn on a slice
 of MNIST, judged under linf eps 0.1. The grid runs every config for every epoch (FIFO); ASHA runs
@@ -120,13 +121,15 @@ def main(argv=None) -> int:
         print(name, json.dumps(out["searches"][name]), flush=True)
     write_json(path, out)
     print(
-        "| search | trials | trial-epochs | wall s | best val robust | its test robust | its test clean | best config |"
+        "| search | trials | trial-epochs | wall s | best val robust | its test robust | its test "
+        "clean | best config |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in out["searches"].items():
         print(
-            f"| {name} | {r['trials']} | {r['trial_epochs']} | {r['wall_s']:.0f} | {r['best_val_robust_acc']:.4f} | "
-            f"{r['best_test_robust_acc']:.4f} | {r['best_test_clean_acc']:.4f} | {r['best_config']} |"
+            f"| {name} | {r['trials']} | {r['trial_epochs']} | {r['wall_s']:.0f} | "
+            f"{r['best_val_robust_acc']:.4f} | {r['best_test_robust_acc']:.4f} | "
+            f"{r['best_test_clean_acc']:.4f} | {r['best_config']} |"
         )
     g = out["searches"].get("grid")
     for name, r in out["searches"].items():
@@ -134,8 +137,8 @@ def main(argv=None) -> int:
             print(
                 f"{name}: {r['trial_epochs'] / g['trial_epochs']:.2f} of the grid's trial-epochs, "
                 f"{r['wall_s'] / g['wall_s']:.2f} of its wall time, "
-                f"{100 * (g['best_val_robust_acc'] - r['best_val_robust_acc']):+.2f} points below its best "
-                f"validation robust accuracy"
+                f"{100 * (g['best_val_robust_acc'] - r['best_val_robust_acc']):+.2f} points below "
+                "its best validation robust accuracy"
             )
     return 0
 

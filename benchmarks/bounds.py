@@ -88,7 +88,8 @@ def main(argv=None) -> int:
             rows.append({"model": Path(path).name, "method": method, "eps": args.eps, **r})
             print(
                 f"{Path(path).name:32} {method:10} n={r['n']:5} {r['examples_per_s']:9.1f} ex/s  "
-                f"mean min margin lb {r['mean_min_margin_lb']:9.4f}  certified {r['certified']:.3f}",
+                f"mean min margin lb {r['mean_min_margin_lb']:9.4f}  certified "
+                f"{r['certified']:.3f}",
                 flush=True,
             )
     for row in rows:

@@ -1,6 +1,7 @@
 """Models for the certified-training benchmarks (BENCHMARKS.md, "Certified robustness").
 
-    advtrain train --local --config configs/certified-ibp-mnist-linf-0.3.yaml --model benchmarks.certified_models:cnn_wide
+    advtrain train --local --config configs/certified-ibp-mnist-linf-0.3.yaml \
+        --model benchmarks.certified_models:cnn_wide
 
 `cnn_wide` is the built-in `cnn` (Wong et al. 2020) at twice the channels and 2.5x the dense
 width: about 4x its compute, still far below Gowal et al.'s "large" network. Certified training

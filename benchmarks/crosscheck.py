@@ -120,8 +120,9 @@ robust images; ART's Square about 30 ms per iteration (3 forward passes), 2.5 to
 "APGD-DLR" alone (5 starts) costs half of stage 2.
 
 Results: <out-dir>/crosscheck_<model>[_q<L>][_autoattack].json (default out-dir
-benchmarks/results; `_autoattack` when ART Square or AutoAttack ran), written atomically: model, variant, eps, n, budgets, each library's robust accuracy, the worst case over
-all, the examples broken elsewhere and not by advtrain (count, indices, per library), advtrain's
+benchmarks/results; `_autoattack` when ART Square or AutoAttack ran), written atomically: model,
+variant, eps, n, budgets, each library's robust accuracy, the worst case over all, the examples
+broken elsewhere and not by advtrain (count, indices, per library), advtrain's
 per-attack accuracy, broken counts, examples attacked and seconds, each ART attack's parameters
 and seconds (per stage for AutoAttack), throughput, versions and load averages.
 """
@@ -159,20 +160,20 @@ SQUARE_QUERIES, APGD_STEPS, PGD_STEPS = 5000, 100, 100
 NEAREST_ART_OFFERS = [
     (
         "Three chained art.attacks.evasion.AutoAttack stages (APGD-CE untargeted; APGD-DLR with "
-        "targeted=True; Square untargeted), because one AutoAttack(targeted=True) runs every listed "
-        "attack untargeted and then every listed attack targeted (it would add 9 targeted APGD-CE runs "
-        "and one untargeted APGD-DLR run, run Square before the targeted attacks, and skip targeted "
-        "Square: SquareAttack.set_params(targeted=True) raises ValueError)."
+        "targeted=True; Square untargeted), because one AutoAttack(targeted=True) runs every "
+        "listed attack untargeted and then every listed attack targeted (it would add 9 targeted "
+        "APGD-CE runs and one untargeted APGD-DLR run, run Square before the targeted attacks, "
+        "and skip targeted Square: SquareAttack.set_params(targeted=True) raises ValueError)."
     ),
     (
         "Stage 2 runs one untargeted APGD-DLR pass before its 9 targeted passes (AutoAttack's "
         "untargeted phase runs every listed attack): extra budget for ART, not in advtrain's suite."
     ),
     (
-        "Targets: ART's AutoAttack(targeted=True) loops over all nb_classes - 1 = 9 other classes in "
-        "class-index order (the same count as AutoAttack's APGD-T); advtrain and AutoAttack take the 9 "
-        "highest-scoring other classes of the clean logits in score order. Same set on 10 classes; "
-        "the order changes cost and random draws only."
+        "Targets: ART's AutoAttack(targeted=True) loops over all nb_classes - 1 = 9 other classes "
+        "in class-index order (the same count as AutoAttack's APGD-T); advtrain and AutoAttack "
+        "take the 9 highest-scoring other classes of the clean logits in score order. Same set on "
+        "10 classes; the order changes cost and random draws only."
     ),
     (
         "ART's targeted DLR loss is its untargeted DLR with the target as label, minimised: "
@@ -180,14 +181,14 @@ NEAREST_ART_OFFERS = [
         "-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."
     ),
     (
-        "ART's APGD keeps only the final iterate of a run; ART's AutoAttack counts a targeted run as a "
-        "success only when the prediction is the target (advtrain: any misclassification)."
+        "ART's APGD keeps only the final iterate of a run; ART's AutoAttack counts a targeted run "
+        "as a success only when the prediction is the target (advtrain: any misclassification)."
     ),
     (
-        "ART's SquareAttack draws one square (position, side, +-2eps sign) per iteration shared by the "
-        "whole batch (the paper and advtrain: one per example); same p_init=0.8 schedule (halvings at "
-        "0.1%, 0.5%, 2%, 5%, 10%, 20%, 40%, 60%, 80% of max_iter), same margin loss on logits; three "
-        "forward passes per iteration (all n, the robust ones, the candidates)."
+        "ART's SquareAttack draws one square (position, side, +-2eps sign) per iteration shared "
+        "by the whole batch (the paper and advtrain: one per example); same p_init=0.8 schedule "
+        "(halvings at 0.1%, 0.5%, 2%, 5%, 10%, 20%, 40%, 60%, 80% of max_iter), same margin loss "
+        "on logits; three forward passes per iteration (all n, the robust ones, the candidates)."
     ),
     (
         "APGD: ART's random start, checkpoints (p_1 = 0.22), step halving (rho = 0.75), momentum "

@@ -1,7 +1,7 @@
 """In memory or streamed: training throughput and worker memory of the two data paths.
 
-    python -m benchmarks.data_path [--throughput] [--memory] [--repeats 2] [--sizes-gb 0.25,0.5,1,2] \
-        [--out benchmarks/results/data_path.json]
+    python -m benchmarks.data_path [--throughput] [--memory] [--repeats 2] \
+        [--sizes-gb 0.25,0.5,1,2] [--out benchmarks/results/data_path.json]
 
 Throughput. MNIST (the bundled copy) trained by Ray Train with 1 worker x 256 and 2 workers x 128,
 through both paths on the same images: `memory` = `data: bundled` (each worker loads the whole
@@ -307,8 +307,8 @@ def _table(doc: dict) -> str:
         lines += [
             "",
             (
-                "| dataset | rows | path | peak RSS per worker (MB) | of it: own heap (RssAnon) | object store pages "
-                "(RssShmem) | dataset share per worker (MB) | ex/s |"
+                "| dataset | rows | path | peak RSS per worker (MB) | of it: own heap (RssAnon) | "
+                "object store pages (RssShmem) | dataset share per worker (MB) | ex/s |"
             ),
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -316,8 +316,9 @@ def _table(doc: dict) -> str:
             part = lambda k, r=r: ", ".join(f"{p[k]:,.0f}" for p in r["peak_mb"])
             store = f", store {r['object_store_mb']} MB" if r.get("object_store_mb") else ""
             lines.append(
-                f"| {r['dataset_gb']:g} GB | {r['rows']:,} | {r['path']}{store} | {part('VmRSS')} | {part('RssAnon')} | "
-                f"{part('RssShmem')} | {r['share_per_worker_mb']:,.0f} | {r['examples_per_second']:,.0f} |"
+                f"| {r['dataset_gb']:g} GB | {r['rows']:,} | {r['path']}{store} | {part('VmRSS')} "
+                f"| {part('RssAnon')} | {part('RssShmem')} | {r['share_per_worker_mb']:,.0f} | "
+                f"{r['examples_per_second']:,.0f} |"
             )
     return "\n".join(lines)
 

@@ -331,7 +331,8 @@ def main():
         "bound": (
             "margin via decomon back_bounds (spec matrix C in the final CROWN backward pass)"
             if mode == "backbounds"
-            else "margin folded into the last Dense (all ordered pairs W_i - W_j), bounded by decomon"
+            else "margin folded into the last Dense (all ordered pairs W_i - W_j), bounded by "
+            "decomon"
         ),
         "eps": args.eps,
         "n": n,

@@ -136,8 +136,9 @@ def main(argv=None) -> int:
         result["placement"] = placement(Path(tmp) / "run")
     w = result["placement"]["worker"]
     print(
-        f"placement: {'PASS' if result['placement']['passed'] else 'FAIL'}: weights on {w.get('weights_device')} "
-        f"({w.get('device_name')}), Ray GPU ids [{w.get('gpu_ids')}], CUDA_VISIBLE_DEVICES={w.get('cuda_visible_devices')!r}",
+        f"placement: {'PASS' if result['placement']['passed'] else 'FAIL'}: weights on "
+        f"{w.get('weights_device')} ({w.get('device_name')}), Ray GPU ids [{w.get('gpu_ids')}], "
+        f"CUDA_VISIBLE_DEVICES={w.get('cuda_visible_devices')!r}",
         file=sys.stderr,
     )
     if not args.skip_target:

@@ -23,8 +23,9 @@ strategy, `mwms` = MultiWorkerMirroredStrategy as before), `--communication`/`--
 (MWMS CommunicationOptions), `--inter-op-threads` (workers of 2-worker setups; 0 =
 `configure_tensorflow`'s choice), `--input` (the training pipeline: `plain` = a per-worker
 tf.data pipeline with autotuning off, what training now runs; `autotune` = the same with
-autotuning on, what the plain process ran before; `distributed` = `distribute_datasets_from_function`
-with autotuning on, what MWMS workers ran before). Every worker and the plain process run the
+autotuning on, what the plain process ran before; `distributed` =
+`distribute_datasets_from_function` with autotuning on, what MWMS workers ran before). Every
+worker and the plain process run the
 same code: `workflows.train`'s `configure_tensorflow`, `make_strategy`, `shard_datasets`, then
 `advtrain.training.AdversarialTraining.train_epoch` (the probe, reports and checkpoints of a real
 run are left out: they are not per-epoch training time). Plain processes are freshly spawned for
@@ -481,20 +482,21 @@ def _summarise(runs: list[dict]) -> list[dict]:
 def _print_table(rows: list[dict]) -> None:
     print("Seconds per step unless marked; breakdown medians (module docstring).")
     print(
-        "| model | cell | runs | epoch s median [min-max] | vs process | epoch step | step/call | step looped "
-        "| compute | all-reduce | dispatch | rest | epoch overhead s | own CPU/step | other CPU/epoch | load 1 min |"
+        "| model | cell | runs | epoch s median [min-max] | vs process | epoch step | step/call | "
+        "step looped | compute | all-reduce | dispatch | rest | epoch overhead s | own CPU/step | "
+        "other CPU/epoch | load 1 min |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         vs = f"{r['vs_process']:+.0%}" if "vs_process" in r else "-"
         print(
             f"| {r['model']} | {r['cell']} | {r['runs']} | {r['epoch_seconds_median']:.2f} "
-            f"[{r['epoch_seconds_min']:.2f}-{r['epoch_seconds_max']:.2f}] | {vs} "
-            f"| {r['epoch_step_seconds_median']:.3f} | {r['step_per_call_median']:.3f} "
-            f"| {r['step_looped_median']:.3f} | {r['compute_median']:.3f} | {r['allreduce_median']:.4f} "
-            f"| {r['dispatch_median']:.4f} | {r['rest_median']:.3f} | {r['epoch_overhead_median']:.2f} "
-            f"| {r['own_cpu_per_step_median']:.3f} "
-            f"| {r['other_cpu_per_epoch_median']:.2f} | {r['load_min']:.1f}-{r['load_max']:.1f} |"
+            f"[{r['epoch_seconds_min']:.2f}-{r['epoch_seconds_max']:.2f}] | {vs} | "
+            f"{r['epoch_step_seconds_median']:.3f} | {r['step_per_call_median']:.3f} | "
+            f"{r['step_looped_median']:.3f} | {r['compute_median']:.3f} | "
+            f"{r['allreduce_median']:.4f} | {r['dispatch_median']:.4f} | {r['rest_median']:.3f} | "
+            f"{r['epoch_overhead_median']:.2f} | {r['own_cpu_per_step_median']:.3f} | "
+            f"{r['other_cpu_per_epoch_median']:.2f} | {r['load_min']:.1f}-{r['load_max']:.1f} |"
         )
 
 
@@ -694,12 +696,14 @@ def main(argv=None) -> int:
                         done += 1
                         s = record["summary"]
                         print(
-                            f"[{done}/{total}] {model} {record['key']}: epoch {s['epoch_seconds']:.2f} s, per step: "
-                            f"epoch {s['epoch_step_seconds']:.3f}, 1/call {s['step_per_call']:.3f}, looped "
-                            f"{s['step_looped']:.3f} = compute {s['compute']:.3f} + all-reduce "
-                            f"{s['allreduce']:.4f} + rest {s['rest']:.3f}; epoch overhead "
-                            f"{s['epoch_overhead']:.2f} s; own CPU {s['own_cpu_per_step']:.3f}; "
-                            f"other CPU {s['other_cpu_per_epoch']:.2f} s/epoch; load {load_before:.1f} -> "
+                            f"[{done}/{total}] {model} {record['key']}: epoch "
+                            f"{s['epoch_seconds']:.2f} s, per step: epoch "
+                            f"{s['epoch_step_seconds']:.3f}, 1/call {s['step_per_call']:.3f}, "
+                            f"looped {s['step_looped']:.3f} = compute {s['compute']:.3f} + "
+                            f"all-reduce {s['allreduce']:.4f} + rest {s['rest']:.3f}; epoch "
+                            f"overhead {s['epoch_overhead']:.2f} s; own CPU "
+                            f"{s['own_cpu_per_step']:.3f}; other CPU "
+                            f"{s['other_cpu_per_epoch']:.2f} s/epoch; load {load_before:.1f} -> "
                             f"{record['load_after']:.1f}; wall {wall:.0f} s",
                             flush=True,
                         )

@@ -1,7 +1,9 @@
 """Time to a robust MNIST model on this machine, and training throughput against its bound.
 
-    python -m benchmarks.time_to_robust --target a     # linf eps 0.1: >= 96% robust, >= 99% clean, <= 3 min
-    python -m benchmarks.time_to_robust --target b     # linf eps 0.3: >= 93% robust, >= 99% clean, <= 15 min
+    python -m benchmarks.time_to_robust --target a     # linf eps 0.1: >= 96% robust, >= 99% clean,
+                                                       # <= 3 min
+    python -m benchmarks.time_to_robust --target b     # linf eps 0.3: >= 93% robust, >= 99% clean,
+                                                       # <= 15 min
 
 Trains in this process with advtrain.training.fit (wall time of training only: data loading,
 tracing and the per-epoch probes included, final evaluation excluded), then evaluates the saved
@@ -180,9 +182,10 @@ def main(argv=None) -> int:
     write_json(RESULTS / f"time_to_robust_{args.target}.json", result)
     print(
         f"target {args.target}: train {train_s:.0f}s ({summary['epochs_run']} epochs), "
-        f"{result['examples_per_second_median']:.0f} ex/s = {result['fraction_of_bound']:.2f} of bound {bound:.0f}; "
-        f"test clean {at['clean_acc']:.4f}, standard-suite robust {at['robust_acc']:.4f} at eps {preset['eval_eps']} "
-        f"on {len(x)} images (eval {eval_s:.0f}s); goal met: {met}"
+        f"{result['examples_per_second_median']:.0f} ex/s = {result['fraction_of_bound']:.2f} of "
+        f"bound {bound:.0f}; test clean {at['clean_acc']:.4f}, standard-suite robust "
+        f"{at['robust_acc']:.4f} at eps {preset['eval_eps']} on {len(x)} images (eval "
+        f"{eval_s:.0f}s); goal met: {met}"
     )
     return 0
 

@@ -128,10 +128,10 @@ def check_nothing_reserved(cluster) -> None:
     if not held:
         return
     code = (
-        "import sys, ray\nfrom ray._raylet import PlacementGroupID\n"
-        "from ray.util.placement_group import PlacementGroup, remove_placement_group\n"
+        "import sys, ray\nfrom ray.util.placement_group import remove_placement_group\n"
+        "from workflows.ray_internals import placement_group\n"
         "ray.init(address=sys.argv[1], log_to_driver=False)\n"
-        "for h in sys.argv[2:]:\n    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(h)))\n"
+        "for h in sys.argv[2:]:\n    remove_placement_group(placement_group(h))\n"
     )
     subprocess.run(
         [sys.executable, "-c", code, cluster.address, *(g["placement_group_id"] for g in held)],
@@ -141,8 +141,8 @@ def check_nothing_reserved(cluster) -> None:
         check=False,
     )
     pytest.fail(
-        f"{len(held)} placement group(s) still reserve the cluster's resources after the test (removed "
-        f"now): "
+        f"{len(held)} placement group(s) still reserve the cluster's resources after the test "
+        "(removed now): "
         + "; ".join(
             f"{g['placement_group_id'][:8]} of job {g['creator_job_id']}, {g['state']}, "
             f"{[b.get('unit_resources') for b in g.get('bundles') or []]}"

@@ -158,8 +158,8 @@ def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores
     assert proc.returncode == 0, log[-6000:]
     assert "succeeded" in log
     assert (
-        "waiting for the autoscaler: 2 worker(s) x {CPU: 1, GPU: 1}, node type gpu_worker, up to 2 nodes"
-        in log
+        "waiting for the autoscaler: 2 worker(s) x {CPU: 1, GPU: 1}, node type gpu_worker, up "
+        "to 2 nodes" in log
     )
 
     # From zero worker nodes up: the head alone, then the autoscaler's nodes.
@@ -213,7 +213,8 @@ def test_documented_submit_scales_from_zero_gives_each_worker_its_gpu_and_stores
     changes = [n for i, n in enumerate(counts) if i == 0 or n != counts[i - 1]]
     print(f"live nodes over the job (changes): {changes}, then back to 1 after it")
     print(
-        f"workers: {sorted((run, node[-5:], ids) for run, pairs in by_run.items() for node, ids in pairs)}"
+        "workers: "
+        f"{sorted((run, node[-5:], ids) for run, pairs in by_run.items() for node, ids in pairs)}"
     )
     print("bucket after the job:\n  " + "\n  ".join(keys))
 

@@ -57,7 +57,8 @@ def _residual_net(seed=0, shape=(8, 8, 1), classes=3):
     x = L.AveragePooling2D(2)(x)
     x = L.GlobalAveragePooling2D()(L.ReLU()(x))
     model = keras.Model(inp, L.Dense(classes)(x))
-    # Non-trivial inference statistics, one negative scale: BN must be treated as affine, not monotone.
+    # Non-trivial inference statistics, one negative scale: BN must be treated as affine, not
+    # monotone.
     bn.set_weights(
         [
             np.array([1.5, -0.7, 0.9, 1.1], "f"),
@@ -78,7 +79,8 @@ def _margins(model, x, y):
 
 
 def _ball_points(x, eps, norm, k, rng):
-    """k points per example in the eps-ball within [0, 1] (clipping keeps an l2 point in the ball)."""
+    """k points per example in the eps-ball within [0, 1] (clipping keeps an l2 point in the
+    ball)."""
     n, d = len(x), int(np.prod(x.shape[1:]))
     if norm == "linf":
         delta = rng.uniform(-eps, eps, (k, n, d))

@@ -42,8 +42,8 @@ def test_autoscaling_cluster_from_zero_waits_instead_of_failing():
     cap = Capacity(nodes=(HEAD0,), node_types=(GPU_TYPE,))
     line = capacity.check(cap, 2, GPU1)
     assert (
-        line
-        == "waiting for the autoscaler: 2 worker(s) x {CPU: 1, GPU: 1}, node type gpu_worker, up to 2 nodes"
+        line == "waiting for the autoscaler: 2 worker(s) x {CPU: 1, GPU: 1}, node type gpu_worker, "
+        "up to 2 nodes"
     )
     # Concurrency from what the cluster scales to (2 nodes x 2 GPUs), not from what is up now (0).
     assert capacity.max_concurrent(cap, 2, GPU1, trials=8) == 2
@@ -89,10 +89,12 @@ def test_cluster_config_of_cluster_yaml_holds_its_gpu_node_type():
     from pathlib import Path
 
     import yaml
-    from ray.core.generated import autoscaler_pb2
+
+    from workflows.ray_internals import new_cluster_config
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
-    parsed = autoscaler_pb2.ClusterConfig.FromString(capacity.cluster_config(config))
+    parsed = new_cluster_config()
+    parsed.ParseFromString(capacity.cluster_config(config))
     (group,) = parsed.node_group_configs
     assert (group.name, dict(group.resources), group.min_count, group.max_count) == (
         "gpu_worker",

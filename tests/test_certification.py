@@ -313,7 +313,7 @@ def test_summary_lines_reads_schema_2_reports_without_certification():
     )
 
 
-# -- the `advtrain certify` report ------------------------------------------------------------------
+# -- the `advtrain certify` report -------------------------------------------------------------
 
 
 def test_attacked_figure_needs_the_same_norm_eps_n_split_and_data():
@@ -364,6 +364,9 @@ def test_certify_lines_one_line_per_eps_best_method_first_and_attacked_figure():
     }
     assert certify_lines(d) == [
         "eps 0.1: certified 0.912 (crown-ibp 0.912, ibp 0.850)  clean 0.991  robust <= 0.934",
-        "eps 0.3: certified 0.000 (ibp 0.000)  clean 0.991  robust <= 0.500 (upper bound: large-eps)",
+        (
+            "eps 0.3: certified 0.000 (ibp 0.000)  clean 0.991  robust <= 0.500 (upper bound: "
+            "large-eps)"
+        ),
         "eps 0.4: certified 0.000 (ibp 0.000)  clean 0.991",
     ]

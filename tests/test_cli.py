@@ -12,7 +12,8 @@ import pytest
 from workflows.cli import build_parser, main
 
 TINY = """
-train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 1, batch_size: 128, train_size: 1024, probe_size: 64}
+train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 1, batch_size: 128, \
+train_size: 1024, probe_size: 64}
 eval: {norm: linf, eps: [0.1], suite: quick, n: 64, batch_size: 64}
 """
 
@@ -117,7 +118,10 @@ def test_evaluate_missing_model_exits_2(tmp_path, capsys):
     [
         (
             ["evaluate", "m.keras", "--eps", "0.1,x"],
-            r"^advtrain evaluate: error: `--eps` must be comma-separated numbers. Received: --eps='0.1,x'$",
+            (
+                r"^advtrain evaluate: error: `--eps` must be comma-separated numbers. Received: "
+                r"--eps='0.1,x'$"
+            ),
         ),
         (
             ["attack", "m.keras", "--eps", "-1", "--out", "a.npz"],
@@ -161,7 +165,10 @@ def test_evaluate_missing_model_exits_2(tmp_path, capsys):
         ),
         (
             ["frobnicate"],
-            r"^advtrain: error: `command` must be one of 'train', .* Received: command='frobnicate'$",
+            (
+                r"^advtrain: error: `command` must be one of 'train', .* Received: "
+                r"command='frobnicate'$"
+            ),
         ),
     ],
 )
@@ -213,8 +220,8 @@ def test_tune_invalid_search_space_fails_before_any_trial(space, message, tmp_pa
         (
             "{callbacks: [tensorboard, mlfow]}",
             (
-                r"^advtrain tune: error: `search.callbacks` must be one of 'tensorboard', 'mlflow', "
-                r"'wandb'. Received: search.callbacks='mlfow'$"
+                r"^advtrain tune: error: `search.callbacks` must be one of 'tensorboard', "
+                r"'mlflow', 'wandb'. Received: search.callbacks='mlfow'$"
             ),
         ),
         (
@@ -359,7 +366,8 @@ def test_train_local_writes_run_folder_and_report(tiny_config, tmp_path, capsys)
     assert len(metrics["epochs"]) == 1 and metrics["epochs_run"] == 1
     assert json.loads((out / "config.json").read_text())["train"]["model"] == "mlp"
     assert "epoch 1:" in err
-    # The final evaluation brackets the attacked figure: certified (ibp, crown-ibp) <= robust <= clean.
+    # The final evaluation brackets the attacked figure: certified (ibp, crown-ibp) <= robust <=
+    # clean.
     entry = json.loads((out / "report.json").read_text())["per_eps"][0]
     assert (
         set(entry["certified"]) == {"ibp", "crown-ibp"}
@@ -627,7 +635,10 @@ def test_certify_committed_model_one_line_per_eps_report_and_attacked_figure(tmp
         capsys,
     )
     assert code == 0, err
-    line = r"eps {}: certified \d\.\d{{3}} \((crown-ibp|ibp) \d\.\d{{3}}, (crown-ibp|ibp) \d\.\d{{3}}\)  clean \d\.\d{{3}}$"
+    line = (
+        r"eps {}: certified \d\.\d{{3}} \((crown-ibp|ibp) \d\.\d{{3}}, "
+        r"(crown-ibp|ibp) \d\.\d{{3}}\)  clean \d\.\d{{3}}$"
+    )
     assert re.match(line.format("0.01"), err[0]) and re.match(line.format("0.1"), err[1]), err
     # Without --out the report goes beside the model, as evaluate's goes to eval-<model name>/.
     d = json.loads((tmp_path / "certify-m" / "report.json").read_text())
@@ -649,7 +660,8 @@ def test_certify_committed_model_one_line_per_eps_report_and_attacked_figure(tmp
         mask_from_hex(low["certified_mask"], 100), masks["ibp"] | masks["crown-ibp"]
     )
     assert err[0].startswith(f"eps 0.01: certified {low['certified_acc']:.3f} ")
-    # An `advtrain evaluate` report beside the model at the same eps, norm and n: its attacked figure too.
+    # An `advtrain evaluate` report beside the model at the same eps, norm and n: its attacked
+    # figure too.
     code, _ = _run(
         ["evaluate", str(model), "--eps", "0.01", "--suite", "fgsm", "--n", "100"], capsys
     )
@@ -817,13 +829,16 @@ CHEAP_REFUSALS = [
             "100",
         ],
         (
-            "advtrain train: error: model '{cwd}/m.keras' outputs 10 logits but the data ({cwd}/three_classes.npz) has 3 "
-            "classes: expected one logit per class"
+            "advtrain train: error: model '{cwd}/m.keras' outputs 10 logits but the data "
+            "({cwd}/three_classes.npz) has 3 classes: expected one logit per class"
         ),
     ),
     (
         ["evaluate", "m.keras", "--data", "three_classes.npz", "--overwrite"],
-        "advtrain evaluate: error: model 'm.keras' outputs 10 logits but the data (three_classes.npz) has 3 classes",
+        (
+            "advtrain evaluate: error: model 'm.keras' outputs 10 logits but the data "
+            "(three_classes.npz) has 3 classes"
+        ),
     ),
     (
         ["evaluate", "m.keras", "--n", "-5"],
@@ -862,7 +877,8 @@ for argv in json.loads(sys.argv[1]):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(argv)
-    out.append([code, err.getvalue().splitlines(), sorted(m for m in ("tensorflow", "ray") if m in sys.modules)])
+    out.append([code, err.getvalue().splitlines(), \
+sorted(m for m in ("tensorflow", "ray") if m in sys.modules)])
 print(json.dumps(out))
 """
 

@@ -1,5 +1,5 @@
-"""Tests of workflows.connect and workflows.local_cluster on real local Ray clusters: loopback, token auth,
-up/down, the `advtrain cluster` command."""
+"""Tests of workflows.connect and workflows.local_cluster on real local Ray clusters: loopback,
+token auth, up/down, the `advtrain cluster` command."""
 
 from __future__ import annotations
 
@@ -243,7 +243,10 @@ def test_up_port_in_use_raises_without_starting(tmp_path):
         ),
         (
             ["start", "--local"],
-            "`action` must be one of 'up', 'down', 'status' (did you mean 'status'?). Received: action='start'",
+            (
+                "`action` must be one of 'up', 'down', 'status' (did you mean 'status'?). "
+                "Received: action='start'"
+            ),
         ),
     ],
 )

@@ -30,7 +30,8 @@ def test_attack_config_l2_eps_range_wider_than_linf():
     assert AttackConfig(norm="l2", eps=29.0).eps == 29.0
     with pytest.raises(
         ValueError,
-        match=r"`eps` must be in \[0.0, 28\] for 28x28x1 images \(l2 diameter of \[0, 1\]\^784\). Received: eps=29.0",
+        match=r"`eps` must be in \[0.0, 28\] for 28x28x1 images \(l2 diameter of \[0, 1\]\^784\). "
+        r"Received: eps=29.0",
     ):
         check_eps_fits("eps", 29.0, "l2", (28, 28, 1))
     check_eps_fits("eps", 55.0, "l2", (32, 32, 3))
@@ -125,15 +126,18 @@ def test_train_config_defaults_valid():
             "method",
             "mart",
             ValueError,
-            r"`method` must be one of 'clean', 'fgsm', 'pgd', 'trades', 'ibp', 'crown-ibp'. Received: method='mart'",
+            (
+                r"`method` must be one of 'clean', 'fgsm', 'pgd', 'trades', 'ibp', 'crown-ibp'. "
+                r"Received: method='mart'"
+            ),
         ),
         (
             "model",
             "resnet50",
             ValueError,
             (
-                r"`model` must be one of 'mlp', 'cnn', 'madry', 'resnet', a .keras file or package.module:function. "
-                r"Received: model='resnet50'"
+                r"`model` must be one of 'mlp', 'cnn', 'madry', 'resnet', a .keras file or "
+                r"package.module:function. Received: model='resnet50'"
             ),
         ),
         ("norm", "l1", ValueError, r"`norm` must be one of 'linf', 'l2'. Received: norm='l1'"),
@@ -418,8 +422,8 @@ def _advtrain(*argv, cwd=ROOT):
         (
             "trains: {eps: 0.1}\n",
             (
-                r"Unknown section\(s\) in .*: trains\. Known sections: train, eval, search, scaling; "
-                r"did you mean `train`\?$"
+                r"Unknown section\(s\) in .*: trains\. Known sections: train, eval, search, "
+                r"scaling; did you mean `train`\?$"
             ),
         ),
         (
@@ -544,14 +548,11 @@ def test_config_schema_validates_every_run_file_and_refuses_bad_ones():
 
 def test_config_command_imports_neither_tensorflow_nor_ray():
     code = (
-        "import contextlib, io, sys\n"
-        "from workflows import cli\n"
-        "for argv in (['config', '--show', '--config', 'configs/quick.yaml'], ['config', '--schema'],\n"
-        "             ['config', '--markdown']):\n"
-        "    with contextlib.redirect_stdout(io.StringIO()):\n"
-        "        assert cli.main(argv) == 0, argv\n"
-        "heavy = ('ray', 'tensorflow', 'keras')\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+        "import contextlib, io, sys\nfrom workflows import cli\nfor argv in (['config', '--show', "
+        "'--config', 'configs/quick.yaml'], ['config', '--schema'],\n             ['config', "
+        "'--markdown']):\n    with contextlib.redirect_stdout(io.StringIO()):\n        assert "
+        "cli.main(argv) == 0, argv\nheavy = ('ray', 'tensorflow', "
+        "'keras')\nprint(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],

@@ -396,7 +396,8 @@ def test_load_data_npz_wrong_image_shape_raises(tmp_path):
     path = _npz(tmp_path, "shape.npz", x_train=np.zeros((20, 28, 27), np.uint8))
     with pytest.raises(
         DataError,
-        match=r"shape\.npz: the splits' images differ in shape \(x_train \(28, 27, 1\), x_test \(28, 28, 1\)\)",
+        match=r"shape\.npz: the splits' images differ in shape \(x_train \(28, 27, 1\), x_test "
+        r"\(28, 28, 1\)\)",
     ):
         load_data(path, val_size=5)
 
@@ -470,7 +471,8 @@ def test_load_data_nonexistent_source_raises(tmp_path):
     missing = str(tmp_path / "nowhere.npz")
     with pytest.raises(
         DataError,
-        match=r"data '.*nowhere\.npz' is neither 'bundled', keras:\{mnist,fashion_mnist,cifar10\}, an \.npz file",
+        match=r"data '.*nowhere\.npz' is neither 'bundled', "
+        r"keras:\{mnist,fashion_mnist,cifar10\}, an \.npz file",
     ):
         load_data(missing)
 

@@ -340,11 +340,11 @@ def test_cluster_yaml_ray_schema_validates(cluster):
 
 def test_cluster_yaml_prepared_like_ray_up_passes_validate_config(cluster):
     # `ray up` merges the provider defaults, then validates; both steps run offline.
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from workflows.ray_internals import prepare_cluster_config, validate_cluster_config
 
-    prepared = prepare_config(copy.deepcopy(cluster))
+    prepared = prepare_cluster_config(copy.deepcopy(cluster))
     try:
-        validate_config(prepared)
+        validate_cluster_config(prepared)
     except Exception as error:  # noqa: BLE001 - jsonschema.ValidationError, ValueError, RuntimeError
         pytest.fail(f"Ray's validate_config rejects cluster.yaml after prepare_config: {error}")
     assert prepared["cluster_name"] == "advtrain", (
@@ -404,7 +404,8 @@ def test_cluster_ray_start_commands_token_auth_set(cluster):
     starts = _ray_start_lines(cluster)
     sections = {section for section, _ in starts}
     assert sections == {"head_start_ray_commands", "worker_start_ray_commands"}, (
-        f"expected a `ray start` in both head and worker start commands, found in {sorted(sections)}"
+        "expected a `ray start` in both head and worker start commands, found in "
+        f"{sorted(sections)}"
     )
     for section, command in starts:
         assert "RAY_AUTH_MODE=token" in command, (
@@ -419,7 +420,8 @@ def test_cluster_container_env_token_auth_on_every_node(cluster):
     env = _docker_env(cluster)
     assert env.get("RAY_AUTH_MODE") == "token", (
         "docker run_options must set --env RAY_AUTH_MODE=token so every process on every node "
-        f"(setup commands, driver, Train workers) has token auth on; got {env.get('RAY_AUTH_MODE')!r}"
+        "(setup commands, driver, Train workers) has token auth on; got "
+        f"{env.get('RAY_AUTH_MODE')!r}"
     )
     token_path = env.get("RAY_AUTH_TOKEN_PATH", "")
     assert token_path.startswith("/"), (

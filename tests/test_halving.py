@@ -177,7 +177,8 @@ def test_sha_search_spec_counts_trials_and_refuses_model_based_searchers():
 
 
 def test_a_new_tune_trial_does_not_look_resumed():
-    # Tune fills `last_result` with defaults before any report, so the scheduler dates results instead.
+    # Tune fills `last_result` with defaults before any report, so the scheduler dates results
+    # instead.
     from ray import tune as ray_tune
 
     ray_tune.register_trainable("advtrain_noop", lambda config: None)

@@ -217,8 +217,8 @@ def test_cells_take_their_decimals():
 
 def test_html_page_numeric_cells_heading_ids_and_no_raw_html():
     md = (
-        "# Title\n\n| name | acc | time |\n|---|---|---|\n| a<b | <= 0.960 (upper bound: x) | 4 min 12 s |\n\n"
-        "## Title\n"
+        "# Title\n\n| name | acc | time |\n|---|---|---|\n| a<b | <= 0.960 (upper bound: x) | 4 "
+        "min 12 s |\n\n## Title\n"
     )
     page = html_page(md, "t <1>")
     assert (

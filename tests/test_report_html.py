@@ -54,7 +54,8 @@ class _Flag:
 
 
 def _trial_report(robust: float, failed: tuple[str, ...] = ()) -> RobustnessReport:
-    """A standard-suite report at eps 0.1, 0.2, 0.3 with its sanity flags, as an evaluation writes it."""
+    """A standard-suite report at eps 0.1, 0.2, 0.3 with its sanity flags, as an evaluation
+    writes it."""
     attack = {
         "name": "apgd-ce-100",
         "attack": "apgd",
@@ -150,7 +151,8 @@ def _chromium() -> str:
 
 
 def _browse(page: Path, tmp: Path, *extra: str) -> subprocess.Popen:
-    """Starts headless Chromium on the page; each run gets its own profile, so several run at once."""
+    """Starts headless Chromium on the page; each run gets its own profile, so several run at
+    once."""
     profile = tempfile.mkdtemp(prefix="profile-", dir=tmp)
     cmd = [
         _chromium(),
@@ -268,5 +270,8 @@ def test_reports_carry_no_link_outside_the_folder(search_folder):
 
 
 def test_render_imports_neither_ray_nor_tensorflow():
-    code = "import sys, workflows.render; sys.exit(int('ray' in sys.modules or 'tensorflow' in sys.modules))"
+    code = (
+        "import sys, workflows.render; sys.exit(int('ray' in sys.modules or 'tensorflow' in "
+        "sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

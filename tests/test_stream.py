@@ -227,7 +227,8 @@ def test_read_split_grey_images_gain_a_channel_and_floats_become_float32(
 
 
 def _worker(config):
-    """One Train worker: two epochs of its shard, the ids it saw written to `out/rank-epoch.json`."""
+    """One Train worker: two epochs of its shard, the ids it saw written to
+    `out/rank-epoch.json`."""
     import ray.train
 
     ctx = ray.train.get_context()
@@ -261,7 +262,8 @@ def test_two_workers_stream_disjoint_equal_shards_covering_the_split_each_epoch(
     assert rows == N
     out = tmp_path / "seen"
     out.mkdir()
-    # Workers take half a CPU each, so Ray Data's read tasks have CPUs left on the 2 x 1-CPU cluster.
+    # Workers take half a CPU each, so Ray Data's read tasks have CPUs left on the 2 x 1-CPU
+    # cluster.
     trainer = TensorflowTrainer(
         _worker,
         train_loop_config={"batch_size": batch, "steps": steps, "out": str(out)},

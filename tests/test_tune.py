@@ -22,7 +22,8 @@ from workflows.spec import load_spec
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SEARCH = """
-train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 2, batch_size: 128, train_size: 4096, probe_size: 64,
+train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 2, batch_size: 128, \
+train_size: 4096, probe_size: 64,
         learning_rate: 0.003}
 eval: {norm: linf, eps: [0.05, 0.1], suite: quick, n: 100, batch_size: 100}
 search:
@@ -227,7 +228,8 @@ def test_search_spec_bad_metric_raises(search, match):
 
 
 CERTIFIED_SEARCH = """
-train: {model: mlp, method: ibp, eps: 0.1, eps_ramp_epochs: 2, epochs: 2, batch_size: 128, train_size: 4096,
+train: {model: mlp, method: ibp, eps: 0.1, eps_ramp_epochs: 2, epochs: 2, batch_size: 128, \
+train_size: 4096,
         probe_size: 128, learning_rate: 0.003}
 eval: {norm: linf, eps: [0.1], suite: quick, n: 100, batch_size: 100, certify: [ibp, crown-ibp]}
 search:
@@ -316,7 +318,8 @@ def test_schedule_warning_flags_asha_rungs_inside_the_onecycle_warmup(train, sea
 
 
 SHA_SEARCH = """
-train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 4, batch_size: 128, train_size: 4096, probe_size: 1024,
+train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 4, batch_size: 128, \
+train_size: 4096, probe_size: 1024,
         learning_rate: 0.003, schedule: cosine}
 eval: {norm: linf, eps: [0.1], suite: quick, n: 100, batch_size: 100}
 search:

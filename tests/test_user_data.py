@@ -34,11 +34,13 @@ def small_cnn(input_shape, num_classes):
 
 
 def mnist_mlp():
-    return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), \
+keras.layers.Dense(10)])
 
 
 def wrong_classes(input_shape, num_classes):
-    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(), keras.layers.Dense(num_classes + 3)])
+    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(), \
+keras.layers.Dense(num_classes + 3)])
 
 
 def probabilities(input_shape, num_classes):
@@ -72,8 +74,10 @@ def user_dir(tmp_path_factory):
     np.savez(d / "shapes.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     (d / "run.yaml").write_text(
         textwrap.dedent(f"""
-        train: {{data: shapes.npz, model: "{MODULE}:small_cnn", method: pgd, eps: 0.03, steps: 2, epochs: 2,
-                batch_size: 32, val_size: 64, probe_size: 32, learning_rate: 0.01, schedule: constant}}
+        train: {{data: shapes.npz, model: "{MODULE}:small_cnn", method: pgd, eps: 0.03, \
+steps: 2, epochs: 2,
+                batch_size: 32, val_size: 64, probe_size: 32, learning_rate: 0.01, \
+schedule: constant}}
         eval: {{norm: linf, eps: [0.03], suite: quick, n: 32, batch_size: 32}}
         search: {{samples: 1, scheduler: fifo, space: {{mix: {{grid: [0.5, 1.0]}}}}}}
         """)
@@ -188,8 +192,8 @@ def test_l2_eps_beyond_the_image_space_diameter_exits_2(in_project, tmp_path, ca
     # 16x16x3 images: the l2 diameter of [0, 1]^768 is sqrt(768) = 27.7.
     assert code == 2 and err == [
         (
-            "advtrain train: error: `eps` must be in [0.0, 27.71] for 16x16x3 images (l2 diameter of "
-            "[0, 1]^768). Received: eps=30.0"
+            "advtrain train: error: `eps` must be in [0.0, 27.71] for 16x16x3 images (l2 diameter "
+            "of [0, 1]^768). Received: eps=30.0"
         )
     ], err
 
@@ -450,9 +454,10 @@ def test_train_streams_a_parquet_dataset_with_ray_data(ray_cluster, in_project, 
         code, err = _run([*base, "--workers", "2", "--out", tmp_path / "refused"], capsys)
         assert code == 2 and err[-1:] == [
             (
-                "advtrain train: error: a file dataset streams through Ray Data, whose tasks need 1 CPU "
-                "beside the Train workers: 2 worker(s) x {CPU: 1} leave 0 of the cluster's 2 CPUs. "
-                "Use fewer workers, or in-memory data (an .npz). Received: workers=2"
+                "advtrain train: error: a file dataset streams through Ray Data, whose tasks need "
+                "1 CPU beside the Train workers: 2 worker(s) x {CPU: 1} leave 0 of the "
+                "cluster's 2 CPUs. Use fewer workers, or in-memory data (an .npz). Received: "
+                "workers=2"
             )
         ], err
         assert not (tmp_path / "refused").exists()

@@ -101,10 +101,10 @@ def _node_types() -> tuple[NodeType, ...]:
     # the same developer-level accessor Ray Train's own pre-check uses (WorkerGroup's
     # insufficient-resources check); Ray has no public API for it. Ray 2.60's autoscaler does not
     # report it itself: `publish` below does, from the autoscaling config.
-    from ray._private.state import state
+    from workflows.ray_internals import cluster_config as gcs_cluster_config
 
     try:
-        config = state.get_cluster_config()
+        config = gcs_cluster_config()
     except Exception:  # noqa: BLE001 - a GCS without the key: no node types known
         return ()
     if config is None:
@@ -119,9 +119,9 @@ def _node_types() -> tuple[NodeType, ...]:
 def cluster_config(autoscaling_config: Mapping) -> bytes:
     """The GCS's ClusterConfig (serialized) for a cluster launcher / autoscaler config: one node
     group per worker node type, with its resources and min/max workers."""
-    from ray.core.generated import autoscaler_pb2
+    from workflows.ray_internals import new_cluster_config
 
-    out = autoscaler_pb2.ClusterConfig()
+    out = new_cluster_config()
     head = autoscaling_config.get("head_node_type")
     for name, spec in autoscaling_config.get("available_node_types", {}).items():
         if name == head:
@@ -138,10 +138,9 @@ def cluster_config(autoscaling_config: Mapping) -> bytes:
 def publish(autoscaling_config: Mapping, address: str) -> int:
     """Reports the worker node types of `autoscaling_config` to the GCS at `address`, where
     `read` (and Ray Train's own check) find them; returns how many node types it reported."""
-    from ray._raylet import GcsClient
+    from workflows.ray_internals import report_cluster_config
 
-    data = cluster_config(autoscaling_config)
-    GcsClient(address=address).report_cluster_config(data)
+    report_cluster_config(address, cluster_config(autoscaling_config))
     return len(
         [
             n
@@ -173,21 +172,22 @@ def check(capacity: Capacity, workers: int, per_worker: Mapping[str, float]) -> 
         # nothing; node types the autoscaler can add are known only when published.
         raise ValueError(
             f"{workers} worker(s) x {one} (in all {need}) do not fit the cluster's nodes ({have}; "
-            f"each worker must fit on one node; an autoscaling cluster must publish its node types: "
-            f"python -m workflows.capacity publish CONFIG). Received: workers={workers}"
+            "each worker must fit on one node; an autoscaling cluster must publish its node "
+            f"types: python -m workflows.capacity publish CONFIG). Received: workers={workers}"
         )
     holding = [t for t in capacity.node_types if _fits(t.resources, per_worker) > 0]
     if not holding and capacity.slots_now(per_worker) == 0:
         kinds = ", ".join(f"{t.name} {_describe(t.resources)}" for t in capacity.node_types)
         raise ValueError(
-            f"no node type can hold one worker of {one} (node types: {kinds}). Received: workers={workers}"
+            f"no node type can hold one worker of {one} (node types: {kinds}). Received: "
+            f"workers={workers}"
         )
     reach = capacity.slots_max(per_worker)
     if reach < workers:
         limits = ", ".join(f"{t.name} x {t.max_count}" for t in holding)
         raise ValueError(
-            f"{workers} worker(s) x {one} exceed what the cluster can scale to: {reach:g} worker(s) "
-            f"({limits} at most). Received: workers={workers}"
+            f"{workers} worker(s) x {one} exceed what the cluster can scale to: {reach:g} "
+            f"worker(s) ({limits} at most). Received: workers={workers}"
         )
     types = ", ".join(
         f"node type {t.name}, up to {'any number of' if t.max_count < 0 else t.max_count} nodes"
@@ -248,10 +248,10 @@ def check_stream(capacity: Capacity, workers: int, per_worker: Mapping[str, floa
     used = workers * per_worker.get("CPU", 0.0)
     if total - used < STREAM_CPUS:
         raise ValueError(
-            f"a file dataset streams through Ray Data, whose tasks need {STREAM_CPUS:g} CPU beside the "
-            f"Train workers: {workers} worker(s) x {_describe(per_worker)} leave {total - used:g} of the "
-            f"cluster's {total:g} CPUs. Use fewer workers, or in-memory data (an .npz). "
-            f"Received: workers={workers}"
+            f"a file dataset streams through Ray Data, whose tasks need {STREAM_CPUS:g} CPU beside "
+            f"the Train workers: {workers} worker(s) x {_describe(per_worker)} leave "
+            f"{total - used:g} of the cluster's {total:g} CPUs. Use fewer workers, or in-memory "
+            f"data (an .npz). Received: workers={workers}"
         )
 
 
@@ -276,9 +276,9 @@ def main(argv=None) -> int:
         config = yaml.safe_load(f)
     address = args.address
     if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address_or_die
+        from workflows.ray_internals import resolve_address
 
-        address = canonicalize_bootstrap_address_or_die("auto")
+        address = resolve_address("auto")
     count = publish(config, address)
     print(f"published {count} worker node type(s) to the GCS at {address}")
     return 0

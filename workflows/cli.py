@@ -182,9 +182,9 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--storage",
         default=os.environ.get("ADVTRAIN_STORAGE"),
-        help="where the run lives: a path or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file://...); "
-        "everything goes under {storage}/{run name}, the --out folder's name (or <command>-<time>). "
-        "Default $ADVTRAIN_STORAGE, else the --out folder itself",
+        help="where the run lives: a path or a pyarrow.fs URI (s3://bucket/prefix, gs://..., "
+        "file://...); everything goes under {storage}/{run name}, the --out folder's name (or "
+        "<command>-<time>). Default $ADVTRAIN_STORAGE, else the --out folder itself",
     )
 
 
@@ -277,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mlflow-uri",
         metavar="URI",
-        help="log every trial to MLflow at this tracking URI (e.g. sqlite:///mlflow.db or http://host:5000), "
-        "in the experiment named as the search: params, per-epoch metrics, final test figures. Implies "
-        "search.callbacks: [mlflow]; needs pip install 'advtrain[mlflow]'",
+        help="log every trial to MLflow at this tracking URI (e.g. sqlite:///mlflow.db or "
+        "http://host:5000), in the experiment named as the search: params, per-epoch metrics, "
+        "final test figures. Implies search.callbacks: [mlflow]; needs pip install "
+        "'advtrain[mlflow]'",
     )
     _add_ray_options(p)
 
@@ -333,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p, batch_size=256)
     p.add_argument(
         "--out",
-        help="folder or storage URI for report.json (default: certify-<model name> beside the model)",
+        help="folder or storage URI for report.json (default: certify-<model name> beside the "
+        "model)",
     )
 
     p = sub.add_parser("attack", help="adversarial examples for given images", **common)
@@ -394,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--local",
         action="store_true",
-        help="a cluster on this machine, on 127.0.0.1 with token auth (required: the only kind supported)",
+        help="a cluster on this machine, on 127.0.0.1 with token auth (required: the only kind "
+        "supported)",
     )
     p.add_argument(
         "--root",
@@ -424,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--show",
         action="store_true",
-        help="print the effective, validated config as YAML: every key, defaults filled in (the default)",
+        help="print the effective, validated config as YAML: every key, defaults filled in (the "
+        "default)",
     )
     g.add_argument("--schema", action="store_true", help="print the JSON schema of a run file")
     g.add_argument(

@@ -63,8 +63,9 @@ def _epoch_line(m: dict) -> str:
     )
     return (
         f"epoch {m['epoch']}: loss {m['train_loss']:.3f}  train adv acc {m['train_adv_acc']:.3f}  "
-        f"val clean {m['val_clean_acc']:.3f}  val FGSM {m['val_fgsm_acc']:.3f}  val PGD {m['val_pgd_acc']:.3f}  "
-        f"{certified}eps {m['eps']:.3f}  {m['examples_per_second']:.0f} ex/s  {m['epoch_seconds']:.1f}s"
+        f"val clean {m['val_clean_acc']:.3f}  val FGSM {m['val_fgsm_acc']:.3f}  val PGD "
+        f"{m['val_pgd_acc']:.3f}  {certified}eps {m['eps']:.3f}  {m['examples_per_second']:.0f} "
+        f"ex/s  {m['epoch_seconds']:.1f}s"
     )
 
 
@@ -213,8 +214,8 @@ def _release_placement_groups() -> None:
     released = placement_groups.release_own()
     if released:
         _say(
-            f"advtrain: released {len(released)} placement group(s) Ray left reserved after the run's "
-            f"trials ended: {'; '.join(released)}"
+            f"advtrain: released {len(released)} placement group(s) Ray left reserved after the "
+            f"run's trials ended: {'; '.join(released)}"
         )
 
 
@@ -310,7 +311,8 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
             f"restored epoch {summary['restored_epoch']}"
         )
     _say(
-        f"Evaluating ({spec.eval.suite} suite, {spec.eval.norm} eps {list(spec.eval.eps)}, split {spec.eval.split}) ..."
+        f"Evaluating ({spec.eval.suite} suite, {spec.eval.norm} eps {list(spec.eval.eps)}, split "
+        f"{spec.eval.split}) ..."
     )
     d = write_evaluation(model, spec.eval, folder.local, data)
     _print_report_summary(d)
@@ -358,19 +360,21 @@ def _tune_plan(spec: RunSpec, search, folder: RunFolder, data) -> list[str]:
     staged = f" (staged in {folder.local})" if folder.remote else ""
     lines = [
         (
-            f"Tune: {search.num_trials} trial(s), {search.scheduler} scheduler, {search.searcher} searcher, "
-            f"{spec.train.epochs} epoch(s) each; folder {folder}{staged}"
+            f"Tune: {search.num_trials} trial(s), {search.scheduler} scheduler, {search.searcher} "
+            f"searcher, {spec.train.epochs} epoch(s) each; folder {folder}{staged}"
         ),
         (
             f"Each trial judged at {e.norm} eps {spec.threat_model.eps:g} by the {e.suite} suite "
-            f"({describe_suite(e.suite)}) on {n} {e.split} images; reported at eps {', '.join(f'{v:g}' for v in e.eps)}"
+            f"({describe_suite(e.suite)}) on {n} {e.split} images; reported at eps "
+            f"{', '.join(f'{v:g}' for v in e.eps)}"
         ),
     ]
     defaults = [name for name in ("search", "eval") if name not in given]
     if defaults:
         lines.append(
-            f"note: {' and '.join(f'`{d}`' for d in defaults)} not in {spec.source}: using the defaults "
-            "(`advtrain config --show` prints them; set eval.suite quick and eval.n 1000 for a quicker judge)"
+            f"note: {' and '.join(f'`{d}`' for d in defaults)} not in {spec.source}: using the "
+            "defaults (`advtrain config --show` prints them; set eval.suite quick and eval.n 1000 "
+            "for a quicker judge)"
         )
     return lines
 
@@ -438,7 +442,8 @@ def _search_and_finish(
     if interrupted:
         folder.publish()
         _say(
-            f"advtrain: search interrupted (state saved); continue with: advtrain tune --resume {folder}"
+            "advtrain: search interrupted (state saved); continue with: advtrain tune --resume "
+            f"{folder}"
         )
         return 130
     return _finish(spec, grid, folder, search)
@@ -463,8 +468,8 @@ def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:
     failed = [r for r in rows if r["stopped"] == "error"]
     if failed:
         _say(
-            f"advtrain: {len(failed)} of {len(rows)} trial(s) failed; first: {failed[0]['trial_id']}: "
-            f"{failed[0]['error']}"
+            f"advtrain: {len(failed)} of {len(rows)} trial(s) failed; first: "
+            f"{failed[0]['trial_id']}: {failed[0]['error']}"
         )
         return 1
     return 0
@@ -507,7 +512,8 @@ def evaluate(
     earlier = storage.join(str(folder), "report.json")
     if not overwrite and storage.exists(earlier):
         raise ValueError(
-            f"{earlier} exists (an earlier evaluation): pass --overwrite to replace it, or another --out"
+            f"{earlier} exists (an earlier evaluation): pass --overwrite to replace it, or another "
+            "--out"
         )
     data, model = _load_model_and_data(
         name, model_path, cfg, data_source, announce=_evaluate_plan(cfg)
@@ -709,8 +715,8 @@ def certify(
     if cfg.n is not None:
         if cfg.n > len(x):
             raise ValueError(
-                f"`n` asks for more examples than the {cfg.split} split holds. Received: n={cfg.n}, "
-                f"len({cfg.split})={len(x)}"
+                f"`n` asks for more examples than the {cfg.split} split holds. Received: "
+                f"n={cfg.n}, len({cfg.split})={len(x)}"
             )
         x, y = x[: cfg.n], y[: cfg.n]
     m = min(len(x), 64)
@@ -746,9 +752,9 @@ def certify(
         r["robust_flags_failed"] = entry.get("robust_flags_failed") or []
         if r["certified_acc"] > entry["robust_acc"] + 1e-9:
             raise certification.CertificationError(
-                f"certified {r['certified_acc']:.4f} > robust {entry['robust_acc']:.4f} at {cfg.norm} eps {r['eps']:g} "
-                f"on the same {len(y)} examples ({location}): the bound or the attack is wrong, or that report is of "
-                "another model"
+                f"certified {r['certified_acc']:.4f} > robust {entry['robust_acc']:.4f} at "
+                f"{cfg.norm} eps {r['eps']:g} on the same {len(y)} examples ({location}): the "
+                "bound or the attack is wrong, or that report is of another model"
             )
     write_json(folder.local / "report.json", d)
     for line in certification.certify_lines(d):
@@ -783,7 +789,8 @@ def attack(
             with np.load(input_path, allow_pickle=False) as f:
                 if "x" not in f.files or "y" not in f.files:
                     raise DataError(
-                        f"{input_path}: needs arrays 'x' and 'y' (found: {', '.join(f.files) or 'none'})"
+                        f"{input_path}: needs arrays 'x' and 'y' (found: "
+                        f"{', '.join(f.files) or 'none'})"
                     )
                 x, y = check_arrays(f["x"], f["y"], input_path, "input")
         except OSError as e:
@@ -814,8 +821,8 @@ def attack(
         ),
     )
     _say(
-        f"{cfg.name} {cfg.norm} eps={cfg.eps}: accuracy {np.mean(pred == y):.3f} -> {np.mean(pred_adv == y):.3f} "
-        f"on {len(x)} images; wrote {out}"
+        f"{cfg.name} {cfg.norm} eps={cfg.eps}: accuracy {np.mean(pred == y):.3f} -> "
+        f"{np.mean(pred_adv == y):.3f} on {len(x)} images; wrote {out}"
     )
     return 0
 

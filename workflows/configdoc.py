@@ -27,10 +27,11 @@ SECTION_CLASSES = {
 assert tuple(SECTION_CLASSES) == SECTIONS
 
 _SECTION_NOTES = {
-    "train": "Command-line flags of `advtrain train` (`--eps`, `--learning-rate`, ...) override these keys.",
-    "eval": "The largest `eps` is the search's one fixed threat model: every trial's per-epoch PGD probe "
-    "(`val_robust_acc` on `train.probe_size` validation examples) and its final test evaluation are "
-    "judged under it.",
+    "train": "Command-line flags of `advtrain train` (`--eps`, `--learning-rate`, ...) override "
+    "these keys.",
+    "eval": "The largest `eps` is the search's one fixed threat model: every trial's per-epoch "
+    "PGD probe (`val_robust_acc` on `train.probe_size` validation examples) and its final test "
+    "evaluation are judged under it.",
     "search": "Read by `advtrain tune` only; without the section a search uses these defaults.",
     "scaling": "Ray Train only: `advtrain train --local` runs one process and ignores it.",
 }
@@ -51,7 +52,8 @@ before anything is written.
 ```yaml
 train:   {model: cnn, method: pgd, eps: 0.1, steps: 3, epochs: 2}
 eval:    {norm: linf, eps: [0.05, 0.1], suite: quick, n: 500}
-search:  {samples: 3, scheduler: asha, space: {eps: {choice: [0.05, 0.1]}, mix: {uniform: [0.5, 1.0]}}}
+search:  {samples: 3, scheduler: asha, \
+space: {eps: {choice: [0.05, 0.1]}, mix: {uniform: [0.5, 1.0]}}}
 scaling: {workers: 1, cpus_per_worker: 1}
 ```
 
@@ -95,8 +97,8 @@ def markdown() -> str:
         ]
         for row in describe_fields(cls):
             lines.append(
-                f"| `{row['key']}` | {_cell(row['type'])} | {_cell(_default_text(row['default']))} | "
-                f"{_cell(row['allowed'])} | {_cell(row['help'])} |"
+                f"| `{row['key']}` | {_cell(row['type'])} | {_cell(_default_text(row['default']))} "
+                f"| {_cell(row['allowed'])} | {_cell(row['help'])} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -150,4 +152,7 @@ def show(path: str | Path | None = None) -> str:
         effective_config(path), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100
     )
     source = str(path) if path is not None else "no file (every default)"
-    return f"# Effective config of {source}: every key, defaults filled in (advtrain config --show).\n{body}"
+    return (
+        f"# Effective config of {source}: every key, defaults filled in (advtrain config "
+        f"--show).\n{body}"
+    )

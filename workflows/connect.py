@@ -84,30 +84,27 @@ def _is_loopback(host: str) -> bool:
 
 def pin_loopback() -> None:
     """Keeps Ray in this process (and its children) from rewriting 127.0.0.1."""
+    from workflows.ray_internals import pin_loopback_in_imported_ray
+
     os.environ[LOOPBACK_ENV] = "0"
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
-        # Ray read the variable at import, before we could set it; it reads this attribute
-        # on each address resolution.
-        logger.debug("Ray was imported before %s=0 was set; pinning loopback.", LOOPBACK_ENV)
-        constants.ENABLE_RAY_CLUSTER = False
+    if pin_loopback_in_imported_ray():
+        logger.debug("Ray was imported before %s=0 was set; pinned loopback.", LOOPBACK_ENV)
 
 
 def _refresh_ray_auth() -> None:
     """Makes an already-imported Ray read RAY_AUTH_MODE and the token from os.environ again.
 
-    Ray caches its config, auth mode included, when `ray._raylet` is imported, and the token
-    on first use: set later (by a pytest fixture, say), they are silently ignored and the GCS
-    answers "Unauthenticated". Ray's own `_enable_token_auth` refreshes the same way.
+    Ray caches its config, auth mode included, when its core module is imported, and the
+    token on first use: set later (by a pytest fixture, say), they are silently ignored and the
+    GCS answers "Unauthenticated". Ray's own `_enable_token_auth` refreshes the same way.
     """
-    raylet = sys.modules.get("ray._raylet")
-    if raylet is None:
-        return  # Ray reads the environment when it is imported
-    if sys.modules["ray"].is_initialized():
+    from workflows.ray_internals import refresh_auth_in_imported_ray
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         logger.debug("Ray is initialized; its auth settings stay as they are.")
         return
-    raylet.Config.initialize("")
-    raylet.AuthenticationTokenLoader.instance().reset_cache()
+    refresh_auth_in_imported_ray()
 
 
 def apply_env(env: Mapping[str, str | None]) -> dict[str, str | None]:
@@ -180,7 +177,8 @@ def connect(
     """Connects this process to Ray: an embedded loopback instance, or a running cluster.
 
     With `address=None`, starts Ray inside this process with `ray.init(address="local")` on
-    127.0.0.1, its dashboard (and state API) bound to 127.0.0.1 too. Unless `RAY_AUTH_MODE` says otherwise, Ray 2.60 turns on
+    127.0.0.1, its dashboard (and state API) bound to 127.0.0.1 too. Unless `RAY_AUTH_MODE`
+    says otherwise, Ray 2.60 turns on
     token auth by itself, with `~/.ray/auth_token` as the token: created here first, with mode
     0600, when missing (Ray would leave it readable by all).
 

@@ -41,6 +41,7 @@ from typing import Any
 from advtrain.config import check_number
 from advtrain.files import write_json
 from workflows.connect import LOOPBACK, LOOPBACK_ENV, ClusterError, ensure_token, tcp_open
+from workflows.ray_internals import NODE_LAUNCHER
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -68,25 +69,6 @@ _MAX_TEMP_DIR_LEN = 40
 
 
 _WORKER_PORTS = 256  # per node: one per worker process or actor; ample on a dev machine
-
-
-# `ray start --address` refuses to add a node while LOOPBACK_ENV=0 (a guard meant for macOS and
-# Windows), yet that same setting is what keeps 127.0.0.1 from being rewritten. This launcher
-# lifts only the guard, through a copy of ray_constants that the `ray start` command alone sees;
-# address resolution (ray._private.services) still reads the real module and stays on loopback.
-_NODE_LAUNCHER = """\
-import sys, types
-import ray._private.ray_constants as rc
-import ray.scripts.scripts as scripts
-if not hasattr(rc, "ENABLE_RAY_CLUSTER") or scripts.ray_constants is not rc:
-    sys.exit("advtrain: this Ray version has no ENABLE_RAY_CLUSTER guard to lift")
-guard = types.ModuleType(rc.__name__)
-guard.__dict__.update(vars(rc))
-guard.ENABLE_RAY_CLUSTER = True
-scripts.ray_constants = guard
-sys.argv[0] = "ray"
-scripts.main()
-"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,9 +439,9 @@ def up(
     the machine's routable address: the new node then waits forever for a GCS that listens on
     loopback only; and a head started that way has GCS, raylet and agent gRPC servers on all
     interfaces (`*`), metrics servers on 0.0.0.0 and agents on the routable address (measured).
-    So the added node's `ray start` runs through `_NODE_LAUNCHER`, which lifts only that guard
-    and keeps every listener on loopback. Clients need the same setting: use `env_for(cluster)`
-    or `connect`.
+    So the added node's `ray start` runs through `ray_internals.NODE_LAUNCHER`, which lifts
+    only that guard and keeps every listener on loopback. Clients need the same setting: use
+    `env_for(cluster)` or `connect`.
 
     Args:
         root: Cluster folder. Defaults to `~/.advtrain/cluster`.
@@ -594,7 +576,7 @@ def up(
             cmd = [
                 sys.executable,
                 "-c",
-                _NODE_LAUNCHER,
+                NODE_LAUNCHER,
                 "start",
                 f"--address={address}",
                 f"--num-cpus={node_cpus}",

@@ -44,8 +44,9 @@ def release_own() -> list[str]:
         Ray's state API does not answer (logged).
     """
     import ray
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
+
+    from workflows.ray_internals import placement_group
 
     try:
         groups = held(ray.get_runtime_context().get_job_id())
@@ -57,7 +58,7 @@ def release_own() -> list[str]:
     released = []
     for g in groups:
         try:
-            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(g.placement_group_id)))
+            remove_placement_group(placement_group(g.placement_group_id))
         except Exception as e:  # noqa: BLE001 - removed meanwhile, or the GCS refused: the rest still go
             logger.warning("could not remove placement group %s: %s", g.placement_group_id, e)
             continue

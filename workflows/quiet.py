@@ -31,8 +31,9 @@ def is_quiet() -> bool:
 
 @contextlib.contextmanager
 def native_stderr_held():
-    """Points file descriptor 2 at a temporary file for the block. If the block raises, what was
-    written there is shown after all: for a failed TensorFlow import it is the only account of why."""
+    """Points file descriptor 2 at a temporary file for the block. If the block raises, what
+    was written there is shown after all: for a failed TensorFlow import it is the only account
+    of why."""
     with tempfile.TemporaryFile() as held:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -127,7 +128,6 @@ class _DropFilter(logging.Filter):
         return self.needle not in record.getMessage()
 
 
-_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _RAY_TUNE_LOGGER = "ray.tune.tune"
 
 
@@ -135,7 +135,9 @@ def tame_ray_notices() -> None:
     """Ray's notices that mislead or repeat, in the driver: the token-auth notice once per
     process, and Tune's `Resume experiment with: Tuner.restore(...)` hint never (advtrain says
     `advtrain tune --resume ...`, which restores with the search's own trainable and spec)."""
-    auth = logging.getLogger(_RAY_AUTH_LOGGER)
+    from workflows.ray_internals import AUTH_LOGGER
+
+    auth = logging.getLogger(AUTH_LOGGER)
     if not any(isinstance(f, _OnceFilter) for f in auth.filters):
         auth.addFilter(_OnceFilter())
     tune = logging.getLogger(_RAY_TUNE_LOGGER)

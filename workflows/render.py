@@ -86,7 +86,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def _cells(r: dict, digits: int = 4) -> dict[str, str]:
-    """A trial's row as shown: its robust accuracies as upper bounds when its model failed a flag."""
+    """A trial's row as shown: its robust accuracies as upper bounds when its model failed a
+    flag."""
     cells = {c: _fmt(r.get(c), digits) for c in COLUMNS}
     for c in ROBUST_COLUMNS:
         cells[c] = report.robust_cell(r.get(c), r.get("test_flags_failed") or (), digits)
@@ -233,7 +234,10 @@ class _Report:
 
 
 def _threat(tm: dict) -> str:
-    return f"{tm['norm']} eps={tm['eps']:g}, {tm['suite']} suite, {tm['split']} split, n={tm['n'] or 'all'}"
+    return (
+        f"{tm['norm']} eps={tm['eps']:g}, {tm['suite']} suite, {tm['split']} split, "
+        f"n={tm['n'] or 'all'}"
+    )
 
 
 def _bracket(r: dict) -> str:
@@ -257,23 +261,24 @@ def _intro(data: dict) -> list[str]:
         "",
         (
             f"- The search's objective, `{obj.get('metric', 'val_robust_acc')}`, is a cheap probe: "
-            f"{obj['attack'].upper()} on the first "
-            f"{obj['n']} validation examples at {tm['norm']} eps {tm['eps']:g}, after every epoch. It ranks the trials "
-            "and steers the scheduler."
+            f"{obj['attack'].upper()} on the first {obj['n']} validation examples at {tm['norm']} "
+            f"eps {tm['eps']:g}, after every epoch. It ranks the trials and steers the scheduler."
         ),
         (
-            f"- The test columns are the full `{tm['suite']}` suite on the {tm['split']} split, run once on each "
-            "trial's final model (for trials the scheduler stopped: their last checkpoint, evaluated by the driver). "
-            "They never steered the search."
+            f"- The test columns are the full `{tm['suite']}` suite on the {tm['split']} split, "
+            "run once on each trial's final model (for trials the scheduler stopped: their last "
+            "checkpoint, evaluated by the driver). They never steered the search."
         ),
         (
-            "- A robust accuracy marked `<=` is an upper bound: that trial's model failed a sanity check (named beside "
-            f"it, see [{HEADING.lower()}](#{ANCHOR})). Such trials rank below every trial that passed."
+            "- A robust accuracy marked `<=` is an upper bound: that trial's model failed a "
+            f"sanity check (named beside it, see [{HEADING.lower()}](#{ANCHOR})). Such trials rank "
+            "below every trial that passed."
         ),
         (
-            "- `test_certified_acc` is proven by bound propagation on the same test examples (a lower bound: no input "
-            'in the eps-ball changes those predictions); `-` when certification did not run, "not available" when '
-            "the model has a layer the bounds cannot cover."
+            "- `test_certified_acc` is proven by bound propagation on the same test examples "
+            "(a lower bound: no input in the eps-ball changes those predictions); `-` when "
+            'certification did not run, "not available" when the model has a layer the bounds '
+            "cannot cover."
         ),
     ]
 

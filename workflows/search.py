@@ -72,8 +72,8 @@ def _validate_space(
             close = did_you_mean(key, searchable)
             hint = f"; did you mean `{close}`?" if close else "."
             raise ValueError(
-                f"Unknown or unsearchable key {key!r} in `search.space`. Searchable: {', '.join(searchable)}"
-                f"{hint}"
+                f"Unknown or unsearchable key {key!r} in `search.space`. Searchable: "
+                f"{', '.join(searchable)}{hint}"
             )
         if not isinstance(dist, Mapping) or len(dist) != 1:
             raise ValueError(
@@ -89,7 +89,8 @@ def _validate_space(
         if kind in ("uniform", "loguniform", "randint"):
             if len(values) != 2 or not values[0] < values[1]:
                 raise ValueError(
-                    f"`search.space.{key}.{kind}` must be [low, high] with low < high. Received: {key}={values!r}"
+                    f"`search.space.{key}.{kind}` must be [low, high] with low < high. Received: "
+                    f"{key}={values!r}"
                 )
             if kind == "loguniform" and values[0] <= 0:
                 raise ValueError(
@@ -115,8 +116,8 @@ class SearchSpec:
     space: Mapping[str, Any] = option(
         default_factory=lambda: dict(DEFAULT_SPACE),
         type="mapping",
-        allowed=f"`train` key (not {', '.join(f'`{k}`' for k in NOT_SEARCHABLE)}) -> one distribution: "
-        + ", ".join(f"`{{{d}: [...]}}`" for d in DISTRIBUTIONS),
+        allowed=f"`train` key (not {', '.join(f'`{k}`' for k in NOT_SEARCHABLE)}) -> one "
+        "distribution: " + ", ".join(f"`{{{d}: [...]}}`" for d in DISTRIBUTIONS),
         schema={
             "type": "object",
             "minProperties": 1,
@@ -131,8 +132,9 @@ class SearchSpec:
                 "additionalProperties": {"type": "array", "minItems": 1},
             },
         },
-        help="the training keys searched, each with one distribution; `uniform`, `loguniform` and `randint` take "
-        "`[low, high]` (randint inclusive); every candidate is checked as a `train` value first",
+        help="the training keys searched, each with one distribution; `uniform`, `loguniform` and "
+        "`randint` take `[low, high]` (randint inclusive); every candidate is checked as a "
+        "`train` value first",
     )
     samples: int = option(
         4,
@@ -143,14 +145,15 @@ class SearchSpec:
     scheduler: str = option(
         "asha",
         choices=SCHEDULERS,
-        help="`asha` (asynchronous early stopping), `sha` (synchronous successive halving: every trial waits at "
-        "each rung, fewer trial-epochs on small searches; with `searcher: random`) or `fifo` (no stopping)",
+        help="`asha` (asynchronous early stopping), `sha` (synchronous successive halving: every "
+        "trial waits at each rung, fewer trial-epochs on small searches; with `searcher: random`) "
+        "or `fifo` (no stopping)",
     )
     searcher: str = option(
         "random",
         choices=SEARCHERS,
-        help="`random`, `optuna` (TPE) or `optuna-multi` (clean and robust accuracy both maximised; with "
-        "`scheduler: fifo`)",
+        help="`random`, `optuna` (TPE) or `optuna-multi` (clean and robust accuracy both "
+        "maximised; with `scheduler: fifo`)",
     )
     grace_period: int = option(1, low=1, help="epochs before ASHA or SHA may stop a trial")
     reduction_factor: int = option(2, low=2, help="ASHA's and SHA's halving rate")
@@ -163,18 +166,19 @@ class SearchSpec:
     metric: str = option(
         METRIC,
         choices=METRICS,
-        help="what schedulers, searchers and the ranked table judge trials on: `val_robust_acc` (the PGD probe) "
-        "or `val_certified_acc` (the certified probe, for `method: ibp` or `crown-ibp` searches)",
+        help="what schedulers, searchers and the ranked table judge trials on: `val_robust_acc` "
+        "(the PGD probe) or `val_certified_acc` (the certified probe, for `method: ibp` or "
+        "`crown-ibp` searches)",
     )
     callbacks: tuple[str, ...] = option(
         (),
         type="list of strings",
         allowed=", ".join(f"`{c}`" for c in CALLBACKS),
         schema={"type": "array", "items": {"enum": list(CALLBACKS)}},
-        help="Ray Tune logger callbacks: `tensorboard` (event files in each trial folder), `mlflow` (one MLflow run "
-        "per trial in the experiment named as the search: params, per-epoch metrics and the final test "
-        "figures) and `wandb` (project `$WANDB_PROJECT` or `advtrain`, grouped by the search's name); each "
-        "needs its extra installed",
+        help="Ray Tune logger callbacks: `tensorboard` (event files in each trial folder), "
+        "`mlflow` (one MLflow run per trial in the experiment named as the search: params, "
+        "per-epoch metrics and the final test figures) and `wandb` (project `$WANDB_PROJECT` or "
+        "`advtrain`, grouped by the search's name); each needs its extra installed",
     )
     mlflow_uri: str | None = option(
         None,
@@ -212,8 +216,9 @@ class SearchSpec:
             if not set(methods) <= set(CERTIFIED_METHODS):
                 raise ValueError(
                     "`search.metric: val_certified_acc` ranks on the certified probe, which only "
-                    f"certified training reports: every trial's method must be one of "
-                    f"{', '.join(map(repr, CERTIFIED_METHODS))}. Received: method={', '.join(methods)}"
+                    "certified training reports: every trial's method must be one of "
+                    f"{', '.join(map(repr, CERTIFIED_METHODS))}. Received: "
+                    f"method={', '.join(methods)}"
                 )
         return spec
 
@@ -245,14 +250,14 @@ class SearchSpec:
         object.__setattr__(self, "callbacks", tuple(dict.fromkeys(callbacks)))
         if self.searcher == "optuna-multi" and self.scheduler == "asha":
             raise ValueError(
-                "`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: fifo`. "
-                "Received: searcher='optuna-multi', scheduler='asha'"
+                "`searcher: optuna-multi` ranks on two metrics; ASHA needs one. Use `scheduler: "
+                "fifo`. Received: searcher='optuna-multi', scheduler='asha'"
             )
         if self.scheduler == "sha" and self.searcher != "random":
             raise ValueError(
-                "`scheduler: sha` draws every trial before its first rung closes, so a model-based "
-                f"searcher would learn nothing. Use `searcher: random`. Received: searcher={self.searcher!r}, "
-                "scheduler='sha'"
+                "`scheduler: sha` draws every trial before its first rung closes, so a "
+                "model-based searcher would learn nothing. Use `searcher: random`. Received: "
+                f"searcher={self.searcher!r}, scheduler='sha'"
             )
 
     @property
@@ -272,5 +277,6 @@ def _check_callback_packages(callbacks) -> None:
         module, extra = CALLBACKS[name]
         if importlib.util.find_spec(module) is None:
             raise ValueError(
-                f"`search.callbacks: {name}` needs the {module} package: pip install 'advtrain[{extra}]'"
+                f"`search.callbacks: {name}` needs the {module} package: pip install "
+                f"'advtrain[{extra}]'"
             )

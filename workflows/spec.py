@@ -6,7 +6,8 @@ eval:    {norm: linf, eps: [0.1], suite: quick, n: 500}                   # the 
 search:  {samples: 3, scheduler: asha, space: {eps: {choice: [...]}, ...}}  # Ray Tune
 scaling: {workers: 1, gpu: false, cpus_per_worker: 1}                     # Ray Train
 ```
-Every section is optional; unknown keys anywhere are an error naming them (and the closest known key).
+Every section is optional; unknown keys anywhere are an error naming them (and the closest
+known key).
 Every key's type, default, range and meaning: docs/config.md, generated from the config classes
 (`advtrain config --markdown`); `advtrain config --show` prints a file's effective config.
 """
@@ -61,8 +62,9 @@ class Scaling:
     placement_strategy: str = option(
         "PACK",
         choices=PLACEMENT_STRATEGIES,
-        help="how the workers of one run are placed on nodes (a Ray placement group strategy): `PACK` on as few nodes "
-        "as possible, `SPREAD` across nodes; `STRICT_PACK` and `STRICT_SPREAD` the same, strictly",
+        help="how the workers of one run are placed on nodes (a Ray placement group strategy): "
+        "`PACK` on as few nodes as possible, `SPREAD` across nodes; `STRICT_PACK` and "
+        "`STRICT_SPREAD` the same, strictly",
     )
 
     def __post_init__(self) -> None:

@@ -85,8 +85,8 @@ def filesystem(location: str | Path):
         return pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as e:
         raise ValueError(
-            f"storage {location!r} is not a location pyarrow.fs can open ({e}). Use a local path or a "
-            "URI such as s3://bucket/prefix, gs://bucket/prefix or file:///path"
+            f"storage {location!r} is not a location pyarrow.fs can open ({e}). Use a local path "
+            "or a URI such as s3://bucket/prefix, gs://bucket/prefix or file:///path"
         ) from None
 
 
@@ -256,7 +256,8 @@ class RunFolder:
         return self.remote if self.remote else str(self.local.resolve())
 
     def publish(self) -> list[str]:
-        """Uploads the local files to `remote` (nothing to do without one); returns what it copied."""
+        """Uploads the local files to `remote` (nothing to do without one); returns what it
+        copied."""
         return upload(self.local, self.remote) if self.remote else []
 
     def __str__(self) -> str:

@@ -82,7 +82,8 @@ def _decode_npz(batch: dict) -> dict:
             missing = [k for k in ("x", "y") if k not in shard.files]
             if missing:
                 raise DataError(
-                    f"{path}: missing array(s) {', '.join(missing)} (found: {', '.join(shard.files)})"
+                    f"{path}: missing array(s) {', '.join(missing)} (found: "
+                    f"{', '.join(shard.files)})"
                 )
             x, y = shard["x"], shard["y"]
         if len(x) != len(y):
@@ -277,7 +278,8 @@ def epoch_dataset(
         )
     if len(input_shape) != 3 or not all(isinstance(d, int) and d >= 1 for d in input_shape):
         raise ValueError(
-            f"`input_shape` must be (H, W, C), positive integers. Received: input_shape={input_shape!r}"
+            "`input_shape` must be (H, W, C), positive integers. Received: "
+            f"input_shape={input_shape!r}"
         )
     shape = (batch_size, *input_shape)
     batches = iter(
@@ -295,7 +297,8 @@ def epoch_dataset(
         x, y = batch["image"], batch["label"]
         if x.shape != shape:
             raise DataError(
-                f"a batch of images has shape {x.shape}, expected {shape} (batch_size, *input_shape)"
+                f"a batch of images has shape {x.shape}, expected {shape} (batch_size, "
+                "*input_shape)"
             )
         if x.dtype != np.uint8 and not (x.min() >= 0 and x.max() <= 1):
             raise DataError(

@@ -46,7 +46,10 @@ def log_final(rows: Iterable[dict[str, Any]], search, run_name: str) -> str | No
     try:
         experiment = client.get_experiment_by_name(run_name)
         if experiment is None:
-            return f"MLflow: no experiment {run_name!r} at {client.tracking_uri}: final test figures not logged"
+            return (
+                f"MLflow: no experiment {run_name!r} at {client.tracking_uri}: final test "
+                "figures not logged"
+            )
         logged, missing = 0, []
         for row in rows:
             trial_id = row["trial_id"]

@@ -100,7 +100,8 @@ def make_strategy(
     Args:
         world_size: number of workers, >= 1.
         strategy: one of `STRATEGIES`. Defaults to `"auto"`.
-        communication: MWMS collective implementation, one of `COMMUNICATIONS`. Defaults to `"auto"`.
+        communication: MWMS collective implementation, one of `COMMUNICATIONS`. Defaults to
+            `"auto"`.
         bytes_per_pack: MWMS gradient pack size in bytes, >= 0; 0 lets TensorFlow choose (one
             pack). Defaults to `0`.
 
@@ -327,8 +328,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     print(
         f"advtrain worker {rank}/{world} of {ctx.get_experiment_name()} from epoch {len(history)}: "
         f"node {shard_info['node_id']}, GPU ids [{shard_info['gpu_ids']}], "
-        f"CUDA_VISIBLE_DEVICES={shard_info['cuda_visible_devices']!r}, weights on {shard_info['weights_device']} "
-        f"({shard_info['device_name']})",
+        f"CUDA_VISIBLE_DEVICES={shard_info['cuda_visible_devices']!r}, weights on "
+        f"{shard_info['weights_device']} ({shard_info['device_name']})",
         flush=True,
     )
 

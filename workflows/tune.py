@@ -31,7 +31,8 @@ from ray import tune
 from advtrain.config import TrainConfig
 from workflows import quiet, storage
 
-# The search section's spec lives in a Ray-free module (`advtrain config` reads it); its names stay here too.
+# The search section's spec lives in a Ray-free module (`advtrain config` reads it); its names
+# stay here too.
 from workflows.search import (
     CALLBACKS,
     METRIC,
@@ -200,9 +201,10 @@ def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
     if search.grace_period >= warmup:
         return None
     return (
-        f"{search.scheduler.upper()} compares trials first after grace_period={search.grace_period} epoch(s), "
-        f"inside the one-cycle warm-up ({warmup:g} of {spec.train.epochs} epochs): early rungs rank barely-trained "
-        f"models. Use `schedule: cosine`, or grace_period >= {math.ceil(warmup)}."
+        f"{search.scheduler.upper()} compares trials first after "
+        f"grace_period={search.grace_period} epoch(s), inside the one-cycle warm-up ({warmup:g} of "
+        f"{spec.train.epochs} epochs): early rungs rank barely-trained models. Use `schedule: "
+        f"cosine`, or grace_period >= {math.ceil(warmup)}."
     )
 
 
@@ -348,7 +350,8 @@ SPEC_FILE = "spec.json"
 def write_spec(
     folder: RunFolder, spec: RunSpec, search: SearchSpec, storage_base: str | None
 ) -> None:
-    """spec.json: what `--resume` and `report` read back (the run spec, the search, where it lives)."""
+    """spec.json: what `--resume` and `report` read back (the run spec, the search, where it
+    lives)."""
     from advtrain.files import write_json
 
     write_json(
