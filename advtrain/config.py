@@ -307,12 +307,12 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """A default as YAML and JSON hold it: tuples as lists."""
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
@@ -342,7 +342,7 @@ def describe_fields(cls) -> list[dict[str, Any]]:
             {
                 "key": f.name,
                 "type": type_,
-                "default": _plain(_default(f)),
+                "default": plain(_default(f)),
                 "allowed": allowed,
                 "help": meta.get("help", ""),
             }
@@ -376,7 +376,7 @@ def schema_of(cls, description: str | None = None) -> dict[str, Any]:
         if optional:
             s = {"anyOf": [s, {"type": "null"}]}
         s["description"] = meta.get("help", "")
-        s["default"] = _plain(_default(f))
+        s["default"] = plain(_default(f))
         props[f.name] = s
     doc = description or (cls.__doc__ or "").strip().split("\n\n")[0]
     return {

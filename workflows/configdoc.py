@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from advtrain.config import EvalConfig, TrainConfig, describe_fields, schema_of
+from advtrain.config import EvalConfig, TrainConfig, describe_fields, plain, schema_of
 from workflows.search import SearchSpec
 from workflows.spec import SECTIONS, Scaling, load_spec
 
@@ -116,14 +116,6 @@ def json_schema() -> dict[str, Any]:
     }
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def effective_config(path: str | Path | None = None) -> dict[str, Any]:
     """The run file at `path` (or no file: every default) validated, every key filled in, as
     plain data in section order. Raises the one-line ValueError/TypeError of the checks."""
@@ -135,7 +127,7 @@ def effective_config(path: str | Path | None = None) -> dict[str, Any]:
         "search": search.to_dict(),
         "scaling": spec.to_dict()["scaling"],
     }
-    return {name: _plain(sections[name]) for name in SECTIONS}
+    return {name: plain(sections[name]) for name in SECTIONS}
 
 
 def show(path: str | Path | None = None) -> str:
