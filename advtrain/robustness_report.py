@@ -212,78 +212,18 @@ class RobustnessReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; every accuracy row carries norm, eps, split, n, suite and attack."""
-        rows = []
-        for r in self.results:
-            ctx = self._context(r.eps)
-            for name, acc in r.per_attack.items():
-                kind = "clean" if name == "clean" else "cumulative"
-                rows.append(
-                    {
-                        **ctx,
-                        "attack": name,
-                        "kind": kind,
-                        "accuracy": acc,
-                        "seconds": r.attack_seconds.get(name),
-                    }
-                )
-            rows.append(
-                {
-                    **ctx,
-                    "attack": WORST_CASE,
-                    "kind": "robust",
-                    "accuracy": r.robust_acc,
-                    "seconds": r.seconds,
-                }
-            )
-            if self.suite != "fgsm":
-                rows.append(
-                    {
-                        **ctx,
-                        "attack": "fgsm",
-                        "kind": "reference",
-                        "accuracy": r.fgsm_acc,
-                        "seconds": r.attack_seconds.get("fgsm (reference)"),
-                    }
-                )
-        per_eps = [
-            {
-                **self._context(r.eps),
-                "clean_acc": r.clean_acc,
-                "robust_acc": r.robust_acc,
-                # A failed flag makes the robust accuracy an upper bound, said beside it.
-                "robust_upper_bound": bool(self.failed_at(r.eps)),
-                "robust_flags_failed": self.failed_at(r.eps),
-                "robust_display": robust_cell(r.robust_acc, self.failed_at(r.eps)),
-                "fgsm_acc": r.fgsm_acc,
-                "per_attack": dict(r.per_attack),
-                "broken": dict(r.broken),
-                "seconds": r.seconds,
-                **self._certified_entry(r),
-            }
-            for r in self.results
-        ]
-        flags = [
-            {**f.to_dict(), "norm": self.norm, "split": self.split, "suite": self.suite}
-            for f in self.flags
-        ]
         return {
             "schema": SCHEMA,
-            "threat_model": {
-                "norm": self.norm,
-                "eps": list(self.eps),
-                "suite": self.suite,
-                "attacks": [dict(a) for a in self.attacks],
-                "reference_attack": dict(self.reference_attack),
-                "steps_scale": self.steps_scale,
-                "certify": list(self.certify),
-                "clip": [0.0, 1.0],
-            },
+            "threat_model": self._threat_model_dict(),
             "n": self.n,
             "split": self.split,
             "seed": self.seed,
-            "results": rows,
-            "per_eps": per_eps,
-            "flags": flags,
+            "results": [row for r in self.results for row in self._accuracy_rows(r)],
+            "per_eps": [self._per_eps_entry(r) for r in self.results],
+            "flags": [
+                {**f.to_dict(), "norm": self.norm, "split": self.split, "suite": self.suite}
+                for f in self.flags
+            ],
             "sanity": {
                 "failed": [f.id for f in self.flags if f.passed is False],
                 "passed": [f.id for f in self.flags if f.passed is True],
@@ -292,6 +232,69 @@ class RobustnessReport:
             "notes": list(self.notes),
             "seconds": self.seconds,
             "data": self.data,
+        }
+
+    def _threat_model_dict(self) -> dict[str, Any]:
+        return {
+            "norm": self.norm,
+            "eps": list(self.eps),
+            "suite": self.suite,
+            "attacks": [dict(a) for a in self.attacks],
+            "reference_attack": dict(self.reference_attack),
+            "steps_scale": self.steps_scale,
+            "certify": list(self.certify),
+            "clip": [0.0, 1.0],
+        }
+
+    def _accuracy_rows(self, r: EpsResult) -> list[dict[str, Any]]:
+        """One eps's rows: clean and each attack (cumulative), the worst case, the reference."""
+        ctx = self._context(r.eps)
+        rows = [
+            {
+                **ctx,
+                "attack": name,
+                "kind": "clean" if name == "clean" else "cumulative",
+                "accuracy": acc,
+                "seconds": r.attack_seconds.get(name),
+            }
+            for name, acc in r.per_attack.items()
+        ]
+        rows.append(
+            {
+                **ctx,
+                "attack": WORST_CASE,
+                "kind": "robust",
+                "accuracy": r.robust_acc,
+                "seconds": r.seconds,
+            }
+        )
+        if self.suite != "fgsm":
+            rows.append(
+                {
+                    **ctx,
+                    "attack": "fgsm",
+                    "kind": "reference",
+                    "accuracy": r.fgsm_acc,
+                    "seconds": r.attack_seconds.get("fgsm (reference)"),
+                }
+            )
+        return rows
+
+    def _per_eps_entry(self, r: EpsResult) -> dict[str, Any]:
+        failed = self.failed_at(r.eps)
+        return {
+            **self._context(r.eps),
+            "clean_acc": r.clean_acc,
+            "robust_acc": r.robust_acc,
+            # A failed flag makes the robust accuracy an upper bound, said beside it.
+            "robust_upper_bound": bool(failed),
+            "robust_flags_failed": failed,
+            "robust_display": robust_cell(r.robust_acc, failed),
+            "fgsm_acc": r.fgsm_acc,
+            "per_attack": dict(r.per_attack),
+            "broken": dict(r.broken),
+            "seconds": r.seconds,
+            **self._certified_entry(r),
         }
 
     def _certified_entry(self, r: EpsResult) -> dict[str, Any]:
@@ -322,8 +325,9 @@ class RobustnessReport:
         return certified_cell(r.certified_acc, r.certified_method, r.certified_note, digits)
 
     def metrics(self, eps: float | None = None) -> dict[str, Any]:
-        """Flat metrics for `ray.train.report` / Tune at one eps (the first by default), with the
-        threat model and the sanity outcome as fields."""
+        """Flat scalars at one eps (the first by default), with the threat model and the sanity
+        outcome as fields: for a library user's own logging (a search reports through its
+        trials' rows, `workflows/results.py`)."""
         r = self.result(eps)
         failed = sorted({f.id for f in self.failed_flags})
         return {
@@ -351,11 +355,36 @@ class RobustnessReport:
         Args:
             digits: decimals of the accuracies in the table. Defaults to 4 (report.html: 3).
         """
-        names = [k for k in self.results[0].per_attack if k != "clean"]
-        columns = ["eps", "clean", *names, "robust (worst case)"]
         certifying = bool(self.certify) or any(
             r.certified or r.certified_note for r in self.results
         )
+        lines = [
+            "# Robustness report",
+            "",
+            *self._preamble_lines(certifying),
+            "",
+            self._markdown_table(certifying, digits),
+            "",
+            *self._bracket_lines(),
+            "",
+            "## Sanity checks",
+            "",
+        ]
+        if not self.flags:
+            lines.append("- not run: sanity checks were switched off")
+        for f in sorted(self.flags, key=lambda f: {False: 0, None: 1, True: 2}[f.passed]):
+            prefix = "**WARNING** " if f.passed is False else ""
+            lines.append(f"- {prefix}{f.summary} ({flag_link(f.id)})")
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
+        explained = flags_markdown([f.id for f in self.flags])
+        if explained:
+            lines += ["", *explained]
+        return "\n".join(lines) + "\n"
+
+    def _markdown_table(self, certifying: bool, digits: int) -> str:
+        names = [k for k in self.results[0].per_attack if k != "clean"]
+        columns = ["eps", "clean", *names, "robust (worst case)"]
         if certifying:
             columns.append("certified")
         if self.suite != "fgsm":
@@ -373,9 +402,11 @@ class RobustnessReport:
                 "seconds": duration(r.seconds),
             }
             rows.append(row)
-        lines = [
-            "# Robustness report",
-            "",
+        return markdown_table(rows, columns, digits)
+
+    def _preamble_lines(self, certifying: bool) -> list[str]:
+        """The threat model, the suite and what each figure means."""
+        return [
             (
                 f"- Threat model: {self.norm}, eps {', '.join(f'{e:g}' for e in self.eps)}, "
                 "inputs in [0, 1]"
@@ -420,9 +451,11 @@ class RobustnessReport:
             ),
             f"- Examples: n = {self.n} from the `{self.split}` split; seed {self.seed}",
             *([_data_line(self.data)] if self.data else []),
-            "",
-            markdown_table(rows, columns, digits),
-            "",
+        ]
+
+    def _bracket_lines(self) -> list[str]:
+        """Per eps: certified <= robust <= clean, what broke, and the upper-bound warning."""
+        return [
             *[f"- At eps {r.eps:g}: {self._certified_entry(r)['bracket']}" for r in self.results],
             *[
                 f"- Examples broken at eps {r.eps:g}, by attack (each on those still robust): "
@@ -440,21 +473,7 @@ class RobustnessReport:
                 if self.failed_flags
                 else []
             ),
-            "",
-            "## Sanity checks",
-            "",
         ]
-        if not self.flags:
-            lines.append("- not run: sanity checks were switched off")
-        for f in sorted(self.flags, key=lambda f: {False: 0, None: 1, True: 2}[f.passed]):
-            prefix = "**WARNING** " if f.passed is False else ""
-            lines.append(f"- {prefix}{f.summary} ({flag_link(f.id)})")
-        if self.notes:
-            lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
-        explained = flags_markdown([f.id for f in self.flags])
-        if explained:
-            lines += ["", *explained]
-        return "\n".join(lines) + "\n"
 
     def to_html(self) -> str:
         """report.html: `to_markdown` with three decimals, as a self-contained page."""
