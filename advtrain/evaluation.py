@@ -161,7 +161,25 @@ def _timed(ev: _Eval, attack: SuiteAttack, label: str, eps, robust, adv_out, see
     return seconds
 
 
-def _evaluate_eps(ev: _Eval, eps: float, suite, config: EvalConfig):
+@dataclasses.dataclass
+class _EpsRun:
+    """One eps's attacks: accuracies after each (cumulative), examples each broke, seconds,
+    the still-robust mask with its worst-case inputs, and the FGSM reference's mask."""
+
+    per_attack: dict[str, float]
+    broken: dict[str, int]
+    seconds: dict[str, float]
+    robust: np.ndarray
+    adversarial: np.ndarray
+    fgsm_acc: float
+    fgsm_robust: np.ndarray
+
+    @property
+    def robust_acc(self) -> float:
+        return list(self.per_attack.values())[-1]
+
+
+def _evaluate_eps(ev: _Eval, eps: float, suite, config: EvalConfig) -> _EpsRun:
     """Clean mask, the suite in order on still-robust examples, then the FGSM reference."""
     correct = np.argmax(ev.clean_logits, axis=1) == ev.y
     robust, adv_out = correct.copy(), ev.x.copy()
@@ -174,13 +192,19 @@ def _evaluate_eps(ev: _Eval, eps: float, suite, config: EvalConfig):
         per_attack[attack.name] = float(robust.mean())
         broken[attack.name] = before - int(robust.sum())
     if config.suite == "fgsm":
-        return per_attack, broken, per_attack["fgsm"], seconds, robust, adv_out, robust
-    fgsm_robust, label = correct.copy(), "fgsm (reference)"
-    seconds[label] = _timed(ev, FGSM_REFERENCE, label, eps, fgsm_robust, ev.x.copy(), config.seed)
-    return per_attack, broken, float(fgsm_robust.mean()), seconds, robust, adv_out, fgsm_robust
+        fgsm_acc, fgsm_robust = per_attack["fgsm"], robust
+    else:
+        fgsm_robust, label = correct.copy(), "fgsm (reference)"
+        seconds[label] = _timed(
+            ev, FGSM_REFERENCE, label, eps, fgsm_robust, ev.x.copy(), config.seed
+        )
+        fgsm_acc = float(fgsm_robust.mean())
+    return _EpsRun(per_attack, broken, seconds, robust, adv_out, fgsm_acc, fgsm_robust)
 
 
-def _eps_flags(ev: _Eval, eps, config, suite, per_attack, fgsm_acc, robust, reference):
+def _eps_flags(ev: _Eval, eps: float, run: _EpsRun, config: EvalConfig, suite, reference):
+    """The per-eps gradient-masking checks of `advtrain.flags` on one eps's attacks."""
+    per_attack, fgsm_acc, robust = run.per_attack, run.fgsm_acc, run.robust
     n, bs, seed, norm = len(ev.y), ev.batch_size, config.seed, ev.norm
     m = min(n, flags.SAMPLE_SIZE)
     x, y = ev.x, ev.y
@@ -212,6 +236,75 @@ def _eps_flags(ev: _Eval, eps, config, suite, per_attack, fgsm_acc, robust, refe
         ),
         flags.check_whitebox_vs_noise(
             ev.model, x, y, robust, eps=eps, norm=norm, batch_size=bs, seed=seed
+        ),
+    ]
+
+
+def _eps_result(
+    ev: _Eval,
+    eps: float,
+    run: _EpsRun,
+    config: EvalConfig,
+    unavailable: dict[str, str],
+    t0: float,
+    *,
+    keep_adversarial: bool,
+) -> EpsResult:
+    """One eps's `EpsResult`: its attacks and, on the same examples, its certificates."""
+    # Every attack run here, the FGSM reference included, must leave certified examples alone.
+    certified = certify_at(
+        ev.model,
+        ev.x,
+        ev.y,
+        run.robust & run.fgsm_robust,
+        eps=eps,
+        norm=config.norm,
+        methods=config.certify,
+        unavailable=unavailable,
+        progress=ev.progress,
+    )
+    return EpsResult(
+        eps=eps,
+        clean_acc=run.per_attack["clean"],
+        robust_acc=run.robust_acc,
+        fgsm_acc=run.fgsm_acc,
+        per_attack=run.per_attack,
+        broken=run.broken,
+        attack_seconds=run.seconds,
+        seconds=time.perf_counter() - t0,
+        adversarial=run.adversarial if keep_adversarial else None,
+        **certified,
+    )
+
+
+def _sample_notes(n: int, given: int, split: str, steps_scale: float, suite: str) -> list[str]:
+    first = "all" if n == given else f"the first {n} of the"
+    notes = [f"{first} {given} examples given ({split} split) were evaluated"]
+    if steps_scale != 1.0:
+        notes.append(
+            f"REDUCED SUITE: step counts scaled by {steps_scale:g}; not the "
+            f"{suite!r} suite's budget, for tests only"
+        )
+    return notes
+
+
+def _clean_logits(model, x, y, batch_size: int) -> np.ndarray:
+    logits = predict_logits(model, x, batch_size)
+    if int(y.max()) >= logits.shape[1]:
+        raise ValueError(
+            f"Labels exceed the model's {logits.shape[1]} classes. "
+            f"Received: max label={int(y.max())}"
+        )
+    return logits
+
+
+def _sweep_flags(model, x, y, results: list[EpsResult], config: EvalConfig) -> list:
+    """The checks across the eps sweep: accuracy falls as eps grows, and to 0 at a huge eps."""
+    m = min(len(x), flags.SAMPLE_SIZE)
+    return [
+        flags.check_eps_monotone([(r.eps, r.robust_acc) for r in results], len(x)),
+        flags.check_large_eps(
+            model, x[:m], y[:m], norm=config.norm, batch_size=config.batch_size, seed=config.seed
         ),
     ]
 
@@ -282,19 +375,8 @@ def evaluate_robustness(
     model, notes, grads = check_model(model, x[:m], y[:m])
     if reference_model is not None:
         reference_model, _, _ = check_model(reference_model, x[:m], y[:m])
-    first = "all" if len(x) == given else f"the first {len(x)} of the"
-    notes.append(f"{first} {given} examples given ({split} split) were evaluated")
-    if steps_scale != 1.0:
-        notes.append(
-            f"REDUCED SUITE: step counts scaled by {steps_scale:g}; not the "
-            f"{config.suite!r} suite's budget, for tests only"
-        )
-    clean_logits = predict_logits(model, x, config.batch_size)
-    if int(y.max()) >= clean_logits.shape[1]:
-        raise ValueError(
-            f"Labels exceed the model's {clean_logits.shape[1]} classes. "
-            f"Received: max label={int(y.max())}"
-        )
+    notes += _sample_notes(len(x), given, split, steps_scale, config.suite)
+    clean_logits = _clean_logits(model, x, y, config.batch_size)
     # BPDA: only where the suite has such an attack and the model has layers without a gradient.
     bpda = bpda_surrogate(model, x[:m]) if any(a.bpda for a in suite) else None
     if bpda is not None and bpda.note:
@@ -306,51 +388,14 @@ def evaluate_robustness(
     results, unavailable = [], {}  # {bound method: why it cannot bound this model}, for every eps
     for eps in config.eps:
         t0 = time.perf_counter()
-        per_attack, broken, fgsm_acc, seconds, robust, adv, fgsm_robust = _evaluate_eps(
-            ev, eps, suite, config
-        )
-        # Every attack run here, the FGSM reference included, must leave certified examples alone.
-        certified = certify_at(
-            model,
-            x,
-            y,
-            robust & fgsm_robust,
-            eps=eps,
-            norm=config.norm,
-            methods=config.certify,
-            unavailable=unavailable,
-            progress=progress,
-        )
+        run = _evaluate_eps(ev, eps, suite, config)
         if config.sanity:
-            found += _eps_flags(
-                ev, eps, config, suite, per_attack, fgsm_acc, robust, reference_model
-            )
+            found += _eps_flags(ev, eps, run, config, suite, reference_model)
         results.append(
-            EpsResult(
-                eps=eps,
-                clean_acc=per_attack["clean"],
-                robust_acc=list(per_attack.values())[-1],
-                fgsm_acc=fgsm_acc,
-                per_attack=per_attack,
-                broken=broken,
-                attack_seconds=seconds,
-                seconds=time.perf_counter() - t0,
-                adversarial=adv if keep_adversarial else None,
-                **certified,
-            )
+            _eps_result(ev, eps, run, config, unavailable, t0, keep_adversarial=keep_adversarial)
         )
     if config.sanity:
-        found.append(flags.check_eps_monotone([(r.eps, r.robust_acc) for r in results], len(x)))
-        found.append(
-            flags.check_large_eps(
-                model,
-                x[:m],
-                y[:m],
-                norm=config.norm,
-                batch_size=config.batch_size,
-                seed=config.seed,
-            )
-        )
+        found += _sweep_flags(model, x, y, results, config)
     else:
         notes.append("sanity checks were switched off (config.sanity=False)")
     return RobustnessReport(
