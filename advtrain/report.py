@@ -222,6 +222,60 @@ def _series(results) -> list[tuple[str, list[Mapping]]]:
     return out
 
 
+def _plot_model_curves(ax, rows: list[dict], prefix: str, own: str | None, colors) -> None:
+    """One model's curves: each attack, the worst case, the certified bound, the FGSM reference
+    (`own`: this model's colour when several share the axes, else None: a colour per curve)."""
+    eps, at = _from_zero(rows)
+    names = list(rows[0]["per_attack"])
+    for j, name in enumerate(names[:-1] if len(names) > 1 else names):
+        color = own or colors[j % len(colors)]
+        ax.plot(
+            eps,
+            at(lambda r, n=name: r["per_attack"][n]),
+            marker="o",
+            lw=1,
+            alpha=0.7,
+            color=color,
+            linestyle=":" if own else "-",
+            label=f"{prefix}{name}",
+        )
+    color = own or "black"
+    ax.plot(
+        eps,
+        at(lambda r: r["robust_acc"]),
+        marker="s",
+        lw=2.5,
+        color=color,
+        label=f"{prefix}worst case ({names[-1]})",
+    )
+    certified = [
+        (e, a)
+        for e, a in zip(eps, at(lambda r: r.get("certified_acc")), strict=True)
+        if a is not None
+    ]
+    if len(certified) > 1:  # eps 0 alone (the clean accuracy) is no curve
+        ce, ca = zip(*certified, strict=True)
+        ax.plot(
+            ce,
+            ca,
+            marker="D",
+            lw=2,
+            linestyle="-.",
+            color=own or "tab:green",
+            label=f"{prefix}certified (lower bound)",
+        )
+    if rows[0].get("fgsm_acc") is not None and "fgsm" not in names:
+        ax.plot(
+            eps,
+            at(lambda r: r["fgsm_acc"]),
+            marker="^",
+            lw=1,
+            linestyle="--",
+            color=own or "gray",
+            label=f"{prefix}fgsm (reference)",
+        )
+
+
 def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
     """Accuracy against eps: one line per attack (cumulative, as in the report), the worst case
     in bold, the FGSM reference dashed, and the certified accuracy (a proven lower bound)
@@ -246,58 +300,10 @@ def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, per_eps) in enumerate(series):
         rows = sorted(per_eps, key=lambda r: r["eps"])
-        if not rows:
-            continue
-        eps, at = _from_zero(rows)
-        names = list(rows[0]["per_attack"])
-        prefix = f"{label}: " if several and label else (f"{label} " if label else "")
-        for j, name in enumerate(names[:-1] if len(names) > 1 else names):
-            color = colors[i % len(colors)] if several else colors[j % len(colors)]
-            ax.plot(
-                eps,
-                at(lambda r, n=name: r["per_attack"][n]),
-                marker="o",
-                lw=1,
-                alpha=0.7,
-                color=color,
-                linestyle=":" if several else "-",
-                label=f"{prefix}{name}",
-            )
-        color = colors[i % len(colors)] if several else "black"
-        ax.plot(
-            eps,
-            at(lambda r: r["robust_acc"]),
-            marker="s",
-            lw=2.5,
-            color=color,
-            label=f"{prefix}worst case ({names[-1]})",
-        )
-        certified = [
-            (e, a)
-            for e, a in zip(eps, at(lambda r: r.get("certified_acc")), strict=True)
-            if a is not None
-        ]
-        if len(certified) > 1:  # eps 0 alone (the clean accuracy) is no curve
-            ce, ca = zip(*certified, strict=True)
-            ax.plot(
-                ce,
-                ca,
-                marker="D",
-                lw=2,
-                linestyle="-.",
-                color=color if several else "tab:green",
-                label=f"{prefix}certified (lower bound)",
-            )
-        if rows[0].get("fgsm_acc") is not None and "fgsm" not in names:
-            ax.plot(
-                eps,
-                at(lambda r: r["fgsm_acc"]),
-                marker="^",
-                lw=1,
-                linestyle="--",
-                color=color if several else "gray",
-                label=f"{prefix}fgsm (reference)",
-            )
+        if rows:
+            prefix = f"{label}: " if several and label else (f"{label} " if label else "")
+            own = colors[i % len(colors)] if several else None  # one colour per model
+            _plot_model_curves(ax, rows, prefix, own, colors)
     first = series[0][1][0] if series[0][1] else {}
     norm = first.get("norm", "")
     ax.set_xlabel(f"eps ({norm})" if norm else "eps")
@@ -309,9 +315,7 @@ def plot_accuracy_vs_eps(results, path, *, title: str | None = None) -> Path:
     )
     ax.set_title(title or default)
     ax.set_xlim(left=0.0)
-    if (
-        several
-    ):  # a dozen entries would hide the curves: beside the axes (kept by bbox_inches="tight")
+    if several:  # a dozen entries would hide the curves: beside the axes (bbox_inches="tight")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     else:
         ax.legend(fontsize=7, loc="best")
