@@ -73,45 +73,43 @@ def _evaluate_stopped(row: dict, spec: RunSpec, data, filesystem) -> None:
     row["_dir"] = out
 
 
+def _row(result, searched: list[str], scheduler: str, spec: RunSpec) -> dict[str, Any]:
+    """One trial's row from its Tune result: its searched config, metrics and how it ended."""
+    m = dict(result.metrics or {})
+    cfg = result.config or {}
+    return {
+        "trial_id": m.get("trial_id") or Path(result.path).name,
+        "config": {
+            k: (round(cfg[k], 4) if isinstance(cfg.get(k), float) else cfg.get(k)) for k in searched
+        },
+        "val_clean_acc": m.get("val_clean_acc"),
+        "val_robust_acc": m.get("val_robust_acc"),
+        "val_certified_acc": m.get("val_certified_acc"),
+        "test_clean_acc": m.get("test_clean_acc"),
+        "test_robust_acc": m.get("test_robust_acc"),
+        "test_certified_acc": m.get("test_certified_acc"),
+        "test_certified_by": m.get("test_certified_by"),
+        "test_certified_note": m.get("test_certified_note"),
+        "test_flags_failed": m.get("test_flags_failed", []),
+        "epochs_run": m.get("epoch"),
+        "planned_epochs": spec.train.epochs,
+        "stopped": _stopped(m, result.error, scheduler),
+        "wall_s": m.get("time_total_s"),
+        "error": None if result.error is None else str(result.error).splitlines()[0][:300],
+        "_dir": Path(result.checkpoint.to_directory()) if result.checkpoint is not None else None,
+        "_train_checkpoint": m.get("checkpoint_path"),
+    }
+
+
 def collect(grid, run_dir: Path, spec: RunSpec, *, filesystem=None) -> list[dict]:
     """Reads every trial of the ResultGrid into rows; evaluates trials the scheduler stopped
     (from their last checkpoint, read on `filesystem`: the pyarrow filesystem of the search's
     storage, `None` for a local run folder); copies the best model and the top trials' reports."""
     search = json.loads((run_dir / "spec.json").read_text())["search"]
     searched, scheduler = list(search["space"]), search["scheduler"]
-    metric = search.get(
-        "metric", "val_robust_acc"
-    )  # searches saved before `search.metric` ranked on PGD
-    rows = []
-    for result in grid:
-        m = dict(result.metrics or {})
-        cfg = result.config or {}
-        row = {
-            "trial_id": m.get("trial_id") or Path(result.path).name,
-            "config": {
-                k: (round(cfg[k], 4) if isinstance(cfg.get(k), float) else cfg.get(k))
-                for k in searched
-            },
-            "val_clean_acc": m.get("val_clean_acc"),
-            "val_robust_acc": m.get("val_robust_acc"),
-            "val_certified_acc": m.get("val_certified_acc"),
-            "test_clean_acc": m.get("test_clean_acc"),
-            "test_robust_acc": m.get("test_robust_acc"),
-            "test_certified_acc": m.get("test_certified_acc"),
-            "test_certified_by": m.get("test_certified_by"),
-            "test_certified_note": m.get("test_certified_note"),
-            "test_flags_failed": m.get("test_flags_failed", []),
-            "epochs_run": m.get("epoch"),
-            "planned_epochs": spec.train.epochs,
-            "stopped": _stopped(m, result.error, scheduler),
-            "wall_s": m.get("time_total_s"),
-            "error": None if result.error is None else str(result.error).splitlines()[0][:300],
-            "_dir": Path(result.checkpoint.to_directory())
-            if result.checkpoint is not None
-            else None,
-            "_train_checkpoint": m.get("checkpoint_path"),
-        }
-        rows.append(row)
+    # Searches saved before `search.metric` ranked on PGD.
+    metric = search.get("metric", "val_robust_acc")
+    rows = [_row(result, searched, scheduler, spec) for result in grid]
     data = None
     for row in rows:
         if row["stopped"] == scheduler and row["_train_checkpoint"]:
