@@ -326,20 +326,26 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return sorted({m for m in marks if m < steps})
 
 
+def _checkpoint_masks(steps: int):
+    """Per iteration: is it an APGD checkpoint, and the iterations since the previous one."""
+    is_ckpt = np.zeros(steps, dtype=bool)
+    interval = np.zeros(steps, dtype=np.float32)
+    last = 0
+    for c in apgd_checkpoints(steps):
+        is_ckpt[c], interval[c], last = True, c - last, c
+    return tf.constant(is_ckpt), tf.constant(interval)
+
+
 def _apgd_graph(model, x, y, eps, steps: int, *, norm, loss, y_target, seed):
     """One run of APGD (Croce and Hein 2020, arXiv:2003.01690, Algorithm 1): momentum 0.75,
     step 2 * eps halved at checkpoints when the loss stalls, restarting from the best point.
 
     Returns (x_adv, loss, success) per example: the first successful iterate, else the
     highest-loss one. The loop stops early once every example of the batch has succeeded."""
+    # Longer than most: one tf.while_loop whose body follows Algorithm 1 line by line, so the
+    # step, the momentum and the checkpoint rule read together as in the paper.
     eps = tf.cast(eps, x.dtype)
-    checkpoints = apgd_checkpoints(steps)
-    is_ckpt = np.zeros(steps, dtype=bool)
-    interval = np.zeros(steps, dtype=np.float32)
-    last = 0
-    for c in checkpoints:
-        is_ckpt[c], interval[c], last = True, c - last, c
-    is_ckpt, interval = tf.constant(is_ckpt), tf.constant(interval)
+    is_ckpt, interval = _checkpoint_masks(steps)
     batch = tf.shape(x)[0]
     project = _projector(x, eps, norm)
 
