@@ -238,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = {"parents": [_log_options(False)], "formatter_class": _HelpFormatter}
 
+    _add_train_command(sub, common)
+    _add_tune_command(sub, common)
+    _add_evaluate_command(sub, common)
+    _add_certify_command(sub, common)
+    _add_attack_command(sub, common)
+    _add_report_command(sub, common)
+    _add_cluster_command(sub, common)
+    _add_config_command(sub, common)
+    return parser
+
+
+def _add_train_command(sub, common: dict) -> None:
     p = sub.add_parser(
         "train",
         help="adversarial training, in one process (--local) or on Ray Train workers",
@@ -256,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_options(p)
     _add_train_overrides(p)
 
+
+def _add_tune_command(sub, common: dict) -> None:
     p = sub.add_parser(
         "tune", help="Ray Tune search over training eps, PGD steps and mix", **common
     )
@@ -284,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ray_options(p)
 
+
+def _add_evaluate_command(sub, common: dict) -> None:
     p = sub.add_parser(
         "evaluate", help="robust accuracy of a .keras model under a threat model", **common
     )
@@ -316,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an earlier report in the --out folder"
     )
 
+
+def _add_certify_command(sub, common: dict) -> None:
     p = sub.add_parser(
         "certify",
         help="certified accuracy of a .keras model: proven by bound propagation (IBP, CROWN)",
@@ -338,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model)",
     )
 
+
+def _add_attack_command(sub, common: dict) -> None:
     p = sub.add_parser("attack", help="adversarial examples for given images", **common)
     p.add_argument("model", help="a .keras model file")
     p.add_argument(
@@ -377,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output .npz (x, y, x_adv, pred, pred_adv)")
 
+
+def _add_report_command(sub, common: dict) -> None:
     p = sub.add_parser(
         "report",
         help="rebuild the report of a search from its folder or storage location",
@@ -384,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", metavar="DIR|URI", help="the search's folder, or its location in storage")
 
+
+def _add_cluster_command(sub, common: dict) -> None:
     p = sub.add_parser(
         "cluster",
         help="start, stop or inspect a local Ray cluster (127.0.0.1, token auth)",
@@ -416,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--add-node", action="store_true", help="also start a second 1-CPU node on this machine"
     )
 
+
+def _add_config_command(sub, common: dict) -> None:
     p = sub.add_parser(
         "config",
         help="the run file's keys: its effective config, JSON schema or reference",
@@ -435,7 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="print the key reference (docs/config.md)"
     )
     p.add_argument("--config", help="run file (YAML) for --show (default: every default)")
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------
