@@ -145,28 +145,6 @@ def _add_train_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of initialisation, shuffling and attacks")
 
 
-TRAIN_KEYS = (
-    "model",
-    "data",
-    "method",
-    "eps",
-    "steps",
-    "step_size",
-    "norm",
-    "mix",
-    "beta",
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "optimizer",
-    "schedule",
-    "eps_ramp_epochs",
-    "train_size",
-    "val_size",
-    "seed",
-)
-
-
 def _add_ray_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ray")
     g.add_argument(
@@ -478,7 +456,13 @@ def _run_folder(out: str | None, kind: str, storage: str | None):
 
 
 def _train_overrides(args) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
+    """The `train` keys given on the command line: the flags named as TrainConfig's fields."""
+    import dataclasses
+
+    from advtrain.config import TrainConfig
+
+    names = (f.name for f in dataclasses.fields(TrainConfig))
+    return {k: v for k in names if (v := getattr(args, k, None)) is not None}
 
 
 def _scaling_overrides(args) -> dict[str, Any]:
