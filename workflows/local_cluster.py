@@ -502,25 +502,7 @@ def up(
     temp_dir.mkdir(exist_ok=True, mode=0o700)
     ensure_token(token_path)
 
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")
-    }
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token_path),
-        RAY_USAGE_STATS_ENABLED="0",
-        **{LOOPBACK_ENV: "0"},
-        **dict(extra_env or {}),
-    )
-    # Job entrypoints (`ray job submit -- python -m workflows.cli ...`) and workers resolve
-    # `python` and `advtrain` on the nodes' PATH: put this interpreter's folder first so a
-    # cluster started from an unactivated venv runs jobs with the Python that has advtrain.
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join(
-        [bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir)]
-    )
+    env = _node_env(token_path, extra_env)
     taken: set[int] = {port} if port else set()
     head = _node_ports(
         ("gcs", "dashboard", "ray_client_server", *_ENV_PORTS, *_NODE_LISTENERS), taken
@@ -590,35 +572,8 @@ def up(
             write_json(cluster.cluster_file, cluster.to_dict())
         _wait_for_nodes(cluster, len(nodes), timeout_s)
         if node_types is not None:
-            # What cluster.yaml's head does after `ray start`: tell the GCS which node types the
-            # autoscaler can add (workflows.capacity), so drivers see them before any node is up.
-            cmd = [
-                sys.executable,
-                "-m",
-                "workflows.capacity",
-                "publish",
-                str(config_path),
-                "--address",
-                address,
-            ]
-            done = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-            )
-            if done.returncode != 0:
-                raise ClusterError(
-                    f"publishing the node types failed: {(done.stderr or done.stdout)[-500:]}"
-                )
-        pids = {}
-        for p in _scan(temp_dir, sessions):
-            with contextlib.suppress(OSError):  # it exited meanwhile
-                pids.setdefault(os.getsid(p.pid), []).append(p.pid)
-        cluster = dataclasses.replace(
-            cluster,
-            nodes=tuple(
-                dataclasses.replace(n, pids=tuple(sorted(pids.get(n.session_id, ()))))
-                for n in nodes
-            ),
-        )
+            _publish_node_types(config_path, address, env, timeout_s)
+        cluster = _with_pids(cluster, sessions)
         write_json(cluster.cluster_file, cluster.to_dict())
     except BaseException:
         logger.warning("Cluster in %s did not come up; stopping what was started.", root)
@@ -627,6 +582,66 @@ def up(
         raise
     logger.info("Ray cluster up at %s with %d node(s).", address, len(cluster.nodes))
     return cluster
+
+
+def _node_env(token_path: Path, extra_env: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment every node (and so every job and worker) of the cluster runs with."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")
+    }
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAY_USAGE_STATS_ENABLED="0",
+        **{LOOPBACK_ENV: "0"},
+        **dict(extra_env or {}),
+    )
+    # Job entrypoints (`ray job submit -- python -m workflows.cli ...`) and workers resolve
+    # `python` and `advtrain` on the nodes' PATH: put this interpreter's folder first so a
+    # cluster started from an unactivated venv runs jobs with the Python that has advtrain.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(
+        [bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir)]
+    )
+    return env
+
+
+def _publish_node_types(config_path: Path, address: str, env: dict, timeout_s: float) -> None:
+    """What cluster.yaml's head does after `ray start`: tell the GCS which node types the
+    autoscaler can add (workflows.capacity), so drivers see them before any node is up."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "workflows.capacity",
+        "publish",
+        str(config_path),
+        "--address",
+        address,
+    ]
+    done = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    if done.returncode != 0:
+        raise ClusterError(
+            f"publishing the node types failed: {(done.stderr or done.stdout)[-500:]}"
+        )
+
+
+def _with_pids(cluster: LocalCluster, sessions: dict[int, float]) -> LocalCluster:
+    """`cluster` with each node's process ids, found by session under its temp dir."""
+    pids: dict[int, list[int]] = {}
+    for p in _scan(cluster.temp_dir, sessions):
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            pids.setdefault(os.getsid(p.pid), []).append(p.pid)
+    return dataclasses.replace(
+        cluster,
+        nodes=tuple(
+            dataclasses.replace(n, pids=tuple(sorted(pids.get(n.session_id, ()))))
+            for n in cluster.nodes
+        ),
+    )
 
 
 def autoscaling_config(
