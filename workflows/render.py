@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from advtrain import report
+from advtrain.config import ThreatModel
 from advtrain.files import write_text
 from advtrain.flag_text import ANCHOR, HEADING, flag_link, flags_markdown
 from advtrain.page import html_page
@@ -234,10 +235,8 @@ class _Report:
 
 
 def _threat(tm: dict) -> str:
-    return (
-        f"{tm['norm']} eps={tm['eps']:g}, {tm['suite']} suite, {tm['split']} split, "
-        f"n={tm['n'] or 'all'}"
-    )
+    """trials.json's threat model in `ThreatModel.describe`'s words (the one rendering)."""
+    return ThreatModel.from_dict(tm).describe()
 
 
 def _bracket(r: dict) -> str:
