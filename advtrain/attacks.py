@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from advtrain.checks import check_attack_inputs
-from advtrain.config import AttackConfig, check_eps_fits
+from advtrain.config import AttackConfig, check_eps_fits, check_number
 from advtrain.graphs import compiled
 from advtrain.square import square
 
@@ -696,10 +696,7 @@ def run_attack(
     """
     if name not in ATTACKS:
         raise ValueError(f"Unknown attack {name!r}. Expected one of: {', '.join(sorted(ATTACKS))}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be an integer >= 1. Received: batch_size={batch_size!r}"
-        )
+    check_number("batch_size", batch_size, low=1, integer=True)
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int32)
     if len(x) != len(y):
@@ -719,8 +716,10 @@ def run_attack(
                 f"y_target.shape={y_target.shape}"
             )
     seed = kwargs.pop("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
+    # A numpy integer seed (from a seed array or a sweep) is as good as an int.
+    seed = check_number(
+        "seed", int(seed) if isinstance(seed, np.integer) else seed, low=0, integer=True
+    )
     if "eps" in kwargs and x.ndim == 4:
         check_eps_fits("eps", kwargs["eps"], kwargs.get("norm", "linf"), x.shape[1:])
     attack = ATTACKS[name]

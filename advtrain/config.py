@@ -37,6 +37,7 @@ __all__ = [
     "check_methods",
     "check_model_spec",
     "check_number",
+    "check_steps_per_call",
     "describe_fields",
     "did_you_mean",
     "field_names",
@@ -98,6 +99,15 @@ def check_number(
     if too_low or too_high:
         raise ValueError(f"`{name}` must be in {rng}. Received: {name}={value!r}")
     return int(value) if integer else float(value)
+
+
+def check_steps_per_call(value: Any) -> int:
+    """Checks `steps_per_call` (optimizer steps per compiled call, an integer >= 1) and returns it.
+
+    The one check: `advtrain.training.AdversarialTraining` calls it, and so does the driver
+    (`workflows.train.build_trainer`) before building a trainer, without importing TensorFlow.
+    """
+    return check_number("steps_per_call", value, low=1, integer=True)
 
 
 def max_eps(norm: str, input_shape=None) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from advtrain.config import check_number
 from advtrain.files import write_atomic
 
 # 2x a screen's 100 dpi: sharp on high-density displays and when zoomed in a report.
@@ -359,8 +360,7 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, path, n: int = 16) 
     """
     x, x_adv = np.asarray(x), np.asarray(x_adv)
     y, pc, pa = (np.asarray(a).astype(int).reshape(-1) for a in (y, pred_clean, pred_adv))
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`n` must be an integer >= 1. Received: n={n!r}")
+    check_number("n", n, low=1, integer=True)
     if not (len(x) == len(x_adv) == len(y) == len(pc) == len(pa)) or len(x) == 0:
         raise ValueError(
             "`x`, `x_adv`, `y`, `pred_clean` and `pred_adv` must be non-empty and equally long. "

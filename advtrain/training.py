@@ -29,7 +29,13 @@ import numpy as np
 import tensorflow as tf
 
 from advtrain import attacks, bounds
-from advtrain.config import CERTIFIED_METHODS, ThreatModel, TrainConfig
+from advtrain.config import (
+    CERTIFIED_METHODS,
+    ThreatModel,
+    TrainConfig,
+    check_number,
+    check_steps_per_call,
+)
 from advtrain.files import write_json
 from advtrain.models import MNIST_SHAPE, make_model, save_model
 
@@ -163,20 +169,11 @@ class AdversarialTraining:
         num_classes: int = 10,
         model_paths=(),
     ):
-        if steps_per_epoch < 1:
-            raise ValueError(
-                f"`steps_per_epoch` must be >= 1 (is the training split smaller than one batch?). "
-                f"Received: steps_per_epoch={steps_per_epoch}"
-            )
-        if (
-            isinstance(steps_per_call, bool)
-            or not isinstance(steps_per_call, int)
-            or steps_per_call < 1
-        ):
-            raise ValueError(
-                "`steps_per_call` must be an integer >= 1. Received: "
-                f"steps_per_call={steps_per_call!r}"
-            )
+        try:
+            check_number("steps_per_epoch", steps_per_epoch, low=1, integer=True)
+        except ValueError as e:
+            raise ValueError(f"{e} (is the training split smaller than one batch?)") from None
+        check_steps_per_call(steps_per_call)
         self.cfg = cfg
         self.steps_per_epoch = steps_per_epoch
         self.steps_per_call = steps_per_call

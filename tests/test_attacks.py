@@ -462,11 +462,17 @@ def test_run_attack_length_mismatch_raises(linear, test_data):
         run_attack("pgd", linear, test_data[0][:4], test_data[1][:5], eps=0.1)
 
 
-@pytest.mark.parametrize("batch_size", [0, True, 2.5])
-def test_run_attack_bad_batch_size_raises(batch_size, linear, test_data):
+@pytest.mark.parametrize(
+    "batch_size, error, wording",
+    [
+        (0, ValueError, r"must be in \[1, inf\]"),
+        (True, TypeError, "must be an integer"),
+        (2.5, TypeError, "must be an integer"),
+    ],
+)
+def test_run_attack_bad_batch_size_raises(batch_size, error, wording, linear, test_data):
     with pytest.raises(
-        ValueError,
-        match=rf"`batch_size` must be an integer >= 1. Received: batch_size={batch_size!r}",
+        error, match=rf"`batch_size` {wording}. Received: batch_size={batch_size!r}"
     ):
         run_attack(
             "pgd", linear, test_data[0][:4], test_data[1][:4], eps=0.1, batch_size=batch_size
@@ -479,9 +485,14 @@ def test_run_attack_y_target_length_mismatch_raises(linear, test_data):
         run_attack("pgd", linear, x, y, eps=0.1, y_target=y[:4], batch_size=4)
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, True])
-def test_run_attack_bad_seed_raises(seed, linear, test_data):
-    with pytest.raises(
-        ValueError, match=rf"`seed` must be an integer >= 0. Received: seed={seed!r}"
-    ):
+@pytest.mark.parametrize(
+    "seed, error, wording",
+    [
+        (-1, ValueError, r"must be in \[0, inf\]"),
+        (1.5, TypeError, "must be an integer"),
+        (True, TypeError, "must be an integer"),
+    ],
+)
+def test_run_attack_bad_seed_raises(seed, error, wording, linear, test_data):
+    with pytest.raises(error, match=rf"`seed` {wording}. Received: seed={seed!r}"):
         run_attack("pgd", linear, test_data[0][:4], test_data[1][:4], eps=0.1, seed=seed)

@@ -241,7 +241,11 @@ def test_current_eps_ramps_linearly_then_holds():
 
 
 def test_adversarial_training_zero_steps_per_epoch_raises():
-    with pytest.raises(ValueError, match="Received: steps_per_epoch=0"):
+    with pytest.raises(
+        ValueError,
+        match=r"`steps_per_epoch` must be in \[1, inf\]. Received: steps_per_epoch=0 \(is the "
+        "training split smaller than one batch\\?\\)",
+    ):
         training.AdversarialTraining(TrainConfig(), steps_per_epoch=0)
 
 

@@ -203,8 +203,7 @@ def connect(
     """
     if num_cpus is not None:
         check_number("num_cpus", num_cpus, low=1, integer=True)
-    if not timeout_s > 0:
-        raise ValueError(f"`timeout_s` must be > 0. Received: timeout_s={timeout_s!r}")
+    check_number("timeout_s", timeout_s, low=0, low_open=True)
     if address is None:
         pin_loopback()
         import ray

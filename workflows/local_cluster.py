@@ -482,10 +482,8 @@ def up(
             "`add_node` and `node_types` exclude each other: the autoscaler adds the nodes. "
             f"Received: add_node={add_node!r}, node_types={dict(node_types)!r}"
         )
-    if port is not None and (
-        isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535
-    ):
-        raise ValueError(f"`port` must be an integer in [1024, 65535]. Received: port={port!r}")
+    if port is not None:
+        check_number("port", port, low=1024, high=65535, integer=True)
     if port is not None and not _port_free(port):
         raise ClusterError(f"Port {port} on 127.0.0.1 is in use; choose another `port`.")
     root = _root(root)

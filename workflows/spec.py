@@ -31,6 +31,7 @@ from advtrain.config import (
     load_yaml,
     option,
 )
+from workflows.storage import is_uri
 
 __all__ = ["RunSpec", "Scaling", "eval_data", "load_spec", "locate", "with_absolute_paths"]
 
@@ -148,7 +149,7 @@ def load_spec(
 
 def _is_local_path(value: str) -> bool:
     # Built-in names, keras:NAME datasets, import paths and URIs are not files on this machine.
-    return "://" not in value and ":" not in value and value not in ("bundled", *MODELS)
+    return not is_uri(value) and ":" not in value and value not in ("bundled", *MODELS)
 
 
 def with_absolute_paths(spec: RunSpec) -> RunSpec:

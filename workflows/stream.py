@@ -26,6 +26,7 @@ import ray
 import ray.data
 import ray.train
 
+from advtrain.config import check_number
 from advtrain.data import (
     FILE_FORMATS,
     GRAY_MODES,
@@ -174,8 +175,8 @@ def read_split(
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"`seed` must be an integer or None. Received: seed={seed!r}")
-    if num_cpus is not None and not (isinstance(num_cpus, (int, float)) and num_cpus > 0):
-        raise ValueError(f"`num_cpus` must be > 0 or None. Received: num_cpus={num_cpus!r}")
+    if num_cpus is not None:
+        check_number("num_cpus", num_cpus, low=0, low_open=True)
     kind, files, _ = split_files(str(source), split)
     fs, path = filesystem(join(str(source), split))
     shuffle = None
@@ -269,8 +270,7 @@ def epoch_dataset(
         ("prefetch_batches", prefetch_batches, 1),
         ("shuffle_buffer", shuffle_buffer, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
+        check_number(name, value, low=low, integer=True)
     if 0 < shuffle_buffer < batch_size:
         raise ValueError(
             f"`shuffle_buffer` must be 0 or >= batch_size ({batch_size}). "

@@ -28,7 +28,13 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from advtrain.config import ThreatModel, TrainConfig, check_choice
+from advtrain.config import (
+    ThreatModel,
+    TrainConfig,
+    check_choice,
+    check_number,
+    check_steps_per_call,
+)
 
 __all__ = [
     "COMMUNICATIONS",
@@ -115,14 +121,7 @@ def make_strategy(
 
     check_choice("strategy", strategy, STRATEGIES)
     check_choice("communication", communication, COMMUNICATIONS)
-    if (
-        isinstance(bytes_per_pack, bool)
-        or not isinstance(bytes_per_pack, int)
-        or bytes_per_pack < 0
-    ):
-        raise ValueError(
-            f"`bytes_per_pack` must be an integer >= 0. Received: bytes_per_pack={bytes_per_pack!r}"
-        )
+    check_number("bytes_per_pack", bytes_per_pack, low=0, integer=True)
     if world_size == 1 and strategy == "auto":
         return tf.distribute.get_strategy()
     options = tf.distribute.experimental.CommunicationOptions(
@@ -410,14 +409,8 @@ def build_trainer(
 
     streamed = stream_source(cfg)
     datasets, data_config, rows = streamed if streamed else (None, None, None)
-    if steps_per_call is not None and (
-        isinstance(steps_per_call, bool)
-        or not isinstance(steps_per_call, int)
-        or steps_per_call < 1
-    ):
-        raise ValueError(
-            f"`steps_per_call` must be an integer >= 1. Received: steps_per_call={steps_per_call!r}"
-        )
+    if steps_per_call is not None:
+        check_steps_per_call(steps_per_call)
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={
