@@ -167,65 +167,30 @@ def _auth_refused(error: BaseException) -> bool:
     return False
 
 
-def connect(
-    address: str | None = None,
-    *,
-    num_cpus: int | None = None,
-    timeout_s: float = 10.0,
-    **init_kwargs: Any,
-):
-    """Connects this process to Ray: an embedded loopback instance, or a running cluster.
+def _start_embedded(num_cpus: int | None, init_kwargs: dict[str, Any]):
+    """Ray inside this process, on 127.0.0.1, with token auth and the dashboard on loopback."""
+    pin_loopback()
+    import ray
 
-    With `address=None`, starts Ray inside this process with `ray.init(address="local")` on
-    127.0.0.1, its dashboard (and state API) bound to 127.0.0.1 too. Unless `RAY_AUTH_MODE`
-    says otherwise, Ray 2.60 turns on
-    token auth by itself, with `~/.ray/auth_token` as the token: created here first, with mode
-    0600, when missing (Ray would leave it readable by all).
+    if ray.is_initialized():
+        raise ClusterError("Ray is already initialized in this process; call ray.shutdown() first.")
+    _secure_default_token()
+    _refresh_ray_auth()
+    logger.info("Starting embedded Ray on 127.0.0.1.")
+    # The dashboard serves Ray's state API, which Train V2's placement-group cleaner polls;
+    # without it every run logs "State API may be temporarily unavailable" every second.
+    init_kwargs.setdefault("include_dashboard", True)
+    init_kwargs.setdefault("dashboard_host", LOOPBACK)
+    return ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count(),
+        _node_ip_address=LOOPBACK,
+        **init_kwargs,
+    )
 
-    With an address (`"auto"` meaning `$RAY_ADDRESS`, or `"host:port"`), checks that the GCS
-    port accepts a TCP connection, then calls `ray.init(address=...)` with Ray's GCS retries
-    bounded, so a missing cluster or a refused token fails in about `timeout_s`, never a silent
-    wait. The token comes from `RAY_AUTH_MODE`/`RAY_AUTH_TOKEN_PATH` (see `env_for`).
 
-    Args:
-        address: `None`, `"auto"` or `"host:port"`. Defaults to `None`.
-        num_cpus: CPUs of an embedded instance, >= 1. Defaults to `os.cpu_count()`.
-        timeout_s: Rough bound on the time to fail, > 0. Defaults to `10.0`.
-        **init_kwargs: Passed on to `ray.init` (for example `runtime_env`).
-
-    Returns:
-        The `ray.init` context.
-
-    Raises:
-        ValueError: On a malformed address or out-of-range argument.
-        ClusterError: If no cluster answers at `address`, it refuses the token, or Ray is
-            already initialized in this process.
-    """
-    if num_cpus is not None:
-        check_number("num_cpus", num_cpus, low=1, integer=True)
-    check_number("timeout_s", timeout_s, low=0, low_open=True)
-    if address is None:
-        pin_loopback()
-        import ray
-
-        if ray.is_initialized():
-            raise ClusterError(
-                "Ray is already initialized in this process; call ray.shutdown() first."
-            )
-        _secure_default_token()
-        _refresh_ray_auth()
-        logger.info("Starting embedded Ray on 127.0.0.1.")
-        # The dashboard serves Ray's state API, which Train V2's placement-group cleaner polls;
-        # without it every run logs "State API may be temporarily unavailable" every second.
-        init_kwargs.setdefault("include_dashboard", True)
-        init_kwargs.setdefault("dashboard_host", LOOPBACK)
-        return ray.init(
-            address="local",
-            num_cpus=num_cpus or os.cpu_count(),
-            _node_ip_address=LOOPBACK,
-            **init_kwargs,
-        )
-
+def _join_cluster(address: str, timeout_s: float, init_kwargs: dict[str, Any]):
+    """Joins the running cluster at `address` ('auto': RAY_ADDRESS), failing fast and by name."""
     given = address
     if address == "auto":
         address = os.environ.get("RAY_ADDRESS", "")
@@ -274,3 +239,45 @@ def connect(
             os.environ.pop(_GCS_WAIT_ENV, None)
         else:
             os.environ[_GCS_WAIT_ENV] = saved
+
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    timeout_s: float = 10.0,
+    **init_kwargs: Any,
+):
+    """Connects this process to Ray: an embedded loopback instance, or a running cluster.
+
+    With `address=None`, starts Ray inside this process with `ray.init(address="local")` on
+    127.0.0.1, its dashboard (and state API) bound to 127.0.0.1 too. Unless `RAY_AUTH_MODE`
+    says otherwise, Ray 2.60 turns on
+    token auth by itself, with `~/.ray/auth_token` as the token: created here first, with mode
+    0600, when missing (Ray would leave it readable by all).
+
+    With an address (`"auto"` meaning `$RAY_ADDRESS`, or `"host:port"`), checks that the GCS
+    port accepts a TCP connection, then calls `ray.init(address=...)` with Ray's GCS retries
+    bounded, so a missing cluster or a refused token fails in about `timeout_s`, never a silent
+    wait. The token comes from `RAY_AUTH_MODE`/`RAY_AUTH_TOKEN_PATH` (see `env_for`).
+
+    Args:
+        address: `None`, `"auto"` or `"host:port"`. Defaults to `None`.
+        num_cpus: CPUs of an embedded instance, >= 1. Defaults to `os.cpu_count()`.
+        timeout_s: Rough bound on the time to fail, > 0. Defaults to `10.0`.
+        **init_kwargs: Passed on to `ray.init` (for example `runtime_env`).
+
+    Returns:
+        The `ray.init` context.
+
+    Raises:
+        ValueError: On a malformed address or out-of-range argument.
+        ClusterError: If no cluster answers at `address`, it refuses the token, or Ray is
+            already initialized in this process.
+    """
+    if num_cpus is not None:
+        check_number("num_cpus", num_cpus, low=1, integer=True)
+    check_number("timeout_s", timeout_s, low=0, low_open=True)
+    if address is None:
+        return _start_embedded(num_cpus, init_kwargs)
+    return _join_cluster(address, timeout_s, init_kwargs)
