@@ -613,6 +613,12 @@ class TrainConfig(_Config):
             return 1.25 * self.eps
         return 2.5 * self.eps / self.steps
 
+    @property
+    def threat_model(self) -> ThreatModel:
+        """The threat model of a run given no other: its own training norm and eps (a search
+        passes `EvalConfig.threat_model` instead, so every trial is judged alike)."""
+        return ThreatModel(norm=self.norm, eps=self.eps)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(_Config):

@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import keras
 import numpy as np
@@ -142,7 +142,7 @@ class AdversarialTraining:
         rank: this worker's rank, mixed into the attack seeds so replicas draw different starts.
         threat_model: the `ThreatModel` runs are compared under; the probe reports
             `val_robust_acc` as PGD accuracy at its norm and eps (a search ranks trials by it,
-            whatever eps they train at). Defaults to the training norm and eps.
+            whatever eps they train at). Defaults to `cfg.threat_model` (the training norm and eps).
         steps_per_call: optimizer steps per compiled call, >= 1: a loop inside the graph, so the
             Python dispatch of a call is paid once per call. Any value gives the same weights;
             the epoch's last call runs the remainder. Defaults to `STEPS_PER_CALL`.
@@ -179,7 +179,7 @@ class AdversarialTraining:
         self.steps_per_call = steps_per_call
         self.strategy = strategy or tf.distribute.get_strategy()
         self.rank = rank
-        self.threat_model = threat_model or ThreatModel(norm=cfg.norm, eps=cfg.eps)
+        self.threat_model = threat_model or cfg.threat_model
         # Variables must be created in the strategy's scope to be mirrored across workers.
         with self.strategy.scope():
             self.model, _notes = make_model(
@@ -440,17 +440,25 @@ def _accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> fl
     return correct / max(len(x), 1)
 
 
+class _ToDict(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 def save_run(
     run_dir: str | os.PathLike,
     model: keras.Model,
-    cfg: TrainConfig,
+    config: TrainConfig | _ToDict,
     history: list[dict],
     summary: dict[str, Any],
 ) -> None:
-    """Writes model.keras, config.json and metrics.json into a run folder, each atomically."""
+    """Writes model.keras, config.json and metrics.json into a run folder, each atomically.
+
+    `config` is what config.json holds: the TrainConfig, or the caller's whole run
+    configuration (anything with `to_dict()`, e.g. the CLI's run spec), written once.
+    """
     run_dir = Path(run_dir)
     save_model(model, run_dir / "model.keras")
-    write_json(run_dir / "config.json", cfg.to_dict())
+    write_json(run_dir / "config.json", config.to_dict())
     write_json(run_dir / "metrics.json", {"epochs": history, **summary})
 
 
@@ -530,15 +538,17 @@ def run_epochs(
     """The epoch loop shared by local and Ray training: train, probe, guard.
 
     `dataset_for(epoch)` returns that epoch's (distributed) dataset; seeding the shuffle by epoch
-    makes a resumed run see the same batches as an uninterrupted one.
-    The guard keeps the weights of the best probe-PGD epoch in memory; when catastrophic
-    overfitting is detected (judged only on epochs after the eps ramp) it restores them and stops.
+    makes a resumed run see the same batches as an uninterrupted one. `history` (the epochs
+    already run, e.g. read from a checkpoint) is extended in place and returned, so `on_epoch`
+    sees it whole. The guard keeps the weights of the best probe-PGD epoch in memory; when
+    catastrophic overfitting is detected (judged only on epochs after the eps ramp) it restores
+    them and stops.
     """
     import time
 
     clock = clock or time.perf_counter
     cfg = run.cfg
-    history = list(history or [])
+    history = [] if history is None else history
     guard = cfg.guard and cfg.method in ("fgsm", "pgd", "trades") and cfg.eps > 0 and cfg.mix > 0
     best = max(history, key=lambda h: h["val_pgd_acc"], default=None)
     best_weights = run.model.get_weights() if best is not None else None

@@ -498,7 +498,7 @@ def _cmd_tune(args) -> int:
             raise UsageError(
                 "--resume DIR takes the config stored in DIR; drop --config/--out/--mlflow-uri"
             )
-        return commands.resume(args.resume, address=args.address, storage_base=args.storage)
+        return commands.resume(args.resume, address=args.address, storage=args.storage)
     from workflows.spec import load_spec, with_absolute_paths
 
     spec = with_absolute_paths(load_spec(args.config, scaling=_scaling_overrides(args)))
@@ -506,7 +506,7 @@ def _cmd_tune(args) -> int:
         spec.search, base=spec.train.to_dict(), samples=args.samples, mlflow_uri=args.mlflow_uri
     )
     folder = _run_folder(args.out, "tune", args.storage)
-    return commands.tune(spec, search, folder, address=args.address, storage_base=args.storage)
+    return commands.tune(spec, search, folder, address=args.address)
 
 
 def _cmd_evaluate(args) -> int:

@@ -227,7 +227,6 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
     data = check_run(
         spec, include_train=local
     )  # before TensorFlow loads: a data error is one clean line
-    from advtrain.files import write_json
     from advtrain.models import load_model
     from advtrain.training import fit, save_run
 
@@ -303,8 +302,7 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
         "mode": "local" if local else "ray",
         "workers": 1 if local else spec.scaling.workers,
     }
-    save_run(folder.local, model, spec.train, history, summary)
-    write_json(folder.local / "config.json", spec.to_dict())
+    save_run(folder.local, model, spec, history, summary)
     if summary.get("stopped_early"):
         _say(
             f"WARNING: {summary['stop_reason']}: stopped after epoch {summary['epochs_run']}, "
@@ -324,9 +322,7 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
 # --------------------------------------------------------------------------- tune
 
 
-def tune(
-    spec: RunSpec, search, folder: RunFolder, *, address: str | None, storage_base: str | None
-) -> int:
+def tune(spec: RunSpec, search, folder: RunFolder, *, address: str | None) -> int:
     """`advtrain tune --config FILE`: writes spec.json, runs the search, writes the results."""
     from workflows.tune import schedule_warning, write_spec
 
@@ -341,7 +337,7 @@ def tune(
     _check_search_eps(spec, search, data.input_shape)
     _connect_and_check(spec, address)
     folder.local.mkdir(parents=True, exist_ok=True)
-    write_spec(folder, spec, search, storage_base)
+    write_spec(folder, spec, search)
     folder.publish()
     for line in _tune_plan(spec, search, folder, data):
         _say(line)
@@ -379,24 +375,32 @@ def _tune_plan(spec: RunSpec, search, folder: RunFolder, data) -> list[str]:
     return lines
 
 
-def resume(location: str, *, address: str | None, storage_base: str | None) -> int:
+def resume(location: str, *, address: str | None, storage: str | None) -> int:
     """`advtrain tune --resume DIR|URI`: Tuner.restore; finished trials are not run again.
 
-    A URI is the search's own location in storage (`{storage}/{run name}`): its spec is read
-    from there, and Tune restores from there, so the folder the search started in (on a head
-    node that may be gone) is not needed.
+    A URI is the search's own location in storage: its spec is read from there, and Tune
+    restores from there, so the folder the search started in (on a head node that may be gone)
+    is not needed. A local folder names its location in its spec.json (`location`), written
+    when the search started; `storage` (--storage) may only repeat it.
+
+    Raises:
+        ValueError: `storage` puts the search somewhere other than where it was started.
     """
+    from workflows.storage import is_uri
+    from workflows.storage import join as storage_join
     from workflows.tune import read_spec
 
-    if storage.is_uri(location):
+    if is_uri(location):
         folder = RunFolder.open(location)
         spec, search, saved = read_spec(folder.local)
     else:
-        local = Path(location)
-        spec, search, saved = read_spec(local)
-        base = storage_base or saved.get("storage")
-        folder = RunFolder(
-            local, storage.join(base, saved.get("name") or local.resolve().name) if base else None
+        spec, search, saved = read_spec(Path(location))
+        folder = RunFolder(Path(location), saved.get("location"))
+    if storage is not None and storage_join(storage, folder.name) != folder.ray_location:
+        raise ValueError(
+            f"--storage {storage!r} puts the search at {storage_join(storage, folder.name)!r}, "
+            f"but it was started at {folder.ray_location!r}; drop --storage (or unset "
+            "ADVTRAIN_STORAGE) to resume it where it is"
         )
     _connect_and_check(spec, address)
     return _search_and_finish(spec, search, folder, restore=True, origin=saved.get("origin"))

@@ -16,6 +16,7 @@ set-up, shared with `benchmarks/ray_overhead.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ __all__ = [
     "COMMUNICATIONS",
     "STRATEGIES",
     "WORKER_ENV",
+    "WorkerConfig",
     "build_trainer",
     "configure_tensorflow",
     "make_strategy",
@@ -264,56 +266,79 @@ def _digest(indices) -> str:
     return hashlib.sha256(indices.astype("int64").tobytes()).hexdigest()[:16]
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: shard, model in the strategy's scope, resume, epochs, reports.
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a Ray Train worker needs; it crosses the Ray boundary once, as
+    `train_loop_config` (`to_dict` in the driver, `from_dict` in the worker), so the loop never
+    reads the driver's globals or sys.argv.
 
-    `config` holds `train` (a TrainConfig dict), `cpus_per_worker`, `steps_per_call` (None: the
-    default of `AdversarialTraining`), `threat_model` (the search's fixed `ThreatModel` as a
-    dict, or None), `origin` (the driver's working folder: relative data and model paths and
-    imported models are found from it) and `stream_rows` (the training rows Ray Data streams,
-    or None). Everything the worker needs comes through it: the loop never reads the driver's
-    globals or sys.argv.
+    Args:
+        train: the run's training configuration.
+        cpus_per_worker: this worker's CPU share (sizes TensorFlow's thread pools).
+        steps_per_call: optimizer steps per compiled call; `None`: `AdversarialTraining`'s
+            default, read in the worker so the driver never imports TensorFlow.
+        threat_model: the search's fixed threat model; `None`: the training's own
+            (`TrainConfig.threat_model`).
+        origin: the driver's working folder: relative data and model paths and imported models
+            are found from it.
+        stream_rows: the training rows Ray Data streams, or `None` when data is loaded in memory.
     """
+
+    train: TrainConfig
+    cpus_per_worker: float
+    origin: str
+    steps_per_call: int | None = None
+    threat_model: ThreatModel | None = None
+    stream_rows: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "train": self.train.to_dict(),
+            "threat_model": self.threat_model.to_dict() if self.threat_model else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerConfig:
+        tm = d["threat_model"]
+        return cls(
+            **{
+                **d,
+                "train": TrainConfig.from_dict(d["train"]),
+                "threat_model": ThreatModel.from_dict(tm) if tm else None,
+            }
+        )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker (`config`: a `WorkerConfig.to_dict()`): shard, model in the
+    strategy's scope, resume, epochs, reports."""
+    from advtrain.training import STEPS_PER_CALL, AdversarialTraining, run_epochs
     from workflows.spec import locate
 
-    origin = config.get("origin")
-    cfg = TrainConfig.from_dict(config["train"])
-    cfg = cfg.replace(data=locate(cfg.data, origin), model=locate(cfg.model, origin))
-    tf = configure_tensorflow(config["cpus_per_worker"])
-    # Ray Train logs every checkpoint and report at INFO; the epoch lines are what users read.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    tf.get_logger().setLevel("ERROR")
-    from advtrain.files import write_json
-    from advtrain.models import save_model
-    from advtrain.training import STEPS_PER_CALL, AdversarialTraining, run_epochs
-
+    wc = WorkerConfig.from_dict(config)
+    cfg = wc.train.replace(
+        data=locate(wc.train.data, wc.origin), model=locate(wc.train.model, wc.origin)
+    )
+    tf = _quiet_worker(wc.cpus_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     strategy = make_strategy(world)
     idx, dataset_for, steps, data = shard_datasets(
-        cfg, strategy, rank, world, stream_rows=config.get("stream_rows")
+        cfg, strategy, rank, world, stream_rows=wc.stream_rows
     )
-
-    threat_model = ThreatModel.from_dict(config["threat_model"]) if config["threat_model"] else None
     run = AdversarialTraining(
         cfg,
         steps_per_epoch=steps,
         strategy=strategy,
         rank=rank,
-        threat_model=threat_model,
-        steps_per_call=config["steps_per_call"] or STEPS_PER_CALL,
+        threat_model=wc.threat_model,
+        steps_per_call=wc.steps_per_call or STEPS_PER_CALL,
         input_shape=data.input_shape,
         num_classes=data.num_classes,
-        model_paths=[origin] if origin else (),
+        model_paths=[wc.origin],
     )
-    history: list[dict] = []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            run.checkpoint().read(os.path.join(d, "state")).expect_partial()
-            history = json.loads(Path(d, HISTORY_FILE).read_text())
-        log.info("rank %d resumed after epoch %d", rank, len(history))
-
+    history = _restore(run, rank)
     shard_info = {
         "shard_digest": _digest(idx),
         "shard_size": steps * cfg.batch_size if idx is None else len(idx),
@@ -323,35 +348,73 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "node_id": ray.get_runtime_context().get_node_id(),
         **device_info(tf, run.model),
     }
+    _announce(ctx, rank, world, len(history), shard_info)
+    report = _reporter(run, rank, history, {**shard_info, "resumed_from_epoch": len(history)})
+    _model, history, summary = run_epochs(
+        run,
+        dataset_for,
+        data.x_val,
+        data.y_val,
+        start_epoch=len(history),
+        history=history,
+        on_epoch=report,
+        examples_per_epoch=steps * cfg.batch_size * world,
+    )
+    report(dict(history[-1]) if history else {}, final=True, summary=summary)
+
+
+def _quiet_worker(cpus_per_worker: float):
+    """TensorFlow sized to the worker's CPU share, and only warnings from Ray Train and TF:
+    Ray Train logs every checkpoint and report at INFO; the epoch lines are what users read."""
+    tf = configure_tensorflow(cpus_per_worker)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    tf.get_logger().setLevel("ERROR")
+    return tf
+
+
+def _restore(run, rank: int) -> list[dict]:
+    """The epochs already run (from Ray's checkpoint after a restart), with the weights and
+    optimizer state restored into `run`; `[]` on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as d:
+        run.checkpoint().read(os.path.join(d, "state")).expect_partial()
+        history = json.loads(Path(d, HISTORY_FILE).read_text())
+    log.info("rank %d resumed after epoch %d", rank, len(history))
+    return history
+
+
+def _announce(ctx, rank: int, world: int, epoch: int, shard_info: dict) -> None:
     # One line per worker in the job's log: which run, where it runs and on which accelerator.
     print(
-        f"advtrain worker {rank}/{world} of {ctx.get_experiment_name()} from epoch {len(history)}: "
+        f"advtrain worker {rank}/{world} of {ctx.get_experiment_name()} from epoch {epoch}: "
         f"node {shard_info['node_id']}, GPU ids [{shard_info['gpu_ids']}], "
         f"CUDA_VISIBLE_DEVICES={shard_info['cuda_visible_devices']!r}, weights on "
         f"{shard_info['weights_device']} ({shard_info['device_name']})",
         flush=True,
     )
 
-    def report(metrics: dict, *, final: bool = False, summary: dict | None = None):
+
+def _reporter(run, rank: int, history: list[dict], extra: dict):
+    """`report(metrics, final=, summary=)`: one Ray Train report with a checkpoint of the run
+    (its state, `history` as it stands, a loadable model, and the summary when final)."""
+    from advtrain.files import write_json
+    from advtrain.models import save_model
+
+    def report(metrics: dict, *, final: bool = False, summary: dict | None = None) -> None:
         # Tune's live table shows the first four metrics: put the ones a search is judged by first.
         first = {
             k: metrics[k]
             for k in ("val_robust_acc", "val_clean_acc", "epoch", "train_loss")
             if k in metrics
         }
-        metrics = {
-            **first,
-            **metrics,
-            **shard_info,
-            "resumed_from_epoch": resumed_from,
-            "final": final,
-        }
-        state = {"history": history, "summary": summary}
+        metrics = {**first, **metrics, **extra, "final": final}
         # Every rank writes (a collective-safe save); only rank 0's folder becomes the checkpoint.
         with tempfile.TemporaryDirectory() as d:
             run.checkpoint().write(os.path.join(d, "state"))
             if rank == 0:
-                write_json(Path(d, HISTORY_FILE), state["history"])
+                write_json(Path(d, HISTORY_FILE), history)
                 # Every checkpoint carries a loadable model: a trial stopped early by the
                 # scheduler can still be evaluated from its last one.
                 save_model(run.model, Path(d, MODEL_FILE))
@@ -361,23 +424,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:
                 ray.train.report(metrics)
 
-    resumed_from = len(history)
-    import time
-
-    _model, history_out, summary = run_epochs(
-        run,
-        dataset_for,
-        data.x_val,
-        data.y_val,
-        start_epoch=len(history),
-        history=history,
-        on_epoch=lambda m: (history.append(m), report(m)),
-        clock=time.perf_counter,
-        examples_per_epoch=steps * cfg.batch_size * world,
-    )
-    # run_epochs appends to its own copy; `history` above already holds every epoch.
-    last = dict(history_out[-1]) if history_out else {}
-    report(last, final=True, summary=summary)
+    return report
 
 
 def build_trainer(
@@ -411,16 +458,17 @@ def build_trainer(
     datasets, data_config, rows = streamed if streamed else (None, None, None)
     if steps_per_call is not None:
         check_steps_per_call(steps_per_call)
+    worker = WorkerConfig(
+        train=cfg,
+        cpus_per_worker=cpus_per_worker,
+        origin=origin or os.getcwd(),
+        steps_per_call=steps_per_call,
+        threat_model=threat_model,
+        stream_rows=rows,
+    )
     return TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "cpus_per_worker": cpus_per_worker,
-            "steps_per_call": steps_per_call,
-            "origin": origin or os.getcwd(),
-            "stream_rows": rows,
-            "threat_model": threat_model.to_dict() if threat_model else None,
-        },
+        train_loop_config=worker.to_dict(),
         datasets=datasets,
         **({"dataset_config": data_config} if data_config is not None else {}),
         scaling_config=ScalingConfig(

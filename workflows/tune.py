@@ -347,11 +347,9 @@ def run_search(
 SPEC_FILE = "spec.json"
 
 
-def write_spec(
-    folder: RunFolder, spec: RunSpec, search: SearchSpec, storage_base: str | None
-) -> None:
-    """spec.json: what `--resume` and `report` read back (the run spec, the search, where it
-    lives)."""
+def write_spec(folder: RunFolder, spec: RunSpec, search: SearchSpec) -> None:
+    """spec.json: what `--resume` reads back (the run spec, the search, and `location`: the
+    run's place in storage, `folder.remote`, or null when the local folder is the run)."""
     from advtrain.files import write_json
 
     write_json(
@@ -359,8 +357,7 @@ def write_spec(
         {
             "spec": spec.to_dict(),
             "search": search.to_dict(),
-            "storage": storage_base,
-            "name": folder.name,
+            "location": folder.remote,
             "origin": os.getcwd(),
         },
     )
