@@ -65,7 +65,7 @@ def test_publish_and_open_round_trip_through_the_bucket(s3_bucket, tmp_path):
     (local / "tune").mkdir()
     (local / "tune" / "experiment_state.json").write_text("ray's own")  # Ray writes these itself
     folder = RunFolder(local, storage.join(s3_bucket, "advtrain", "tune-x"))
-    assert folder.name == "tune-x" and folder.ray_location == f"{s3_bucket}/advtrain/tune-x"
+    assert folder.name == "tune-x" and folder.location == f"{s3_bucket}/advtrain/tune-x"
     assert folder.publish() == ["spec.json", "trials/t1/report.json"]
     assert storage.list_files(folder.remote) == ["spec.json", "trials/t1/report.json"]
     back = RunFolder.open(folder.remote)

@@ -273,15 +273,15 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
 
         _connect_and_check(spec, address)
         s = spec.scaling
-        ray_storage = storage.join(folder.ray_location, "ray")
-        _say(f"Ray Train: {s.workers} worker(s), gpu={s.gpu}, storage {ray_storage}")
+        ray_path = storage.join(folder.location, "ray")
+        _say(f"Ray Train: {s.workers} worker(s), gpu={s.gpu}, storage {ray_path}")
         trainer = build_trainer(
             spec.train,
             workers=s.workers,
             gpu=s.gpu,
             cpus_per_worker=s.cpus_per_worker,
             max_failures=s.max_failures,
-            storage_path=ray_storage,
+            storage_path=ray_path,
             name=folder.name,
             threat_model=spec.threat_model,
             placement_strategy=s.placement_strategy,
@@ -396,10 +396,10 @@ def resume(location: str, *, address: str | None, storage: str | None) -> int:
     else:
         spec, search, saved = read_spec(Path(location))
         folder = RunFolder(Path(location), saved.get("location"))
-    if storage is not None and storage_join(storage, folder.name) != folder.ray_location:
+    if storage is not None and storage_join(storage, folder.name) != folder.location:
         raise ValueError(
             f"--storage {storage!r} puts the search at {storage_join(storage, folder.name)!r}, "
-            f"but it was started at {folder.ray_location!r}; drop --storage (or unset "
+            f"but it was started at {folder.location!r}; drop --storage (or unset "
             "ADVTRAIN_STORAGE) to resume it where it is"
         )
     _connect_and_check(spec, address)
@@ -456,7 +456,7 @@ def _search_and_finish(
 def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:
     from workflows import results
 
-    filesystem, _ = storage.filesystem(folder.ray_location)
+    filesystem, _ = storage.filesystem(folder.location)
     rows = results.collect(grid, folder.local, spec, filesystem=filesystem)
     if search is not None:
         from workflows import tracking

@@ -251,8 +251,9 @@ class RunFolder:
         return basename(self.remote) if self.remote else self.local.resolve().name
 
     @property
-    def ray_location(self) -> str:
-        """Where Ray's Tune experiment and Train runs of this folder go: beside the results."""
+    def location(self) -> str:
+        """The run's one location: `remote` when it lives in storage, else the local folder
+        (resolved). Ray's Tune experiment and Train runs go under it, beside the results."""
         return self.remote if self.remote else str(self.local.resolve())
 
     def publish(self) -> list[str]:

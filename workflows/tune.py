@@ -131,7 +131,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         workers=scaling.workers,
         gpu=scaling.gpu,
         cpus_per_worker=scaling.cpus_per_worker,
-        storage_path=base["train_storage"],
+        storage_path=base["train_path"],
         name=f"train_{trial_id}",
         max_failures=scaling.max_failures,
         callbacks=[TuneReportCallback()],
@@ -215,11 +215,11 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
 
     # Tune's experiment and the trials' Train runs live beside the results: under the run
     # folder, or under {storage}/{run name} (every node reaches it, and it outlives the cluster).
-    tune_storage = folder.ray_location
+    location = folder.location
     sha = search.scheduler == "sha"
     base = {
         **spec.to_dict(),
-        "train_storage": storage.join(tune_storage, "train"),
+        "train_path": storage.join(location, "train"),
         "origin": origin,
     }
     trainable = tune.with_resources(
@@ -227,7 +227,7 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
     )
     if restore:
         return tune.Tuner.restore(
-            storage.join(tune_storage, "tune"),
+            storage.join(location, "tune"),
             trainable=trainable,
             resume_unfinished=True,
             resume_errored=True,
@@ -288,7 +288,7 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
         ),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=tune_storage,
+            storage_path=location,
             verbose=0 if quiet.is_quiet() else None,
             callbacks=build_callbacks(search, folder.name),
         ),
