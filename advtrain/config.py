@@ -622,7 +622,8 @@ class TrainConfig(_Config):
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(_Config):
-    """The threat model a robustness number is stated under (the `eval` section of a run file).
+    """The evaluation a robustness number comes from (the `eval` section of a run file): the
+    eps sweep, suite and examples; its judged point is `threat_model`.
 
     Each field's type, default, range and meaning is its `option` (docs/config.md).
     """
