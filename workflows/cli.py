@@ -509,19 +509,17 @@ def _cmd_tune(args) -> int:
     return commands.tune(spec, search, folder, address=args.address)
 
 
+def _given(args, *fields: str) -> dict:
+    """The flags named as a config's fields that the command line set (an unset flag keeps the
+    config's default, e.g. --certify)."""
+    return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+
+
 def _cmd_evaluate(args) -> int:
     from advtrain.config import EvalConfig
 
-    certify = {} if args.certify is None else {"certify": args.certify}
     cfg = EvalConfig(
-        norm=args.norm,
-        eps=args.eps,
-        suite=args.suite,
-        n=args.n,
-        split=args.split,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        **certify,
+        **_given(args, "norm", "eps", "suite", "n", "split", "batch_size", "seed", "certify")
     )
     from workflows import commands
 
@@ -548,13 +546,7 @@ def _cmd_attack(args) -> int:
 
     cfg = AttackConfig(
         name=args.method,
-        eps=args.eps,
-        steps=args.steps,
-        step_size=args.step_size,
-        norm=args.norm,
-        restarts=args.restarts,
-        loss=args.loss,
-        seed=args.seed,
+        **_given(args, "eps", "steps", "step_size", "norm", "restarts", "loss", "seed"),
     )
     if not args.out.endswith(".npz"):
         raise UsageError(f"--out must end in .npz. Received: {args.out!r}")
