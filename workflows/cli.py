@@ -491,13 +491,13 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_tune(args) -> int:
+    if args.resume and (args.config or args.out or args.mlflow_uri):
+        raise UsageError(
+            "--resume DIR takes the config stored in DIR; drop --config/--out/--mlflow-uri"
+        )
     from workflows import commands, tune
 
     if args.resume:
-        if args.config or args.out or args.mlflow_uri:
-            raise UsageError(
-                "--resume DIR takes the config stored in DIR; drop --config/--out/--mlflow-uri"
-            )
         return commands.resume(args.resume, address=args.address, storage=args.storage)
     from workflows.spec import load_spec, with_absolute_paths
 
