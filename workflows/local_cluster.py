@@ -474,32 +474,8 @@ def up(
         >>> cluster = up("/tmp/c", num_cpus=2)  # doctest: +SKIP
         >>> down(cluster.root)  # doctest: +SKIP
     """
-    if num_cpus is not None:
-        check_number("num_cpus", num_cpus, low=0, integer=True)
-    check_number("node_cpus", node_cpus, low=1, integer=True)
-    if node_types is not None and add_node:
-        raise ValueError(
-            "`add_node` and `node_types` exclude each other: the autoscaler adds the nodes. "
-            f"Received: add_node={add_node!r}, node_types={dict(node_types)!r}"
-        )
-    if port is not None:
-        check_number("port", port, low=1024, high=65535, integer=True)
-    if port is not None and not _port_free(port):
-        raise ClusterError(f"Port {port} on 127.0.0.1 is in use; choose another `port`.")
-    root = _root(root)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    previous = status(root)
-    if previous["alive"]:
-        raise ClusterError(
-            f"A cluster already runs in {root} at {previous['address']}; run `down` first."
-        )
-    down(root)  # leftovers of a crashed run: stale cluster.json or orphaned processes
-    temp_dir, token_path = _temp_dir(root), root / "auth_token"
-    if temp_dir.parent != root:
-        _make_private_dir(temp_dir.parent)
-    temp_dir.mkdir(exist_ok=True, mode=0o700)
-    ensure_token(token_path)
-
+    _check_up(num_cpus, port, add_node, node_cpus, node_types)
+    root, temp_dir, token_path = _fresh_root(root)
     env = _node_env(token_path, extra_env)
     taken: set[int] = {port} if port else set()
     head = _node_ports(
@@ -521,19 +497,7 @@ def up(
     )
     sessions: dict[int, float] = {}
     try:
-        cmd = [
-            sys.executable,
-            "-m",
-            "ray.scripts.scripts",
-            "start",
-            "--head",
-            f"--port={head['gcs']}",
-            f"--dashboard-host={LOOPBACK}",
-            *common,
-            *_flags(head),
-        ]
-        if num_cpus is not None:
-            cmd.append(f"--num-cpus={num_cpus}")
+        cmd = _head_command(head, common, num_cpus)
         if node_types is not None:
             config = autoscaling_config(
                 node_types,
@@ -548,27 +512,14 @@ def up(
             env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         logger.info("Starting Ray head at %s (temp dir %s).", address, temp_dir)
         sid = _start_node(cmd, env, temp_dir / "ray-start-head.log", timeout_s, sessions)
-        nodes = [NodeRecord("head", sid, num_cpus, head)]
-        cluster = dataclasses.replace(cluster, nodes=tuple(nodes))
-        write_json(cluster.cluster_file, cluster.to_dict())  # so `down` finds it if we fail
+        cluster = _recorded(cluster, NodeRecord("head", sid, num_cpus, head))
         if add_node:
             extra = _node_ports(_NODE_LISTENERS, taken)
-            cmd = [
-                sys.executable,
-                "-c",
-                NODE_LAUNCHER,
-                "start",
-                f"--address={address}",
-                f"--num-cpus={node_cpus}",
-                *common,
-                *_flags(extra),
-            ]
+            cmd = [*_node_command(address, node_cpus), *common, *_flags(extra)]
             logger.info("Adding a %d-CPU node to %s.", node_cpus, address)
             sid = _start_node(cmd, env, temp_dir / "ray-start-node.log", timeout_s, sessions)
-            nodes.append(NodeRecord("worker", sid, node_cpus, extra))
-            cluster = dataclasses.replace(cluster, nodes=tuple(nodes))
-            write_json(cluster.cluster_file, cluster.to_dict())
-        _wait_for_nodes(cluster, len(nodes), timeout_s)
+            cluster = _recorded(cluster, NodeRecord("worker", sid, node_cpus, extra))
+        _wait_for_nodes(cluster, len(cluster.nodes), timeout_s)
         if node_types is not None:
             _publish_node_types(config_path, address, env, timeout_s)
         cluster = _with_pids(cluster, sessions)
@@ -579,6 +530,76 @@ def up(
         cluster.cluster_file.unlink(missing_ok=True)
         raise
     logger.info("Ray cluster up at %s with %d node(s).", address, len(cluster.nodes))
+    return cluster
+
+
+def _check_up(num_cpus, port, add_node, node_cpus, node_types) -> None:
+    """`up`'s argument checks, before anything starts."""
+    if num_cpus is not None:
+        check_number("num_cpus", num_cpus, low=0, integer=True)
+    check_number("node_cpus", node_cpus, low=1, integer=True)
+    if node_types is not None and add_node:
+        raise ValueError(
+            "`add_node` and `node_types` exclude each other: the autoscaler adds the nodes. "
+            f"Received: add_node={add_node!r}, node_types={dict(node_types)!r}"
+        )
+    if port is not None:
+        check_number("port", port, low=1024, high=65535, integer=True)
+    if port is not None and not _port_free(port):
+        raise ClusterError(f"Port {port} on 127.0.0.1 is in use; choose another `port`.")
+
+
+def _fresh_root(root) -> tuple[Path, Path, Path]:
+    """The cluster folder, private and without a live cluster (a crashed run's leftovers are
+    stopped), with its temp dir and auth token: (root, temp_dir, token_path)."""
+    root = _root(root)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    previous = status(root)
+    if previous["alive"]:
+        raise ClusterError(
+            f"A cluster already runs in {root} at {previous['address']}; run `down` first."
+        )
+    down(root)  # leftovers of a crashed run: stale cluster.json or orphaned processes
+    temp_dir, token_path = _temp_dir(root), root / "auth_token"
+    if temp_dir.parent != root:
+        _make_private_dir(temp_dir.parent)
+    temp_dir.mkdir(exist_ok=True, mode=0o700)
+    ensure_token(token_path)
+    return root, temp_dir, token_path
+
+
+def _head_command(head: dict[str, int], common: list[str], num_cpus: int | None) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        f"--port={head['gcs']}",
+        f"--dashboard-host={LOOPBACK}",
+        *common,
+        *_flags(head),
+    ]
+    return cmd + ([f"--num-cpus={num_cpus}"] if num_cpus is not None else [])
+
+
+def _node_command(address: str, node_cpus: int) -> list[str]:
+    # NODE_LAUNCHER: `ray start` without the guard that refuses a second node on loopback.
+    return [
+        sys.executable,
+        "-c",
+        NODE_LAUNCHER,
+        "start",
+        f"--address={address}",
+        f"--num-cpus={node_cpus}",
+    ]
+
+
+def _recorded(cluster: LocalCluster, node: NodeRecord) -> LocalCluster:
+    """`cluster` with `node` added, written to cluster.json at once so `down` finds every
+    started node if a later step fails."""
+    cluster = dataclasses.replace(cluster, nodes=(*cluster.nodes, node))
+    write_json(cluster.cluster_file, cluster.to_dict())
     return cluster
 
 
