@@ -224,78 +224,15 @@ def _release_placement_groups() -> None:
 
 def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None) -> int:
     """`advtrain train`: trains (locally or on Ray Train), saves the run folder, evaluates."""
-    data = check_run(
-        spec, include_train=local
-    )  # before TensorFlow loads: a data error is one clean line
-    from advtrain.models import load_model
-    from advtrain.training import fit, save_run
+    # Before TensorFlow loads: a data error is one clean line.
+    data = check_run(spec, include_train=local)
+    from advtrain.training import save_run
 
     t0 = time.perf_counter()
     if local:
-        from tqdm import tqdm
-
-        bars: dict[int, tqdm] = {}
-
-        def progress(epoch: int, step: int) -> None:
-            bar = bars.get(epoch)
-            if bar is None:
-                bar = bars[epoch] = tqdm(
-                    total=None,
-                    desc=f"epoch {epoch + 1}/{spec.train.epochs}",
-                    unit="step",
-                    leave=False,
-                    file=sys.stderr,
-                    disable=quiet.is_quiet(),
-                )
-            bar.update(1)
-
-        from advtrain.summaries import EpochSummaries
-
-        summaries = EpochSummaries(
-            folder.local / "tensorboard"
-        )  # tensorboard --logdir <run folder>
-
-        def on_epoch(m: dict) -> None:
-            bar = bars.pop(m["epoch"] - 1, None)
-            if bar is not None:
-                bar.close()
-            _say(_epoch_line(m))
-            summaries(m)
-
-        try:
-            model, history, summary = fit(
-                spec.train, on_epoch=on_epoch, progress=progress, threat_model=spec.threat_model
-            )
-        finally:
-            summaries.close()
+        model, history, summary = _train_here(spec, folder)
     else:
-        from workflows.train import build_trainer, read_final
-
-        _connect_and_check(spec, address)
-        s = spec.scaling
-        ray_path = storage.join(folder.location, "ray")
-        _say(f"Ray Train: {s.workers} worker(s), gpu={s.gpu}, storage {ray_path}")
-        trainer = build_trainer(
-            spec.train,
-            workers=s.workers,
-            gpu=s.gpu,
-            cpus_per_worker=s.cpus_per_worker,
-            max_failures=s.max_failures,
-            storage_path=ray_path,
-            name=folder.name,
-            threat_model=spec.threat_model,
-            placement_strategy=s.placement_strategy,
-        )
-        try:
-            result = trainer.fit()
-        finally:
-            _release_placement_groups()
-        if result.error is not None:
-            raise RuntimeError(f"Ray Train run failed: {result.error}")
-        model_path, history, summary = read_final(result)
-        model = load_model(model_path)
-        for m in history:
-            _say(_epoch_line(m))
+        model, history, summary = _train_on_ray(spec, folder, address)
     summary = {
         **summary,
         "train_seconds": time.perf_counter() - t0,
@@ -317,6 +254,77 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
     _published(folder)
     _say(f"Run folder: {folder}")
     return 0
+
+
+def _train_here(spec: RunSpec, folder: RunFolder):
+    """`train --local`: `fit` in this process, a progress bar per epoch, an epoch line and
+    TensorBoard scalars (`tensorboard --logdir <run folder>`) after each."""
+    from tqdm import tqdm
+
+    from advtrain.summaries import EpochSummaries
+    from advtrain.training import fit
+
+    bars: dict[int, tqdm] = {}
+
+    def progress(epoch: int, step: int) -> None:
+        bar = bars.get(epoch)
+        if bar is None:
+            bar = bars[epoch] = tqdm(
+                total=None,
+                desc=f"epoch {epoch + 1}/{spec.train.epochs}",
+                unit="step",
+                leave=False,
+                file=sys.stderr,
+                disable=quiet.is_quiet(),
+            )
+        bar.update(1)
+
+    summaries = EpochSummaries(folder.local / "tensorboard")
+
+    def on_epoch(m: dict) -> None:
+        bar = bars.pop(m["epoch"] - 1, None)
+        if bar is not None:
+            bar.close()
+        _say(_epoch_line(m))
+        summaries(m)
+
+    try:
+        return fit(spec.train, on_epoch=on_epoch, progress=progress, threat_model=spec.threat_model)
+    finally:
+        summaries.close()
+
+
+def _train_on_ray(spec: RunSpec, folder: RunFolder, address: str | None):
+    """`train` on Ray Train: the run's Train folder under the run's location, the final
+    checkpoint's model loaded back, the epoch lines printed after."""
+    from advtrain.models import load_model
+    from workflows.train import build_trainer, read_final
+
+    _connect_and_check(spec, address)
+    s = spec.scaling
+    ray_path = storage.join(folder.location, "ray")
+    _say(f"Ray Train: {s.workers} worker(s), gpu={s.gpu}, storage {ray_path}")
+    trainer = build_trainer(
+        spec.train,
+        workers=s.workers,
+        gpu=s.gpu,
+        cpus_per_worker=s.cpus_per_worker,
+        max_failures=s.max_failures,
+        storage_path=ray_path,
+        name=folder.name,
+        threat_model=spec.threat_model,
+        placement_strategy=s.placement_strategy,
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        _release_placement_groups()
+    if result.error is not None:
+        raise RuntimeError(f"Ray Train run failed: {result.error}")
+    model_path, history, summary = read_final(result)
+    for m in history:
+        _say(_epoch_line(m))
+    return load_model(model_path), history, summary
 
 
 # --------------------------------------------------------------------------- tune

@@ -208,33 +208,14 @@ def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
     )
 
 
-def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool, origin: str):
+def _scheduler_and_searcher(spec: RunSpec, search: SearchSpec, concurrent: int):
+    """The search's Tune scheduler and search algorithm, both bounded by `concurrent`."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from workflows.halving import RunningLimit, SuccessiveHalving
 
-    # Tune's experiment and the trials' Train runs live beside the results: under the run
-    # folder, or under {storage}/{run name} (every node reaches it, and it outlives the cluster).
-    location = folder.location
-    sha = search.scheduler == "sha"
-    base = {
-        **spec.to_dict(),
-        "train_path": storage.join(location, "train"),
-        "origin": origin,
-    }
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base), {"cpu": 0, "memory": 256 * 1024 * 1024}
-    )
-    if restore:
-        return tune.Tuner.restore(
-            storage.join(location, "tune"),
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-        )
     multi = search.searcher == "optuna-multi"
-    concurrent = _max_concurrent(spec, search)
-    if sha:
+    if search.scheduler == "sha":
         # Not max_concurrent: it counts paused trials, and successive halving pauses every trial
         # at a rung until the last has reached it.
         scheduler = SuccessiveHalving(
@@ -275,6 +256,31 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
                 mode=["max", "max"] if multi else MODE,
                 seed=search.seed,
             )
+    return scheduler, searcher
+
+
+def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: bool, origin: str):
+    # Tune's experiment and the trials' Train runs live beside the results: under the run
+    # folder, or under {storage}/{run name} (every node reaches it, and it outlives the cluster).
+    location = folder.location
+    base = {
+        **spec.to_dict(),
+        "train_path": storage.join(location, "train"),
+        "origin": origin,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base), {"cpu": 0, "memory": 256 * 1024 * 1024}
+    )
+    if restore:
+        return tune.Tuner.restore(
+            storage.join(location, "tune"),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    multi = search.searcher == "optuna-multi"
+    concurrent = _max_concurrent(spec, search)
+    scheduler, searcher = _scheduler_and_searcher(spec, search, concurrent)
     return tune.Tuner(
         trainable,
         param_space=build_param_space(search),
