@@ -245,10 +245,7 @@ def train(spec: RunSpec, folder: RunFolder, *, local: bool, address: str | None)
             f"WARNING: {summary['stop_reason']}: stopped after epoch {summary['epochs_run']}, "
             f"restored epoch {summary['restored_epoch']}"
         )
-    _say(
-        f"Evaluating ({spec.eval.suite} suite, {spec.eval.norm} eps {list(spec.eval.eps)}, split "
-        f"{spec.eval.split}) ..."
-    )
+    _say(_evaluate_plan(spec.eval, flags=False)(data))
     d = write_evaluation(model, spec.eval, folder.local, data)
     _print_report_summary(d)
     _published(folder)
@@ -537,8 +534,9 @@ def evaluate(
     return 0
 
 
-def _evaluate_plan(cfg: EvalConfig):
-    """What `evaluate` is about to spend its minutes on, and how to spend fewer."""
+def _evaluate_plan(cfg: EvalConfig, *, flags: bool = True):
+    """What an evaluation is about to spend its minutes on, and (with `flags`, for `evaluate`)
+    the flags that spend fewer."""
     from advtrain.suites import describe_suite
 
     def plan(data) -> str:
@@ -546,9 +544,9 @@ def _evaluate_plan(cfg: EvalConfig):
         eps = ", ".join(f"{e:g}" for e in cfg.eps)
         bounds = f"; certify {', '.join(cfg.certify)}" if cfg.certify else ""
         quicker = []
-        if cfg.suite == "standard":
+        if flags and cfg.suite == "standard":
             quicker.append("--suite quick (PGD-20)")
-        if n > 1000:
+        if flags and n > 1000:
             quicker.append("--n 1000")
         hint = f" (quicker: {' or '.join(quicker)})" if quicker else ""
         attacks = describe_suite(cfg.suite)
