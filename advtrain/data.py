@@ -79,6 +79,7 @@ class ImageData:
         return tuple(int(d) for d in self.x_val.shape[1:])  # type: ignore[return-value]
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of the split `name`: one of `"train"`, `"val"`, `"test"`."""
         name = check_choice("split", name, SPLITS)
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
@@ -277,6 +278,7 @@ def load_data(
     Raises:
         DataError: a missing, damaged or malformed source, naming the file and the problem.
         ValueError: `val_size` out of range.
+        TypeError: `val_size` not an integer (or a bool).
     """
     source = str(source)
     where, items, n_classes, n_train = _load_raw(
@@ -328,6 +330,10 @@ def shard(n: int, rank: int, world_size: int, *, seed: int = 0) -> np.ndarray:
 
     Returns:
         int64 indices, sorted, length n // world_size.
+
+    Raises:
+        ValueError: `world_size` or `rank` out of range, or fewer examples than workers.
+        TypeError: `world_size` or `rank` not an integer (or a bool).
     """
     world_size = check_number("world_size", world_size, low=1, integer=True)
     rank = check_number("rank", rank, low=0, high=world_size - 1, integer=True)

@@ -167,40 +167,50 @@ def read_split(
         shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else "files"
     remote = {} if num_cpus is None else {"num_cpus": num_cpus}
     if kind == "parquet":
-        # select_columns, not columns= (deprecated in Ray 2.60): the projection is still pushed
-        # into the read, so other columns are never loaded.
-        ds = ray.data.read_parquet(
-            path, filesystem=fs, shuffle=shuffle, file_extensions=["parquet"], **remote
-        ).select_columns(list(PARQUET_COLUMNS))
+        ds = _stream_parquet(path, fs, shuffle, remote)
     elif kind == "npz":
-        ds = ray.data.read_binary_files(
-            path,
-            filesystem=fs,
-            include_paths=True,
-            shuffle=shuffle,
-            file_extensions=["npz"],
-            **remote,
-        )
-        # One shard per batch: each shard becomes its own block, never one block of all shards.
-        ds = ds.map_batches(_decode_npz, batch_size=1, batch_format="numpy", **remote)
+        ds = _stream_npz(path, fs, shuffle, remote)
     else:
-        with fs.open_input_file(files[0]) as f:
-            mode = image_mode(f.read(), files[0])
-        ds = ray.data.read_binary_files(
-            path,
-            filesystem=fs,
-            include_paths=True,
-            shuffle=shuffle,
-            file_extensions=list(IMAGE_EXTENSIONS),
-            **remote,
-        )
-        ds = ds.map_batches(
-            _decode_images,
-            batch_format="numpy",
-            fn_kwargs={"root": path, "classes": class_names(source), "mode": mode},
-            **remote,
-        )
+        ds = _stream_images(path, fs, shuffle, remote, first=files[0], classes=class_names(source))
     return ds.map_batches(_standardize, batch_format="numpy", **remote)
+
+
+def _stream_parquet(path: str, fs, shuffle, remote: dict) -> ray.data.Dataset:
+    # select_columns, not columns= (deprecated in Ray 2.60): the projection is still pushed
+    # into the read, so other columns are never loaded.
+    return ray.data.read_parquet(
+        path, filesystem=fs, shuffle=shuffle, file_extensions=["parquet"], **remote
+    ).select_columns(list(PARQUET_COLUMNS))
+
+
+def _stream_npz(path: str, fs, shuffle, remote: dict) -> ray.data.Dataset:
+    ds = ray.data.read_binary_files(
+        path, filesystem=fs, include_paths=True, shuffle=shuffle, file_extensions=["npz"], **remote
+    )
+    # One shard per batch: each shard becomes its own block, never one block of all shards.
+    return ds.map_batches(_decode_npz, batch_size=1, batch_format="numpy", **remote)
+
+
+def _stream_images(
+    path: str, fs, shuffle, remote: dict, *, first: str, classes: list[str]
+) -> ray.data.Dataset:
+    # Every image is read in the mode of the split's first (sorted) image, as advtrain.data does.
+    with fs.open_input_file(first) as f:
+        mode = image_mode(f.read(), first)
+    ds = ray.data.read_binary_files(
+        path,
+        filesystem=fs,
+        include_paths=True,
+        shuffle=shuffle,
+        file_extensions=list(IMAGE_EXTENSIONS),
+        **remote,
+    )
+    return ds.map_batches(
+        _decode_images,
+        batch_format="numpy",
+        fn_kwargs={"root": path, "classes": classes, "mode": mode},
+        **remote,
+    )
 
 
 def epoch_dataset(
