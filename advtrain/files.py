@@ -1,8 +1,10 @@
-"""Atomic file writes: the one writer every result, report, model and JSON file goes through.
+"""Files: the one atomic writer, and the one resolution of a local path or URI to `pyarrow.fs`.
 
 Each file is written to a temporary name in its target folder and renamed into place
 (`os.replace`), so a reader never sees half a file and a failed write leaves nothing behind.
-No TensorFlow here.
+A location is a URI when it starts with a scheme (`s3://`, `gs://`, `file://`, ...; `is_uri`),
+else a local path; `filesystem` opens either, for data sources (`advtrain.file_dataset`) and run
+storage (`workflows.storage`) alike. No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,7 +21,38 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["copy_file", "write_atomic", "write_json", "write_text"]
+__all__ = ["copy_file", "filesystem", "is_uri", "write_atomic", "write_json", "write_text"]
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` (s3, gs, file, ...); False for a plain local path."""
+    return isinstance(location, str) and bool(_SCHEME.match(location))
+
+
+def filesystem(location: str | Path, *, what: str = "storage"):
+    """(pyarrow filesystem, path on it) for a local path (user-expanded, resolved) or a URI.
+
+    Args:
+        location: a local path or a URI.
+        what: what the location is, for the error message. Defaults to `"storage"`.
+
+    Raises:
+        ValueError: the URI's scheme is not one pyarrow can open, or the URI is malformed.
+    """
+    import pyarrow
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as e:
+        raise ValueError(
+            f"{what} {location!r} is not a location pyarrow.fs can open ({e}). Use a local path "
+            "or a URI such as s3://bucket/prefix, gs://bucket/prefix or file:///path"
+        ) from None
 
 
 def write_atomic(path, write: Callable[[str], Any]) -> Path:

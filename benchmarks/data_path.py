@@ -6,7 +6,7 @@
 Throughput. MNIST (the bundled copy) trained by Ray Train with 1 worker x 256 and 2 workers x 128,
 through both paths on the same images: `memory` = `data: bundled` (each worker loads the whole
 set and keeps its shard by index), `stream` = the same splits written once as a Parquet file
-dataset (`advtrain.data.write_file_dataset`, 8,192 rows per file) and streamed by Ray Data
+dataset (`advtrain.file_dataset.write_file_dataset`, 8,192 rows per file) and streamed by Ray Data
 (`ray.train.get_dataset_shard`, per-epoch file order, a local shuffle buffer). Two methods: PGD-3
 (what a search trains; the data path is a small part of each step) and clean training (one
 forward-backward per example: the data path's cost shows). cnn, `--train-size` examples,
@@ -136,7 +136,8 @@ def _train(
 
 
 def _export_mnist(root: Path) -> Path:
-    from advtrain.data import load_data, write_file_dataset
+    from advtrain.data import load_data
+    from advtrain.file_dataset import write_file_dataset
 
     data = load_data("bundled")
     u8 = {
@@ -195,7 +196,7 @@ def throughput(args, work: Path) -> list[dict]:
 
 
 def _generated(root: Path, gb: float, fmt: str) -> tuple[str, int]:
-    from advtrain.data import write_file_dataset
+    from advtrain.file_dataset import write_file_dataset
 
     rng = np.random.default_rng(0)
     n = int(gb * 2**30 // (32 * 32 * 3))

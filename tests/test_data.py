@@ -12,8 +12,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from advtrain import data
-from advtrain.data import DataError, load_data, make_dataset, read_idx, shard
+from advtrain import data, formats
+from advtrain.data import DataError, load_data, make_dataset, shard
+from advtrain.formats import read_idx
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -27,7 +28,7 @@ TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 def _idx_bytes(arr: np.ndarray, magic: int | None = None) -> bytes:
     arr = np.asarray(arr, dtype=np.uint8)
     if magic is None:
-        magic = data.IMAGE_MAGIC if arr.ndim == 3 else data.LABEL_MAGIC
+        magic = formats.IMAGE_MAGIC if arr.ndim == 3 else formats.LABEL_MAGIC
     header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     return header + arr.tobytes()
 
@@ -54,7 +55,7 @@ def _write_folder(folder, arrays: dict[str, np.ndarray], *, gz: bool = True, ove
     """Writes the four IDX files; `override` maps a key to raw bytes written instead."""
     folder.mkdir(parents=True, exist_ok=True)
     override = override or {}
-    for key, stem in data.FILES.items():
+    for key, stem in formats.IDX_FILES.items():
         path = folder / (stem + (".gz" if gz else ""))
         _write(path, override[key] if key in override else _idx_bytes(arrays[key]))
     return folder
@@ -146,11 +147,17 @@ def test_load_data_val_size_changes_split_sizes():
     assert len(small.x_val) == 1000 and len(small.x_train) == 59000
 
 
-@pytest.mark.parametrize("val_size", [0, 60000, True, 10.0])
-def test_load_data_bad_val_size_raises(val_size):
-    with pytest.raises(
-        ValueError, match=rf"`val_size` must be in \[1, 59999\]. Received: val_size={val_size!r}"
-    ):
+@pytest.mark.parametrize(
+    "val_size, error, wording",
+    [
+        (0, ValueError, r"must be in \[1, 59999\]"),
+        (60000, ValueError, r"must be in \[1, 59999\]"),
+        (True, TypeError, "must be an integer"),
+        (10.0, TypeError, "must be an integer"),
+    ],
+)
+def test_load_data_bad_val_size_raises(val_size, error, wording):
+    with pytest.raises(error, match=rf"`val_size` {wording}. Received: val_size={val_size!r}"):
         load_data(val_size=val_size)
 
 
@@ -198,7 +205,7 @@ def test_bundled_sha256_matches_sums_file():
         for line in (folder / "SHA256SUMS").read_text().splitlines()
         if line.strip()
     )
-    for stem in data.FILES.values():
+    for stem in formats.IDX_FILES.values():
         name = next(k for k in sums if k.lstrip("*").endswith(stem + ".gz"))
         assert hashlib.sha256((folder / (stem + ".gz")).read_bytes()).hexdigest() == sums[name]
 
@@ -229,7 +236,7 @@ def test_load_data_folder_dot_idx_names_found(tmp_path):
     arrays = _small_arrays()
     folder = tmp_path / "dots"
     folder.mkdir()
-    for key, stem in data.FILES.items():
+    for key, stem in formats.IDX_FILES.items():
         (folder / stem.replace("-idx", ".idx")).write_bytes(_idx_bytes(arrays[key]))
     got = load_data(str(folder), val_size=5)
     np.testing.assert_array_equal(got.y_test, arrays["y_test"])
@@ -299,7 +306,7 @@ def test_read_idx_truncated_header_raises(tmp_path):
 
 def test_read_idx_image_header_cut_raises(tmp_path):
     path = tmp_path / "h2.idx"
-    path.write_bytes(data.IMAGE_MAGIC.to_bytes(4, "big") + (5).to_bytes(4, "big") + b"\x00\x1c")
+    path.write_bytes(formats.IMAGE_MAGIC.to_bytes(4, "big") + (5).to_bytes(4, "big") + b"\x00\x1c")
     with pytest.raises(DataError, match=r"h2\.idx: truncated header \(10 bytes\)"):
         read_idx(path)
 
@@ -503,18 +510,24 @@ def test_shard_single_worker_covers_all():
 
 
 @pytest.mark.parametrize(
-    "n, rank, world, match",
+    "n, rank, world, error, match",
     [
-        (10, 0, 0, r"`world_size` must be an integer >= 1. Received: world_size=0"),
-        (10, 0, True, r"`world_size` must be an integer >= 1. Received: world_size=True"),
-        (10, 2, 2, r"`rank` must be in \[0, 1\]. Received: rank=2"),
-        (10, -1, 2, r"`rank` must be in \[0, 1\]. Received: rank=-1"),
-        (10, 0.0, 2, r"`rank` must be in \[0, 1\]. Received: rank=0.0"),
-        (3, 0, 4, r"Cannot shard 3 examples over 4 workers. Received: n=3, world_size=4"),
+        (10, 0, 0, ValueError, r"`world_size` must be in \[1, inf\]. Received: world_size=0"),
+        (10, 0, True, TypeError, r"`world_size` must be an integer. Received: world_size=True"),
+        (10, 2, 2, ValueError, r"`rank` must be in \[0, 1\]. Received: rank=2"),
+        (10, -1, 2, ValueError, r"`rank` must be in \[0, 1\]. Received: rank=-1"),
+        (10, 0.0, 2, TypeError, r"`rank` must be an integer. Received: rank=0.0"),
+        (
+            3,
+            0,
+            4,
+            ValueError,
+            r"Cannot shard 3 examples over 4 workers. Received: n=3, world_size=4",
+        ),
     ],
 )
-def test_shard_bad_arguments_raise(n, rank, world, match):
-    with pytest.raises(ValueError, match=match):
+def test_shard_bad_arguments_raise(n, rank, world, error, match):
+    with pytest.raises(error, match=match):
         shard(n, rank, world)
 
 

@@ -117,6 +117,19 @@ def test_count_rows_npz_without_labels_raises(tmp_path):
         stream.count_rows(str(tmp_path), "train")
 
 
+def test_bad_npz_shard_fails_alike_when_counted_and_read_in_memory(tmp_path):
+    from advtrain.data import load_data
+
+    for split in ("train", "val", "test"):
+        (tmp_path / split).mkdir()
+        np.savez(tmp_path / split / "a.npz", x=np.zeros((3, 4, 4), np.uint8), y=np.zeros(2, int))
+    message = r"a\.npz: 3 images but 2 labels"  # advtrain.formats, for Ray Data and in memory
+    with pytest.raises(DataError, match=message):
+        stream.count_rows(str(tmp_path), "val")
+    with pytest.raises(DataError, match=message):
+        load_data(str(tmp_path))
+
+
 class _FakeIterator:
     """A stand-in for `ray.data.DataIterator` that counts the batches pulled from it."""
 

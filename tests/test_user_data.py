@@ -227,7 +227,7 @@ def write_file_dataset(
     """A file dataset in `fmt` (parquet, npz or images), each split cut into `files` files."""
     from PIL import Image
 
-    from advtrain.data import write_file_dataset as write
+    from advtrain.file_dataset import write_file_dataset as write
 
     if fmt != "images":
         return write(

@@ -181,7 +181,7 @@ def check_run(spec: RunSpec, *, include_train: bool, certified: bool = False):
 def _connect_and_check(spec: RunSpec, address: str | None) -> None:
     """Joins (or starts) Ray, then fails at once if the cluster can never hold one run's workers;
     on an autoscaling cluster whose nodes are not up yet, says what the run waits for."""
-    from advtrain.data import is_file_dataset
+    from advtrain.file_dataset import is_file_dataset
     from workflows import capacity
     from workflows.connect import connect
     from workflows.tune import per_worker

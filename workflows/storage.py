@@ -16,11 +16,11 @@ URI's own query (`s3://bucket/prefix?endpoint_override=host:port&scheme=http`).
 from __future__ import annotations
 
 import dataclasses
-import re
 import tempfile
 from pathlib import Path
 
-from advtrain.files import copy_file, write_atomic
+from advtrain import files
+from advtrain.files import copy_file, is_uri, write_atomic
 
 __all__ = [
     "RunFolder",
@@ -35,15 +35,9 @@ __all__ = [
     "upload",
 ]
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Ray's own folders under a search's location: the Tune experiment and the Train runs. They are
 # Ray's to read (Tuner.restore, checkpoints), never copied back to a local folder.
 RAY_FOLDERS = ("tune", "train", "ray")
-
-
-def is_uri(location: str | Path) -> bool:
-    """True for `scheme://...` (s3, gs, file, ...); False for a plain local path."""
-    return isinstance(location, str) and bool(_SCHEME.match(location))
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -71,23 +65,12 @@ def basename(location: str) -> str:
 
 
 def filesystem(location: str | Path):
-    """(pyarrow filesystem, path on it) for a local path or a URI.
+    """(pyarrow filesystem, path on it) for a run's storage: `advtrain.files.filesystem`.
 
     Raises:
         ValueError: the URI's scheme is not one pyarrow can open, or the URI is malformed.
     """
-    import pyarrow
-    import pyarrow.fs as pafs
-
-    if not is_uri(location):
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as e:
-        raise ValueError(
-            f"storage {location!r} is not a location pyarrow.fs can open ({e}). Use a local path "
-            "or a URI such as s3://bucket/prefix, gs://bucket/prefix or file:///path"
-        ) from None
+    return files.filesystem(location, what="storage")
 
 
 def _is_local(fs) -> bool:

@@ -18,7 +18,6 @@ CPU never reads a row.
 
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
@@ -27,13 +26,15 @@ import ray.data
 import ray.train
 
 from advtrain.config import check_number
-from advtrain.data import (
-    FILE_FORMATS,
-    GRAY_MODES,
+from advtrain.file_dataset import FILE_FORMATS, count_split_rows, split_files
+from advtrain.formats import (
     IMAGE_SUFFIXES,
+    PARQUET_COLUMNS,
     DataError,
-    count_split_rows,
-    split_files,
+    image_mode,
+    label_from_path,
+    read_image,
+    read_npz_shard,
 )
 from workflows.storage import filesystem, join
 
@@ -55,7 +56,8 @@ IMAGE_EXTENSIONS = tuple(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)
 
 
 def split_format(source: str, split: str) -> str:
-    """The kind of files a split folder holds (`advtrain.data.split_files`): one of `FORMATS`.
+    """The kind of files a split folder holds: one of `FORMATS`
+    (`advtrain.file_dataset.split_files`).
 
     Raises:
         DataError: a missing or empty folder, files of another kind, images outside class
@@ -71,42 +73,30 @@ def class_names(source: str, split: str = "train") -> list[str] | None:
 
 
 def count_rows(source: str, split: str) -> int:
-    """The rows of a split from file metadata alone (`advtrain.data.count_split_rows`)."""
+    """The rows of a split from file metadata alone (`advtrain.file_dataset.count_split_rows`)."""
     return count_split_rows(str(source), split)
 
 
 def _decode_npz(batch: dict) -> dict:
-    """One npz shard (a batch of one file's bytes) to rows of `image` and `label`."""
-    images, labels = [], []
-    for raw, path in zip(batch["bytes"], batch["path"]):
-        with np.load(io.BytesIO(raw), allow_pickle=False) as shard:
-            missing = [k for k in ("x", "y") if k not in shard.files]
-            if missing:
-                raise DataError(
-                    f"{path}: missing array(s) {', '.join(missing)} (found: "
-                    f"{', '.join(shard.files)})"
-                )
-            x, y = shard["x"], shard["y"]
-        if len(x) != len(y):
-            raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
-        images.append(x)
-        labels.append(y)
+    """One npz shard (a batch of one file's bytes) to rows of `image` and `label`
+    (`advtrain.formats.read_npz_shard`, as `advtrain.file_dataset` reads it)."""
+    images, labels = zip(
+        *(read_npz_shard(raw, path) for raw, path in zip(batch["bytes"], batch["path"]))
+    )
     return {"image": np.concatenate(images), "label": np.concatenate(labels)}
 
 
-def _label_from_path(batch: dict, *, root: str, classes: list[str]) -> dict:
-    index = {name: i for i, name in enumerate(classes)}
-    labels = []
-    for path in batch["path"]:
-        # The class is the first folder under the split, whatever lies deeper.
-        name = path.split(root.rstrip("/") + "/", 1)[-1].split("/", 1)[0]
-        if name not in index:
-            raise DataError(
-                f"{path}: class folder {name!r} is not one of the training split's classes "
-                f"({', '.join(classes)})"
-            )
-        labels.append(index[name])
-    return {"image": batch["image"], "label": np.asarray(labels, np.int64)}
+def _decode_images(batch: dict, *, root: str, classes: list[str], mode: str) -> dict:
+    """Image files' bytes to rows of `image` (in `mode`) and `label` (the class folder under
+    `root`): `advtrain.formats.read_image` and `label_from_path`, as `advtrain.file_dataset`
+    reads them."""
+    images = [read_image(raw, path, mode) for raw, path in zip(batch["bytes"], batch["path"])]
+    if len({x.shape for x in images}) > 1:
+        raise DataError(
+            "images of different shapes in one split; every image must be H x W x C alike"
+        )
+    labels = [label_from_path(path, root, classes) for path in batch["path"]]
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int64)}
 
 
 def _standardize(batch: dict) -> dict:
@@ -129,13 +119,6 @@ def _standardize(batch: dict) -> dict:
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"labels have dtype {y.dtype}, expected integer class labels")
     return {"image": x, "label": y.astype(np.int64, copy=False)}
-
-
-def _image_mode(fs, path: str) -> str:
-    from PIL import Image
-
-    with fs.open_input_file(path) as f, Image.open(f) as image:
-        return "L" if image.mode in GRAY_MODES else "RGB"
 
 
 def read_split(
@@ -184,40 +167,50 @@ def read_split(
         shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else "files"
     remote = {} if num_cpus is None else {"num_cpus": num_cpus}
     if kind == "parquet":
-        # select_columns, not columns= (deprecated in Ray 2.60): the projection is still pushed
-        # into the read, so other columns are never loaded.
-        ds = ray.data.read_parquet(
-            path, filesystem=fs, shuffle=shuffle, file_extensions=["parquet"], **remote
-        ).select_columns(["image", "label"])
+        ds = _stream_parquet(path, fs, shuffle, remote)
     elif kind == "npz":
-        ds = ray.data.read_binary_files(
-            path,
-            filesystem=fs,
-            include_paths=True,
-            shuffle=shuffle,
-            file_extensions=["npz"],
-            **remote,
-        )
-        # One shard per batch: each shard becomes its own block, never one block of all shards.
-        ds = ds.map_batches(_decode_npz, batch_size=1, batch_format="numpy", **remote)
+        ds = _stream_npz(path, fs, shuffle, remote)
     else:
-        mode = _image_mode(fs, files[0])
-        ds = ray.data.read_images(
-            path,
-            filesystem=fs,
-            include_paths=True,
-            mode=mode,
-            shuffle=shuffle,
-            file_extensions=list(IMAGE_EXTENSIONS),
-            **remote,
-        )
-        ds = ds.map_batches(
-            _label_from_path,
-            batch_format="numpy",
-            fn_kwargs={"root": path, "classes": class_names(source)},
-            **remote,
-        )
+        ds = _stream_images(path, fs, shuffle, remote, first=files[0], classes=class_names(source))
     return ds.map_batches(_standardize, batch_format="numpy", **remote)
+
+
+def _stream_parquet(path: str, fs, shuffle, remote: dict) -> ray.data.Dataset:
+    # select_columns, not columns= (deprecated in Ray 2.60): the projection is still pushed
+    # into the read, so other columns are never loaded.
+    return ray.data.read_parquet(
+        path, filesystem=fs, shuffle=shuffle, file_extensions=["parquet"], **remote
+    ).select_columns(list(PARQUET_COLUMNS))
+
+
+def _stream_npz(path: str, fs, shuffle, remote: dict) -> ray.data.Dataset:
+    ds = ray.data.read_binary_files(
+        path, filesystem=fs, include_paths=True, shuffle=shuffle, file_extensions=["npz"], **remote
+    )
+    # One shard per batch: each shard becomes its own block, never one block of all shards.
+    return ds.map_batches(_decode_npz, batch_size=1, batch_format="numpy", **remote)
+
+
+def _stream_images(
+    path: str, fs, shuffle, remote: dict, *, first: str, classes: list[str]
+) -> ray.data.Dataset:
+    # Every image is read in the mode of the split's first (sorted) image, as advtrain.data does.
+    with fs.open_input_file(first) as f:
+        mode = image_mode(f.read(), first)
+    ds = ray.data.read_binary_files(
+        path,
+        filesystem=fs,
+        include_paths=True,
+        shuffle=shuffle,
+        file_extensions=list(IMAGE_EXTENSIONS),
+        **remote,
+    )
+    return ds.map_batches(
+        _decode_images,
+        batch_format="numpy",
+        fn_kwargs={"root": path, "classes": classes, "mode": mode},
+        **remote,
+    )
 
 
 def epoch_dataset(
@@ -264,6 +257,38 @@ def epoch_dataset(
     """
     import tensorflow as tf
 
+    _check_epoch_arguments(batch_size, input_shape, steps, shuffle_buffer, prefetch_batches)
+    shape = (batch_size, *input_shape)
+    batches = iter(
+        iterator.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            prefetch_batches=prefetch_batches,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=seed if shuffle_buffer else None,
+        )
+    )
+    first = next(batches, None)
+    if first is None:
+        raise _short_shard(0, batch_size, steps)
+    dtype = tf.uint8 if first["image"].dtype == np.uint8 else tf.float32
+    ds = tf.data.Dataset.from_generator(
+        lambda: _steps_of(first, batches, shape, steps),
+        output_signature=(tf.TensorSpec(shape, dtype), tf.TensorSpec((batch_size,), tf.int32)),
+    )
+    if dtype == tf.uint8:
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
+    return ds.apply(tf.data.experimental.assert_cardinality(steps))
+
+
+def _check_epoch_arguments(
+    batch_size: int,
+    input_shape: tuple[int, int, int],
+    steps: int,
+    shuffle_buffer: int,
+    prefetch_batches: int,
+) -> None:
     for name, value, low in (
         ("batch_size", batch_size, 1),
         ("steps", steps, 1),
@@ -281,64 +306,45 @@ def epoch_dataset(
             "`input_shape` must be (H, W, C), positive integers. Received: "
             f"input_shape={input_shape!r}"
         )
-    shape = (batch_size, *input_shape)
-    batches = iter(
-        iterator.iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            prefetch_batches=prefetch_batches,
-            local_shuffle_buffer_size=shuffle_buffer or None,
-            local_shuffle_seed=seed if shuffle_buffer else None,
-        )
+
+
+def _short_shard(done: int, batch_size: int, steps: int) -> DataError:
+    return DataError(
+        f"this worker's shard gave {done} batches of {batch_size}, fewer than "
+        f"steps={steps}; steps must be at most floor(rows / workers / batch_size)"
     )
 
-    def checked(batch, done):
-        x, y = batch["image"], batch["label"]
-        if x.shape != shape:
-            raise DataError(
-                f"a batch of images has shape {x.shape}, expected {shape} (batch_size, "
-                "*input_shape)"
-            )
-        if x.dtype != np.uint8 and not (x.min() >= 0 and x.max() <= 1):
-            raise DataError(
-                f"float images span [{x.min()}, {x.max()}] in batch {done}, expected [0, 1]"
-            )
-        return x, y.astype(np.int32)
 
-    def short(done):
-        return DataError(
-            f"this worker's shard gave {done} batches of {batch_size}, fewer than "
-            f"steps={steps}; steps must be at most floor(rows / workers / batch_size)"
+def _checked_batch(batch: dict, shape: tuple[int, ...], done: int):
+    """(images, int32 labels) of one batch, its shape and float range checked."""
+    x, y = batch["image"], batch["label"]
+    if x.shape != shape:
+        raise DataError(
+            f"a batch of images has shape {x.shape}, expected {shape} (batch_size, *input_shape)"
         )
+    if x.dtype != np.uint8 and not (x.min() >= 0 and x.max() <= 1):
+        raise DataError(
+            f"float images span [{x.min()}, {x.max()}] in batch {done}, expected [0, 1]"
+        )
+    return x, y.astype(np.int32)
 
-    first = next(batches, None)
-    if first is None:
-        raise short(0)
-    dtype = tf.uint8 if first["image"].dtype == np.uint8 else tf.float32
 
-    def generate():
-        batch, done = first, 0
-        while True:
-            if done == steps - 1:
-                drained = sum(1 for _ in batches)
-                if drained:
-                    log.debug("drained %d batches past steps=%d", drained, steps)
-                yield checked(batch, done)
-                return
-            yield checked(batch, done)
-            done += 1
-            batch = next(batches, None)
-            if batch is None:
-                raise short(done)
-
-    ds = tf.data.Dataset.from_generator(
-        generate,
-        output_signature=(tf.TensorSpec(shape, dtype), tf.TensorSpec((batch_size,), tf.int32)),
-    )
-    if dtype == tf.uint8:
-        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
-    return ds.apply(tf.data.experimental.assert_cardinality(steps))
+def _steps_of(first: dict, batches, shape: tuple[int, ...], steps: int):
+    """Yields `steps` checked batches, `first` then the pass's next ones; the rest of the pass
+    is drained before the last is yielded (see `epoch_dataset`)."""
+    batch, done = first, 0
+    while True:
+        if done == steps - 1:
+            drained = sum(1 for _ in batches)
+            if drained:
+                log.debug("drained %d batches past steps=%d", drained, steps)
+            yield _checked_batch(batch, shape, done)
+            return
+        yield _checked_batch(batch, shape, done)
+        done += 1
+        batch = next(batches, None)
+        if batch is None:
+            raise _short_shard(done, shape[0], steps)
 
 
 def trainer_datasets(

@@ -226,7 +226,7 @@ def shard_datasets(
 def stream_source(cfg: TrainConfig) -> tuple[dict, Any, int] | None:
     """Ray Data's side of a file dataset: (datasets, DataConfig, training rows) for
     `TensorflowTrainer`, or `None` when the data is loaded in memory."""
-    from advtrain.data import is_file_dataset
+    from advtrain.file_dataset import is_file_dataset
 
     if not is_file_dataset(cfg.data):
         return None
@@ -444,7 +444,7 @@ def build_trainer(
 ):
     """A Train V2 TensorflowTrainer for one adversarial training run.
 
-    A file dataset (`advtrain.data.is_file_dataset`) is streamed to the workers by Ray Data;
+    A file dataset (`advtrain.file_dataset.is_file_dataset`) is streamed to the workers by Ray Data;
     other data is loaded in each worker. `origin` is the folder the user's relative data and
     model paths are relative to (the driver's working folder, the default).
 

@@ -174,7 +174,7 @@ def _max_concurrent(spec: RunSpec, search: SearchSpec) -> int:
 
     if search.max_concurrent is not None:
         return search.max_concurrent
-    from advtrain.data import is_file_dataset
+    from advtrain.file_dataset import is_file_dataset
 
     return capacity.max_concurrent(
         capacity.read(),
