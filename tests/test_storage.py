@@ -195,3 +195,86 @@ def test_scheduler_stopped_trial_is_evaluated_from_its_checkpoint_in_the_bucket(
     assert rows[0]["stopped"] == "asha" and rows[0]["evaluated_by"] == "driver (last checkpoint)"
     assert rows[0]["test_robust_acc"] is not None
     assert (run_dir / "best_model.keras").is_file()
+
+
+def _race(out, storage_base, name):
+    """Two drivers creating the same run folder at the same instant (threads at a barrier)."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    got: list = [None, None]
+
+    def driver(i):
+        barrier.wait()
+        try:
+            got[i] = RunFolder.create(out, name, storage_base)
+        except storage.FolderTaken as e:
+            got[i] = e
+
+    threads = [threading.Thread(target=driver, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [g for g in got if isinstance(g, RunFolder)], [
+        g for g in got if not isinstance(g, RunFolder)
+    ]
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_two_drivers_creating_one_run_folder_at_once_never_both_go_on(where, s3_bucket, tmp_path):
+    wins = 0
+    for round_ in range(8):
+        name = f"run-{round_}"
+        if where == "bucket":
+            folders, refused = _race(None, s3_bucket, name)
+        else:
+            folders, refused = _race(str(tmp_path / name), None, name)
+        assert len(folders) <= 1, folders  # never two drivers writing one location
+        assert all("choose another --out" in str(e) for e in refused), refused
+        wins += len(folders)
+        for folder in folders:
+            # The winner's claim keeps a later driver out for as long as it runs.
+            with pytest.raises(storage.FolderTaken):
+                RunFolder.create(
+                    None if where == "bucket" else str(tmp_path / name),
+                    name,
+                    s3_bucket if where == "bucket" else None,
+                )
+            folder.release()
+    assert wins >= 4  # a dead heat refuses both; it cannot be the rule
+
+
+def test_a_run_that_writes_nothing_leaves_no_folder_and_its_name_free(s3_bucket, tmp_path):
+    local = RunFolder.create(str(tmp_path / "runs" / "quick"), "quick", None)
+    assert [p.name.startswith(storage.CLAIM_PREFIX) for p in local.local.iterdir()] == [True]
+    local.release()
+    assert list(tmp_path.iterdir()) == []  # runs/ too: it was made for this run
+    remote = RunFolder.create(None, "quick", s3_bucket)
+    remote.release()
+    assert not storage.exists(f"{s3_bucket}/quick")
+    again = RunFolder.create(None, "quick", s3_bucket)
+    (again.local / "spec.json").write_text("{}")
+    assert again.publish() == ["spec.json"]
+    again.release()
+    assert storage.list_files(again.remote) == ["spec.json"]  # the claim goes, the run stays
+
+
+def test_default_names_in_the_same_second_get_distinct_folders(s3_bucket, monkeypatch):
+    import datetime as dt
+
+    from workflows import cli
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 4, 13, 0, 0)
+
+    monkeypatch.setattr(cli._dt, "datetime", Frozen)
+    first = cli._run_folder(None, "tune", s3_bucket)
+    second = cli._run_folder(None, "tune", s3_bucket)
+    assert (first.name, second.name) == ("tune-20261204-130000", "tune-20261204-130000-2")
+    with pytest.raises(cli.UsageError, match="'.*tune-20261204-130000' already exists in storage"):
+        cli._run_folder("tune-20261204-130000", "tune", s3_bucket)
+    first.release()
+    second.release()

@@ -445,14 +445,22 @@ def _add_config_command(sub, common: dict) -> None:
 
 
 def _run_folder(out: str | None, kind: str, storage: str | None):
-    """The new run's folder: named after --out, or `<kind>-<time>`; in storage when given."""
-    from workflows.storage import RunFolder
+    """The new run's folder, claimed for this driver: named after --out (refused when taken), or
+    `<kind>-<time>` (with `-2`, `-3`, ... when another run took that second's name)."""
+    from workflows.storage import FolderTaken, RunFolder
 
-    name = Path(out).name if out else f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    try:
-        return RunFolder.create(out, name, storage)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    if out:
+        try:
+            return RunFolder.create(out, Path(out).name, storage)
+        except FolderTaken as e:
+            raise UsageError(str(e)) from None
+    stamp = f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 100):
+        try:
+            return RunFolder.create(None, stamp if n == 1 else f"{stamp}-{n}", storage)
+        except FolderTaken:
+            continue
+    raise UsageError(f"99 runs named {stamp}[-n] exist already; give --out a name")
 
 
 def _train_overrides(args) -> dict[str, Any]:
@@ -487,7 +495,10 @@ def _cmd_train(args) -> int:
     folder = _run_folder(args.out, "train", args.storage)
     from workflows import commands
 
-    return commands.train(spec, folder, local=args.local, address=args.address)
+    try:
+        return commands.train(spec, folder, local=args.local, address=args.address)
+    finally:
+        folder.release()
 
 
 def _cmd_tune(args) -> int:
@@ -506,7 +517,10 @@ def _cmd_tune(args) -> int:
         spec.search, base=spec.train.to_dict(), samples=args.samples, mlflow_uri=args.mlflow_uri
     )
     folder = _run_folder(args.out, "tune", args.storage)
-    return commands.tune(spec, search, folder, address=args.address)
+    try:
+        return commands.tune(spec, search, folder, address=args.address)
+    finally:
+        folder.release()
 
 
 def _given(args, *fields: str) -> dict:

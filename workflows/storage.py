@@ -16,13 +16,19 @@ URI's own query (`s3://bucket/prefix?endpoint_override=host:port&scheme=http`).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 from advtrain import files
 from advtrain.files import copy_file, is_uri, write_atomic
 
 __all__ = [
+    "FolderTaken",
     "RunFolder",
     "basename",
     "download",
@@ -38,6 +44,15 @@ __all__ = [
 # Ray's own folders under a search's location: the Tune experiment and the Train runs. They are
 # Ray's to read (Tuner.restore, checkpoints), never copied back to a local folder.
 RAY_FOLDERS = ("tune", "train", "ray")
+
+# A driver's hold on a new run's location while it runs (`RunFolder.create`, `release`).
+CLAIM_PREFIX = ".advtrain-claim-"
+
+logger = logging.getLogger(__name__)
+
+
+class FolderTaken(ValueError):
+    """A new run's location exists already, or another driver is writing to it."""
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -108,12 +123,54 @@ def upload(local_dir: Path, location: str, *, skip: tuple[str, ...] = RAY_FOLDER
     copied = []
     for src in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
         rel = src.relative_to(local_dir)
-        if rel.parts[0] in skip or (rel.name.startswith(".") and ".tmp" in rel.name):
+        if rel.parts[0] in skip or _is_scratch(rel.name):
             continue
         dst = f"{root.rstrip('/')}/{rel.as_posix()}"
         _put(src, fs, dst)
         copied.append(rel.as_posix())
     return copied
+
+
+def _is_scratch(name: str) -> bool:
+    """A writer's temporary file, or a driver's claim: never copied between locations."""
+    return name.startswith(CLAIM_PREFIX) or (name.startswith(".") and ".tmp" in name)
+
+
+def _claims(fs, root: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(e.path for e in entries if e.base_name.startswith(CLAIM_PREFIX))
+
+
+def claim(location: str) -> str:
+    """Holds `location` for this driver: writes a claim file there, then lists the folder; a
+    claim of another driver beside it means two new runs picked the same location at once.
+
+    Object stores offer no exclusive create through pyarrow, but S3 (and NFS, and a local
+    disk) read their own writes and list them: of two drivers that write a claim each and then
+    list, the later one sees both, so at most one goes on (both refuse in a dead heat).
+
+    Returns:
+        The claim's path on the location's filesystem (`release` removes it).
+
+    Raises:
+        FolderTaken: another driver's claim is there.
+    """
+    fs, root = filesystem(location)
+    root = root.rstrip("/")
+    if _is_local(fs):  # an object store has no folders (pyarrow would write a marker object)
+        fs.create_dir(root, recursive=True)
+    path = f"{root}/{CLAIM_PREFIX}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(path) as f:
+        f.write(f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+    if [c for c in _claims(fs, root) if c != path]:
+        fs.delete_file(path)
+        raise FolderTaken(
+            f"{location!r} is being written by another advtrain run started at the same time; "
+            "choose another --out name"
+        )
+    return path
 
 
 def list_files(location: str) -> list[str]:
@@ -141,7 +198,11 @@ def download(location: str, local_dir: Path, *, skip: tuple[str, ...] = RAY_FOLD
 
     fs, root = filesystem(location)
     root = root.rstrip("/")
-    copied = [rel for rel in list_files(location) if rel.split("/", 1)[0] not in skip]
+    copied = [
+        rel
+        for rel in list_files(location)
+        if rel.split("/", 1)[0] not in skip and not _is_scratch(rel.rsplit("/", 1)[-1])
+    ]
     for rel in copied:
         write_atomic(
             Path(local_dir, rel),
@@ -193,26 +254,57 @@ class RunFolder:
 
     local: Path
     remote: str | None = None
+    claim: str | None = None
+    created: Path | None = None
 
     @classmethod
     def create(cls, out: str | None, name: str, storage: str | None) -> RunFolder:
         """A new run folder named `name`: `out` (or `runs/<name>`) without storage; with
         storage, `{storage}/{name}` staged in `out` (or a new temporary folder).
 
+        The run's location is claimed for this driver (`claim`) until `release`, so two
+        drivers that pick the same location at once cannot interleave their files.
+
         Raises:
-            ValueError: `out` exists and is not empty, or `{storage}/{name}` already exists.
+            FolderTaken: `out` exists and is not empty, `{storage}/{name}` already exists, or
+                another driver claimed the location first.
         """
         local = Path(out) if out else None
         if local is not None and local.exists() and (not local.is_dir() or any(local.iterdir())):
-            raise ValueError(
+            raise FolderTaken(
                 f"output folder {str(local)!r} exists and is not empty; choose another --out"
             )
         if storage is None:
-            return cls(local or Path("runs") / name)
+            local = local or Path("runs") / name
+            created = _first_missing(local.resolve())
+            return cls(local, claim=claim(str(local)), created=created)
         remote = join(storage, name)
         if exists(remote):
-            raise ValueError(f"{remote!r} already exists in storage; choose another --out name")
-        return cls(local or Path(tempfile.mkdtemp(prefix=f"advtrain-{name}-")), remote)
+            raise FolderTaken(f"{remote!r} already exists in storage; choose another --out name")
+        local = local or Path(tempfile.mkdtemp(prefix=f"advtrain-{name}-"))
+        created = None if is_uri(remote) else _first_missing(Path(remote).expanduser().resolve())
+        return cls(local, remote, claim=claim(remote), created=created)
+
+    def release(self) -> None:
+        """Ends this driver's claim; a location left with nothing in it is removed (a run that
+        failed before writing anything leaves no folder behind)."""
+        if self.claim is None:
+            return
+        fs, _ = filesystem(self.location)
+        try:
+            fs.delete_file(self.claim)
+        except OSError as e:  # storage gone meanwhile: the claim stays, the run's files too
+            logger.warning("could not remove the run's claim %s: %s", self.claim, e)
+            return
+        root = self.claim.rsplit("/", 1)[0]
+        if not _is_local(fs):
+            # pyarrow leaves a folder marker where it deleted an object's last sibling.
+            if not self.remote or list_files(self.remote):
+                return
+            fs.delete_dir(root)
+        elif self.created is not None:
+            # The claim's own folder: `local` may be relative to a cwd the command changed.
+            _remove_empty(Path(root), self.created)
 
     @classmethod
     def open(cls, location: str) -> RunFolder:
@@ -246,3 +338,25 @@ class RunFolder:
 
     def __str__(self) -> str:
         return self.remote or str(self.local)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself included) that does not exist yet."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_empty(path: Path, top: Path) -> None:
+    """Removes `path` and its parents up to `top` while they are empty folders."""
+    path = path.resolve()
+    for p in (path, *path.parents):
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
