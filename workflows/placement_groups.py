@@ -1,18 +1,23 @@
-"""Placement groups a driver leaves reserved, released when it is done.
+"""Placement groups a search's ended trials leave reserved, released as it goes and when it ends.
 
-A Ray Train V2 run inside a Tune trial reserves its workers' CPUs/GPUs in a placement group. When
-the trial is stopped while that group is being set up (a search interrupted by Ctrl-C or `ray
-job stop`), Ray 2.60 can leave the group CREATED after the driver and its job are gone: Train's
-own cleaner (ray#58515) had not removed it minutes later, and the group's 1 CPU stayed reserved
-on a 2-CPU cluster, so the next 2-worker run waited for resources forever. Tune v1 removed the
-groups of the trials it stopped (ray#54305); advtrain's drivers do the same for their own job on
-the way out, whatever the search's outcome. Everything is read through Ray's state API (the
-dashboard); without it nothing is released and the reason is logged.
+A Ray Train V2 run inside a Tune trial reserves its workers' CPUs/GPUs in a placement group that
+its Train controller (an actor of the driver's job) creates. Ray frees a non-detached group only
+when both its creator actor and its job are dead (ray#65881), and Train's own cleaner
+(ray#58515) misses a group whose trial Tune stopped while it was being set up: ASHA's and SHA's
+stopped and paused trials then kept their workers' CPUs for the rest of the search (README's main
+command, 2026-12-03), and on a cluster with room for one trial's workers the search waited on its
+own leak. Tune v1 removed the groups of the trials it stopped (ray#54305); here
+`ReleaseEndedTrials`, a Tune callback on the driver, removes every group of this job whose
+creator actor is dead, a few seconds after the trial ended, and `release_own` removes what is left
+when the driver is done, as a last resort.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+
+from ray import tune
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,68 @@ def release_own() -> list[str]:
             continue
         released.append(f"{g.placement_group_id[:8]} {_resources(g.bundles)}")
     return released
+
+
+def release_orphans() -> tuple[list[str], int]:
+    """Removes the groups of this process's job whose creator actor is dead (the Train controller
+    of a trial that ended). Safe while the search runs: a pending or running trial's group has a
+    live creator, Tune's own trial groups are the driver's (no creator actor), and detached groups
+    are never touched.
+
+    Returns:
+        (one `"<id prefix> {resources}"` per group removed, how many groups of live actors remain).
+    """
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from workflows.ray_internals import actor_placement_groups, placement_group
+
+    released, alive = [], 0
+    for hex_id, resources, dead in actor_placement_groups(ray.get_runtime_context().get_job_id()):
+        if not dead:
+            alive += 1
+            continue
+        try:
+            remove_placement_group(placement_group(hex_id))
+        except Exception as e:  # noqa: BLE001 - removed meanwhile, or the GCS refused: the rest still go
+            logger.warning("could not remove placement group %s: %s", hex_id, e)
+            continue
+        released.append(f"{hex_id[:8]} {_resources([{'unit_resources': resources}])}")
+    return released, alive
+
+
+class ReleaseEndedTrials(tune.Callback):
+    """Runs `release_orphans` on the driver every `every_s` seconds of the search, and at its end
+    until every trial's controller is gone (at most `settle_s`): a Train controller dies with its
+    trial actor a moment after Tune stops, pauses or fails the trial, so a sweep on a clock, not
+    one at the trial's end, finds its group."""
+
+    def __init__(self, every_s: float = 2.0, settle_s: float = 20.0):
+        self.every_s, self.settle_s = every_s, settle_s
+        self.released: list[str] = []
+        self._due = 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now >= self._due:
+            self._due = now + self.every_s
+            self._sweep()
+
+    def on_experiment_end(self, trials, **info):
+        deadline = time.monotonic() + self.settle_s
+        while self._sweep() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def _sweep(self) -> int:
+        try:
+            freed, alive = release_orphans()
+        except Exception as e:  # noqa: BLE001 - the GCS did not answer: the next sweep tries again
+            logger.warning("could not list this search's placement groups (%s)", e)
+            return 0
+        for line in freed:
+            logger.info("released the placement group of an ended trial: %s", line)
+        self.released += freed
+        return alive
 
 
 def _resources(bundles: list[dict] | None) -> str:

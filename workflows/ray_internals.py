@@ -53,6 +53,16 @@ SURFACE: tuple[tuple[str, str, str], ...] = (
         "remove a placement group listed by the state API",
     ),
     (
+        "ray._private.state",
+        "state._connect_and_get_accessor",
+        "the GCS's placement group table, which alone says whether a group's creator is dead",
+    ),
+    (
+        "ray.core.generated.gcs_pb2",
+        "PlacementGroupTableData",
+        "a placement group record as the GCS stores it (fields in `MESSAGE_FIELDS`)",
+    ),
+    (
         "ray.core.generated.autoscaler_pb2",
         "ClusterConfig",
         "the GCS's node-group message, built from cluster.yaml for the fake autoscaler",
@@ -68,6 +78,24 @@ SURFACE: tuple[tuple[str, str, str], ...] = (
         "tests: cluster.yaml checked the way `ray up` fills and validates it",
     ),
     ("ray.autoscaler._private.util", "validate_config", "tests: as above"),
+)
+
+# Fields read from the messages above: protobuf classes carry them in their descriptor, not as
+# attributes, so `missing` checks them by name.
+MESSAGE_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "ray.core.generated.gcs_pb2",
+        "PlacementGroupTableData",
+        (
+            "placement_group_id",
+            "bundles",
+            "state",
+            "creator_job_id",
+            "creator_actor_id",
+            "creator_actor_dead",
+            "is_detached",
+        ),
+    ),
 )
 
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -147,6 +175,36 @@ def placement_group(hex_id: str) -> Any:
     return PlacementGroup(PlacementGroupID.from_hex(hex_id))
 
 
+def actor_placement_groups(job_id: str) -> list[tuple[str, dict[str, float], bool]]:
+    """The placement groups of job `job_id` (hex) that an actor of it created and that still
+    reserve resources (not removed, not detached). Ray frees such a group only when both its
+    creator actor and its job are dead; the state API does not say whether the creator is.
+
+    Returns:
+        (placement group id in hex, total resources of its bundles, creator actor dead) per group.
+    """
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+    nil_actor = b"\xff" * 16  # a group the driver itself created has no creator actor
+    out = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        g = PlacementGroupTableData.FromString(raw)
+        if (
+            g.creator_job_id.hex() != job_id
+            or g.state == PlacementGroupTableData.REMOVED
+            or g.is_detached
+            or g.creator_actor_id == nil_actor
+        ):
+            continue
+        total: dict[str, float] = {}
+        for bundle in g.bundles:
+            for name, amount in bundle.unit_resources.items():
+                total[name] = total.get(name, 0.0) + amount
+        out.append((g.placement_group_id.hex(), total, g.creator_actor_dead))
+    return out
+
+
 def prepare_cluster_config(config: dict) -> dict:
     """A cluster launcher config with the provider's defaults merged, as `ray up` does."""
     from ray.autoscaler._private.util import prepare_config
@@ -173,4 +231,12 @@ def missing() -> list[str]:
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as e:
             out.append(f"{module}:{path} ({why}): {type(e).__name__}: {e}")
+    for module, message, fields in MESSAGE_FIELDS:
+        try:
+            known = getattr(importlib.import_module(module), message).DESCRIPTOR.fields_by_name
+        except (ImportError, AttributeError):
+            continue  # named above, with its reason
+        out += [
+            f"{module}:{message}.{f} (a field advtrain reads)" for f in fields if f not in known
+        ]
     return out

@@ -29,7 +29,7 @@ from typing import Any
 from ray import tune
 
 from advtrain.config import TrainConfig
-from workflows import quiet, storage
+from workflows import placement_groups, quiet, storage
 
 # The search section's spec lives in a Ray-free module (`advtrain config` reads it); its names
 # stay here too.
@@ -296,7 +296,11 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
             name="tune",
             storage_path=location,
             verbose=0 if quiet.is_quiet() else None,
-            callbacks=build_callbacks(search, folder.name),
+            # Each trial's Train placement group goes when its trial ends, not when the search does.
+            callbacks=[
+                *build_callbacks(search, folder.name),
+                placement_groups.ReleaseEndedTrials(),
+            ],
         ),
     )
 
