@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,42 @@ _NPZ_SHARD_ARRAYS = ("x", "y")
 
 class DataError(ValueError):
     """A data file or array that cannot be used, with the file and the problem named."""
+
+
+# How a DataError reads in a traceback's text: the last line of one re-raised elsewhere.
+_DATA_ERROR_LINE = re.compile(r"(?:^|\s)(?:[\w.]+\.)?DataError: (.+)$", re.MULTILINE)
+
+
+def data_error_in(error: BaseException) -> DataError | None:
+    """The `DataError` behind an error raised where data was read on another thread or process:
+    a Ray task's error (its `cause`), a Ray Train worker group's (`worker_failures`), a chain of
+    exceptions, or one that kept only a traceback's text (a TensorFlow input pipeline, a Train
+    worker's error): then the text's last `DataError: ` line is rebuilt as one.
+
+    Returns:
+        The DataError, or `None` when none is behind `error`.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    text: list[str] = []
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            todo.append(cause)  # a Ray task's error, though it may pass for a DataError itself
+        elif isinstance(e, DataError):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        todo += [x for x in (failures.values() if isinstance(failures, dict) else ())]
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        text.append(str(e))
+    for t in text:
+        if lines := _DATA_ERROR_LINE.findall(t):
+            return DataError(lines[-1].strip())
+    return None
 
 
 # --------------------------------------------------------------------------- IDX
@@ -268,7 +305,10 @@ def _open_image(raw: bytes, where: str):
         img = Image.open(io.BytesIO(raw))
         img.load()
         return img
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError:
+        # PIL's own message names the in-memory buffer, not the file.
+        raise DataError(f"{where}: cannot be read as an image (no format PIL reads)") from None
+    except OSError as e:
         raise DataError(f"{where}: cannot be read as an image ({e})") from None
 
 

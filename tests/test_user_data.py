@@ -478,6 +478,69 @@ def test_train_streams_a_parquet_dataset_with_ray_data(ray_cluster, in_project, 
     )
 
 
+def _error_lines(err: list[str], command: str) -> list[str]:
+    """What follows `advtrain <command>: error: ` on each stderr line holding it, terminal escapes
+    (Ray's progress bars share the terminal) taken out."""
+    import re
+
+    mark = f"advtrain {command}: error: "
+    plain = (re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line) for line in err)
+    return [line.split(mark, 1)[1] for line in plain if mark in line]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_bad_file_in_a_streamed_split_exits_2_naming_it_in_train_and_tune(
+    ray_cluster, in_project, tmp_path, capsys
+):
+    import ray
+
+    splits = {"train": make_images(64, 0), "val": make_images(32, 1), "test": make_images(32, 2)}
+    root = write_file_dataset(in_project / "bad_images", "images", splits)
+    # A PNG signature and nothing readable after it, sorted last in its split: counting the
+    # split's files finds nothing wrong, only the Ray Data task that decodes it during an epoch.
+    bad = max((root / "train").iterdir()) / "zz-bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    common = ["--address", ray_cluster.address, "--config", "run.yaml", "--data", "bad_images"]
+    try:
+        code, err = _run(
+            ["train", *common, "--max-failures", "0", "--epochs", "1", "--out", tmp_path / "run"],
+            capsys,
+        )
+        # Ray forwards its Train controller's log of the worker's failure and Ray Data's progress
+        # bars (cursor escapes included) around it; advtrain's own part is one error line.
+        errors = _error_lines(err, "train")
+        assert code == 2 and len(errors) == 1, err[-5:]
+        assert errors[0].startswith(f"{bad}: cannot be read as an image ("), errors
+        assert not (tmp_path / "run" / "model.keras").exists()
+        ray.shutdown()
+
+        # `tune` takes its data from the run file alone.
+        run_file = (in_project / "run.yaml").read_text().replace("shapes.npz", "bad_images")
+        (tmp_path / "bad.yaml").write_text(run_file)
+        tune_args = ["--address", ray_cluster.address, "--config", tmp_path / "bad.yaml"]
+        code, err = _run(["tune", *tune_args, "--out", tmp_path / "search"], capsys)
+        errors = _error_lines(err, "tune")
+        assert code == 2 and len(errors) == 1, err[-5:]
+        assert errors[0].startswith(f"{bad}: cannot be read as an image ("), errors
+        # Every trial reads the same split: the first trial's data error stops the search, which
+        # keeps its state to resume once the file is fixed.
+        assert errors[0].endswith(f"advtrain tune --resume {tmp_path / 'search'}"), errors
+        assert not (tmp_path / "search" / "trials.json").exists()
+        assert len(list((tmp_path / "search" / "tune").glob("*/error.pkl"))) == 1
+        ray.shutdown()
+
+        # The command the line gives, once the file is fixed: both trials run to the end.
+        bad.unlink()
+        code, err = _run(["tune", "--resume", tmp_path / "search", *tune_args[:2]], capsys)
+        assert code == 0, err[-5:]
+        trials = json.loads((tmp_path / "search" / "trials.json").read_text())["trials"]
+        assert sorted(t["config"]["mix"] for t in trials) == [0.5, 1.0], trials
+        assert all(t["test_clean_acc"] is not None for t in trials), trials
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tune_searches_a_user_model_on_user_data(ray_cluster, in_project, tmp_path, capsys):

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from advtrain.config import AttackConfig, EvalConfig, check_number
+from advtrain.formats import DataError, data_error_in
 from advtrain.keras_file import check_keras_file, input_shape, output_classes, shape_text
 from workflows import quiet, storage
 from workflows.spec import RunSpec
@@ -206,6 +207,13 @@ def _connect_and_check(spec: RunSpec, address: str | None) -> None:
         _say(f"advtrain: {waiting}")
 
 
+def _raise_data_error(error: BaseException) -> None:
+    """Raises the DataError behind `error` (a bad data file a Ray worker or task met) as the one
+    line it is (exit 2); returns when there is none, for the caller to raise `error` itself."""
+    if (data_error := data_error_in(error)) is not None:
+        raise DataError(str(data_error)) from None
+
+
 def _release_placement_groups() -> None:
     """Frees what Ray left reserved for this driver's stopped trials (see
     `workflows.placement_groups`), saying so: the run's trials and trainers have all ended."""
@@ -314,9 +322,13 @@ def _train_on_ray(spec: RunSpec, folder: RunFolder, address: str | None):
     )
     try:
         result = trainer.fit()
+    except Exception as e:
+        _raise_data_error(e)
+        raise
     finally:
         _release_placement_groups()
     if result.error is not None:
+        _raise_data_error(result.error)
         raise RuntimeError(f"Ray Train run failed: {result.error}")
     model_path, history, summary = read_final(result)
     for m in history:
@@ -442,12 +454,20 @@ def _search_and_finish(
     folder = dataclasses.replace(folder, local=folder.local.resolve())
     os.chdir(folder.local)
     eval_data(spec)  # parsed once per process: the results stage reuses it
+    grid = None
     try:
         grid, interrupted = run_search(spec, search, folder, restore=restore, origin=origin)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         _release_placement_groups()
+    # A trial's bad data file ends the search as an interrupt does (`StopOnDataError`).
+    if grid is not None and (data_error := _trials_data_error(grid)) is not None:
+        folder.publish()
+        raise DataError(
+            f"{data_error}; the search stopped (state saved): fix the file, then continue with: "
+            f"advtrain tune --resume {folder}"
+        )
     if interrupted:
         folder.publish()
         _say(
@@ -456,6 +476,12 @@ def _search_and_finish(
         )
         return 130
     return _finish(spec, grid, folder, search)
+
+
+def _trials_data_error(grid):
+    """The DataError a trial of the search failed on (a bad file in the split every trial
+    reads), or `None`."""
+    return next((d for e in grid.errors if (d := data_error_in(e)) is not None), None)
 
 
 def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:

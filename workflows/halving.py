@@ -11,7 +11,8 @@ HyperBand) pauses each trial at a rung until every trial has reported there, the
 best 1/reduction_factor and stops the rest. A paused trial gives back its Ray Train workers and
 later resumes from its Train checkpoint. Ray ships no single-bracket form: `HyperBandScheduler`
 spreads trials over brackets, and the first it fills runs its trials to `max_t` unstopped. This
-is that scheduler held to one bracket holding every trial, with `RunningLimit` releasing new
+is that scheduler held to one bracket holding every trial, with `workflows.concurrency.RunningLimit`
+releasing new
 trials only while fewer than `max_running` run: Tune's `max_concurrent_trials` counts paused
 trials too, so a rung would close on the first few trials alone.
 """
@@ -23,9 +24,8 @@ import math
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import HyperBandScheduler, TrialScheduler
 from ray.tune.schedulers.hyperband import _Bracket
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
-__all__ = ["RunningLimit", "SuccessiveHalving", "rungs"]
+__all__ = ["SuccessiveHalving", "rungs"]
 
 
 def rungs(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
@@ -136,28 +136,3 @@ class SuccessiveHalving(HyperBandScheduler):
         if self._resumed:
             return next((t for t in self._seen if t.status == Trial.PENDING), None)
         return super().choose_trial_to_run(tune_controller)
-
-
-class RunningLimit(BasicVariantGenerator):
-    """Grid and random trials, released while fewer than the scheduler's `max_running` run."""
-
-    def __init__(self, scheduler: SuccessiveHalving, **kwargs):
-        super().__init__(max_concurrent=0, **kwargs)
-        self._scheduler = scheduler
-
-    def next_trial(self):
-        if self._scheduler.running() >= self._scheduler.max_running:
-            return None
-        return super().next_trial()
-
-    def get_state(self):
-        # Tune saves the generator's state on its own; the scheduler is rebuilt with the Tuner.
-        state = super().get_state()
-        if state:
-            state.pop("_scheduler", None)
-        return state
-
-    def set_state(self, state) -> None:
-        scheduler = self._scheduler
-        super().set_state(state)
-        self._scheduler = scheduler

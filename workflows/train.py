@@ -36,6 +36,7 @@ from advtrain.config import (
     check_number,
     check_steps_per_call,
 )
+from advtrain.formats import DataError, data_error_in
 
 __all__ = [
     "COMMUNICATIONS",
@@ -350,16 +351,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     }
     _announce(ctx, rank, world, len(history), shard_info)
     report = _reporter(run, rank, history, {**shard_info, "resumed_from_epoch": len(history)})
-    _model, history, summary = run_epochs(
-        run,
-        dataset_for,
-        data.x_val,
-        data.y_val,
-        start_epoch=len(history),
-        history=history,
-        on_epoch=report,
-        examples_per_epoch=steps * cfg.batch_size * world,
-    )
+    try:
+        _model, history, summary = run_epochs(
+            run,
+            dataset_for,
+            data.x_val,
+            data.y_val,
+            start_epoch=len(history),
+            history=history,
+            on_epoch=report,
+            examples_per_epoch=steps * cfg.batch_size * world,
+        )
+    except Exception as e:
+        # A bad file that a Ray Data task met mid-epoch arrives wrapped by Ray, or as the text of
+        # TensorFlow's input-pipeline error: the worker fails with the DataError itself.
+        if (data_error := data_error_in(e)) is not None:
+            raise DataError(str(data_error)) from None
+        raise
     report(dict(history[-1]) if history else {}, final=True, summary=summary)
 
 

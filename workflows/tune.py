@@ -117,6 +117,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from advtrain.files import write_json
+    from advtrain.formats import DataError, data_error_in
     from advtrain.models import import_model_module, is_import_path, load_model, save_model
     from workflows.results import evaluate_trial
     from workflows.spec import eval_data, load_spec
@@ -139,7 +140,13 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         placement_strategy=scaling.placement_strategy,
         origin=base["origin"],
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        # The trial fails with the DataError itself (`StopOnDataError` reads it).
+        if (data_error := data_error_in(e)) is not None:
+            raise DataError(str(data_error)) from None
+        raise
     if is_import_path(cfg.model):  # registers the user's custom Keras objects before loading
         import_model_module(cfg.model, [base["origin"]])
     model_path, history, summary = read_final(result)
@@ -161,6 +168,43 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         save_model(model, Path(tmp, "model.keras"))
         write_json(Path(tmp, "history.json"), history)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+class StopOnDataError(tune.Callback):
+    """Ends the search as Ctrl-C does (trials stopped, state saved, `--resume` continues it) once
+    a trial failed on a bad data file: every trial reads the same split, so the rest would fail on
+    it too. Not a Tune stopper: Tune marks a stopped search's searcher finished, and the resumed
+    search would start none of the trials not yet begun."""
+
+    def __init__(self):
+        self.error: str | None = None
+
+    def __getstate__(self):
+        # Saved with the search's state: a resumed search (the file fixed) starts clean.
+        return {**self.__dict__, "error": None}
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.error is not None or (found := _trial_data_error(trial)) is None:
+            return
+        self.error = str(found)
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            os.kill(os.getpid(), signal.SIGINT)  # Tune's own handler: the graceful stop
+
+
+def _trial_data_error(trial):
+    """The DataError behind a trial's failure, from the error Tune pickled beside it."""
+    import cloudpickle
+
+    from advtrain.formats import data_error_in
+
+    path = trial.pickled_error_file
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return data_error_in(cloudpickle.load(f))
 
 
 def per_worker(spec: RunSpec) -> dict[str, float]:
@@ -210,9 +254,8 @@ def schedule_warning(spec: RunSpec, search: SearchSpec) -> str | None:
 
 def _scheduler_and_searcher(spec: RunSpec, search: SearchSpec, concurrent: int):
     """The search's Tune scheduler and search algorithm, both bounded by `concurrent`."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from workflows.halving import RunningLimit, SuccessiveHalving
+    from workflows.concurrency import LimitedASHA, LimitedFIFO, RunningLimit
+    from workflows.halving import SuccessiveHalving
 
     multi = search.searcher == "optuna-multi"
     if search.scheduler == "sha":
@@ -233,21 +276,21 @@ def _scheduler_and_searcher(spec: RunSpec, search: SearchSpec, concurrent: int):
         # ASHA's max_t is one past the last epoch: a trial reaching max_t is stopped at once,
         # before the test-split evaluation it reports after training.
         scheduler = (
-            ASHAScheduler(
+            LimitedASHA(
+                max_running=concurrent,
                 time_attr="epoch",
                 max_t=spec.train.epochs + 1,
                 grace_period=search.grace_period,
                 reduction_factor=search.reduction_factor,
             )
             if search.scheduler == "asha"
-            else FIFOScheduler()
+            else LimitedFIFO(max_running=concurrent)
         )
         if search.searcher == "random":
-            from ray.tune.search.basic_variant import BasicVariantGenerator
-
-            # Tune ignores max_concurrent_trials for a search algorithm passed in: set it here,
-            # or every trial starts at once and their Train workers time out waiting for CPUs.
-            searcher = BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent)
+            # Tune ignores max_concurrent_trials for a search algorithm passed in: the limit is
+            # here, or every trial starts at once and their Train workers time out waiting for
+            # CPUs; counted by the scheduler, so a resumed search keeps to it too.
+            searcher = RunningLimit(scheduler, random_state=search.seed)
         else:
             from ray.tune.search.optuna import OptunaSearch
 
@@ -300,6 +343,7 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
             callbacks=[
                 *build_callbacks(search, folder.name),
                 placement_groups.ReleaseEndedTrials(),
+                StopOnDataError(),
             ],
         ),
     )
