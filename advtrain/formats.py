@@ -89,13 +89,21 @@ def data_error_in(error: BaseException) -> DataError | None:
         elif isinstance(e, DataError):
             return e
         failures = getattr(e, "worker_failures", None)
-        todo += [x for x in (failures.values() if isinstance(failures, dict) else ())]
+        if isinstance(failures, dict):
+            todo += failures.values()
         todo += [x for x in (e.__cause__, e.__context__) if x is not None]
         text.append(str(e))
     for t in text:
         if lines := _DATA_ERROR_LINE.findall(t):
             return DataError(lines[-1].strip())
     return None
+
+
+def raise_data_error_in(error: BaseException) -> None:
+    """Raises the DataError behind `error` (`data_error_in`) as a fresh one-line DataError, for a
+    caller that then re-raises `error` itself when there is none."""
+    if (data_error := data_error_in(error)) is not None:
+        raise DataError(str(data_error)) from None
 
 
 # --------------------------------------------------------------------------- IDX

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from advtrain.config import AttackConfig, EvalConfig, check_number
-from advtrain.formats import DataError, data_error_in
+from advtrain.formats import DataError, data_error_in, raise_data_error_in
 from advtrain.keras_file import check_keras_file, input_shape, output_classes, shape_text
 from workflows import quiet, storage
 from workflows.spec import RunSpec
@@ -207,13 +207,6 @@ def _connect_and_check(spec: RunSpec, address: str | None) -> None:
         _say(f"advtrain: {waiting}")
 
 
-def _raise_data_error(error: BaseException) -> None:
-    """Raises the DataError behind `error` (a bad data file a Ray worker or task met) as the one
-    line it is (exit 2); returns when there is none, for the caller to raise `error` itself."""
-    if (data_error := data_error_in(error)) is not None:
-        raise DataError(str(data_error)) from None
-
-
 def _release_placement_groups() -> None:
     """Frees what Ray left reserved for this driver's stopped trials (see
     `workflows.placement_groups`), saying so: the run's trials and trainers have all ended."""
@@ -323,12 +316,12 @@ def _train_on_ray(spec: RunSpec, folder: RunFolder, address: str | None):
     try:
         result = trainer.fit()
     except Exception as e:
-        _raise_data_error(e)
+        raise_data_error_in(e)
         raise
     finally:
         _release_placement_groups()
     if result.error is not None:
-        _raise_data_error(result.error)
+        raise_data_error_in(result.error)
         raise RuntimeError(f"Ray Train run failed: {result.error}")
     model_path, history, summary = read_final(result)
     for m in history:

@@ -11,10 +11,10 @@ HyperBand) pauses each trial at a rung until every trial has reported there, the
 best 1/reduction_factor and stops the rest. A paused trial gives back its Ray Train workers and
 later resumes from its Train checkpoint. Ray ships no single-bracket form: `HyperBandScheduler`
 spreads trials over brackets, and the first it fills runs its trials to `max_t` unstopped. This
-is that scheduler held to one bracket holding every trial, with `workflows.concurrency.RunningLimit`
-releasing new
-trials only while fewer than `max_running` run: Tune's `max_concurrent_trials` counts paused
-trials too, so a rung would close on the first few trials alone.
+is that scheduler held to one bracket holding every trial, with
+`workflows.concurrency.RunningLimit` releasing new trials only while fewer than `max_running` run:
+Tune's `max_concurrent_trials` counts paused trials too, so a rung would close on the first few
+trials alone.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 A Ray Train V2 run inside a Tune trial reserves its workers' CPUs/GPUs in a placement group that
 its Train controller (an actor of the driver's job) creates. Ray frees a non-detached group only
-when both its creator actor and its job are dead (ray#65881), and Train's own cleaner
-(ray#58515) misses a group whose trial Tune stopped while it was being set up: ASHA's and SHA's
-stopped and paused trials then kept their workers' CPUs for the rest of the search (README's main
-command, 2026-12-03), and on a cluster with room for one trial's workers the search waited on its
-own leak. Tune v1 removed the groups of the trials it stopped (ray#54305); here
+when both its creator actor and its job are dead (ray#65881); Train's own cleaner (ray#58515),
+one actor per run polling the state API, removes it some seconds after the controller died, or
+not at all when the trial was stopped while its group was being set up. Measured (2026-12-04):
+the group of the last trial ASHA stopped was still reserved when the search ended. Tune v1
+removed the groups of the trials it stopped (ray#54305); here
 `ReleaseEndedTrials`, a Tune callback on the driver, removes every group of this job whose
 creator actor is dead, a few seconds after the trial ended, and `release_own` removes what is left
 when the driver is done, as a last resort.
@@ -86,7 +86,7 @@ def release_orphans() -> tuple[list[str], int]:
     from workflows.ray_internals import actor_placement_groups, placement_group
 
     released, alive = [], 0
-    for hex_id, resources, dead in actor_placement_groups(ray.get_runtime_context().get_job_id()):
+    for hex_id, bundles, dead in actor_placement_groups(ray.get_runtime_context().get_job_id()):
         if not dead:
             alive += 1
             continue
@@ -95,7 +95,7 @@ def release_orphans() -> tuple[list[str], int]:
         except Exception as e:  # noqa: BLE001 - removed meanwhile, or the GCS refused: the rest still go
             logger.warning("could not remove placement group %s: %s", hex_id, e)
             continue
-        released.append(f"{hex_id[:8]} {_resources([{'unit_resources': resources}])}")
+        released.append(f"{hex_id[:8]} {_resources(bundles)}")
     return released, alive
 
 
@@ -107,7 +107,6 @@ class ReleaseEndedTrials(tune.Callback):
 
     def __init__(self, every_s: float = 2.0, settle_s: float = 20.0):
         self.every_s, self.settle_s = every_s, settle_s
-        self.released: list[str] = []
         self._due = 0.0
 
     def on_step_end(self, iteration, trials, **info):
@@ -129,7 +128,6 @@ class ReleaseEndedTrials(tune.Callback):
             return 0
         for line in freed:
             logger.info("released the placement group of an ended trial: %s", line)
-        self.released += freed
         return alive
 
 

@@ -36,7 +36,7 @@ from advtrain.config import (
     check_number,
     check_steps_per_call,
 )
-from advtrain.formats import DataError, data_error_in
+from advtrain.formats import raise_data_error_in
 
 __all__ = [
     "COMMUNICATIONS",
@@ -365,8 +365,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     except Exception as e:
         # A bad file that a Ray Data task met mid-epoch arrives wrapped by Ray, or as the text of
         # TensorFlow's input-pipeline error: the worker fails with the DataError itself.
-        if (data_error := data_error_in(e)) is not None:
-            raise DataError(str(data_error)) from None
+        raise_data_error_in(e)
         raise
     report(dict(history[-1]) if history else {}, final=True, summary=summary)
 

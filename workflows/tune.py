@@ -22,13 +22,16 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from advtrain.config import TrainConfig
+from advtrain.formats import data_error_in, raise_data_error_in
 from workflows import placement_groups, quiet, storage
 
 # The search section's spec lives in a Ray-free module (`advtrain config` reads it); its names
@@ -117,7 +120,6 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from advtrain.files import write_json
-    from advtrain.formats import DataError, data_error_in
     from advtrain.models import import_model_module, is_import_path, load_model, save_model
     from workflows.results import evaluate_trial
     from workflows.spec import eval_data, load_spec
@@ -143,9 +145,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     try:
         result = trainer.fit()
     except Exception as e:
-        # The trial fails with the DataError itself (`StopOnDataError` reads it).
-        if (data_error := data_error_in(e)) is not None:
-            raise DataError(str(data_error)) from None
+        raise_data_error_in(e)  # the trial fails with the DataError (`StopOnDataError` reads it)
         raise
     if is_import_path(cfg.model):  # registers the user's custom Keras objects before loading
         import_model_module(cfg.model, [base["origin"]])
@@ -187,9 +187,6 @@ class StopOnDataError(tune.Callback):
         if self.error is not None or (found := _trial_data_error(trial)) is None:
             return
         self.error = str(found)
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             os.kill(os.getpid(), signal.SIGINT)  # Tune's own handler: the graceful stop
 
@@ -197,8 +194,6 @@ class StopOnDataError(tune.Callback):
 def _trial_data_error(trial):
     """The DataError behind a trial's failure, from the error Tune pickled beside it."""
     import cloudpickle
-
-    from advtrain.formats import data_error_in
 
     path = trial.pickled_error_file
     if not path or not os.path.isfile(path):
