@@ -26,6 +26,7 @@ __all__ = [
     "LABEL_MAGIC",
     "PARQUET_COLUMNS",
     "DataError",
+    "errors_behind",
     "image_mode",
     "label_from_path",
     "npz_shard_rows",
@@ -66,32 +67,37 @@ class DataError(ValueError):
 _DATA_ERROR_LINE = re.compile(r"(?:^|\s)(?:[\w.]+\.)?DataError: (.+)$", re.MULTILINE)
 
 
-def data_error_in(error: BaseException) -> DataError | None:
-    """The `DataError` behind an error raised where data was read on another thread or process:
-    a Ray task's error (its `cause`), a Ray Train worker group's (`worker_failures`), a chain of
-    exceptions, or one that kept only a traceback's text (a TensorFlow input pipeline, a Train
-    worker's error): then the text's last `DataError: ` line is rebuilt as one.
-
-    Returns:
-        The DataError, or `None` when none is behind `error`.
-    """
+def errors_behind(error: BaseException):
+    """`error`, then every error behind it, each once: a Ray task's error's `cause`, a Ray Train
+    worker group's `worker_failures`, and the chain (`__cause__`, `__context__`)."""
     seen: set[int] = set()
     todo: list[BaseException] = [error]
-    text: list[str] = []
     while todo:
         e = todo.pop(0)
         if id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, BaseException):
-            todo.append(cause)  # a Ray task's error, though it may pass for a DataError itself
-        elif isinstance(e, DataError):
-            return e
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
+        yield e
+        if isinstance(cause := getattr(e, "cause", None), BaseException):
+            todo.append(cause)
+        if isinstance(failures := getattr(e, "worker_failures", None), dict):
             todo += failures.values()
         todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+
+
+def data_error_in(error: BaseException) -> DataError | None:
+    """The `DataError` behind an error raised where data was read on another thread or process
+    (`errors_behind`), or in one that kept only a traceback's text (a TensorFlow input pipeline,
+    a Train worker's error): then the text's last `DataError: ` line is rebuilt as one.
+
+    Returns:
+        The DataError, or `None` when none is behind `error`.
+    """
+    text: list[str] = []
+    for e in errors_behind(error):
+        # A Ray task's error may pass for a DataError itself: its cause is the one to return.
+        if isinstance(e, DataError) and not isinstance(getattr(e, "cause", None), BaseException):
+            return e
         text.append(str(e))
     for t in text:
         if lines := _DATA_ERROR_LINE.findall(t):

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -392,3 +393,101 @@ def test_asha_stops_trials_on_a_cluster_that_holds_one_trial_and_nothing_stays_r
     assert stopped and all(r["epochs_run"] < 3 for r in stopped), rows
     assert next(r for r in rows if r["config"]["eps"] == 0.0)["stopped"] == "asha", rows
     assert all(r["test_robust_acc"] is not None for r in rows), rows
+
+
+CHAOS_SEARCH = """
+train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 6, batch_size: 128, \
+train_size: 4096, probe_size: 64,
+        learning_rate: 0.003}
+eval: {norm: linf, eps: [0.1], suite: quick, n: 50, batch_size: 50}
+scaling: {max_failures: 4}
+search:
+  samples: 1
+  scheduler: fifo
+  space: {eps: {grid: [0.05, 0.1]}, mix: {choice: [1.0]}}
+"""
+WORKER_START = re.compile(
+    r"\(RayTrainWorker pid=(\d+)\).* advtrain worker \d+/\d+ of (train_\w+) from epoch (\d+)"
+)
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs a random Train worker of the search every ~20 s, at most `limit` times: only a
+    worker whose run has a registered checkpoint (Train's snapshot in the run folder), so its
+    restart must resume from one. Ray's own `WorkerKillerActor` (ray._private.test_utils) kills
+    through a Ray task, which waits for a CPU the trials hold here. Every process is this
+    machine's: the test cluster listens on 127.0.0.1 only."""
+
+    def __init__(self, log: Path, exp: Path, *, interval_s: float = 20.0, limit: int = 3):
+        super().__init__(daemon=True)
+        self.log, self.exp, self.interval_s, self.limit = log, exp, interval_s, limit
+        self.kills: list[dict] = []  # trial, pid, where the log stood
+        self.done = threading.Event()
+
+    def _candidates(self) -> list[tuple[int, str]]:
+        import psutil
+
+        text = self.log.read_text() if self.log.exists() else ""
+        workers = {int(pid): run for pid, run, _ in WORKER_START.findall(text)}
+        out = []
+        for pid, run in workers.items():
+            if not (self.exp / "train" / run / "checkpoint_manager_snapshot.json").is_file():
+                continue
+            try:
+                if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+                    out.append((pid, run))
+            except psutil.Error:
+                continue  # gone already
+        return out
+
+    def run(self):
+        import random
+
+        rng = random.Random(0)
+        while len(self.kills) < self.limit and not self.done.wait(
+            rng.uniform(0.75, 1.25) * self.interval_s if self.kills else 1.0
+        ):
+            if not (found := self._candidates()):
+                continue
+            pid, run = rng.choice(found)
+            offset = self.log.stat().st_size
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.kills.append({"run": run, "pid": pid, "offset": offset})
+
+
+def test_a_search_under_a_worker_killer_completes_every_trial_resuming_from_checkpoints(
+    ray_cluster, tmp_path
+):
+    killer = WorkerKiller(tmp_path / "advtrain.log", tmp_path / "exp")
+    killer.start()
+    try:
+        exp = _tune_to_the_end(CHAOS_SEARCH, tmp_path, ray_cluster.address, timeout=600)
+    finally:
+        killer.done.set()
+        killer.join()
+    text = (tmp_path / "advtrain.log").read_text()
+    assert killer.kills, "the killer found no worker past its first checkpoint to kill"
+    # Each killed worker's run came back from its checkpoint, not from epoch 0.
+    for kill in killer.kills:
+        later = [
+            int(e)
+            for _, run, e in WORKER_START.findall(text[kill["offset"] :])
+            if run == kill["run"]
+        ]
+        assert later and later[0] >= 1, (kill, later)
+    rows = json.loads((exp / "trials.json").read_text())["trials"]
+    assert sorted(r["config"]["eps"] for r in rows) == [0.05, 0.1], rows
+    assert all(r["stopped"] == "no" and r["test_robust_acc"] is not None for r in rows), rows
+    assert all(r["epochs_run"] == 6 for r in rows), rows  # every epoch in the delivered history
+    starts = set(WORKER_START.findall(text))  # (pid, run, epoch): Ray may print a line twice
+    rerun = 0
+    for rj in (exp / "tune").glob("*/result.json"):
+        trained = [json.loads(line) for line in rj.read_text().splitlines()]
+        rerun += sum(1 for m in trained if not m.get("evaluated")) - 6
+    print(
+        f"chaos: {len(killer.kills)} worker(s) killed, {len(starts) - len(rows)} restart(s), "
+        f"{len(rows)} of 2 trials completed with test results, {rerun} epoch(s) re-run"
+    )

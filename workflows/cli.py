@@ -671,7 +671,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `advtrain` console script; returns the exit status.
 
     Exit status: 0 done; 2 a usage, config or data error (one line on stderr, nothing written);
-    1 anything unexpected (an error from Ray, TensorFlow or pyarrow, or a bug), with its traceback;
+    1 no cluster, or storage unreachable for longer than the run waits (one line), or anything
+    unexpected (an error from Ray, TensorFlow or pyarrow, or a bug), with its traceback;
     130 interrupted. Every error line starts `advtrain <command>: error: `.
     """
     # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]": that
@@ -703,13 +704,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - any failure of the command becomes one line and a log
         from workflows.connect import ClusterError
+        from workflows.outages import StorageUnreachable
 
         if _is_usage_error(e):
             # Config/data validation errors: one line naming the value and the allowed range.
             print(f"{prefix}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
-        if isinstance(e, ClusterError):
-            # No cluster at the address, or it refused our token: say so in one line.
+        if isinstance(e, (ClusterError, StorageUnreachable)):
+            # No cluster at the address, it refused our token, or the run's storage stopped
+            # answering for longer than the run waits: say so in one line.
             print(f"{prefix}: error: {e}", file=sys.stderr)
             return 1
         return _unexpected(e, prefix, verbose)

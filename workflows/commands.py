@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from advtrain.config import AttackConfig, EvalConfig, check_number
-from advtrain.formats import DataError, data_error_in, raise_data_error_in
+from advtrain.formats import DataError
 from advtrain.keras_file import check_keras_file, input_shape, output_classes, shape_text
-from workflows import quiet, storage
-from workflows.spec import RunSpec
+from workflows import outages, quiet, storage
+from workflows.spec import RunSpec, Scaling
 from workflows.storage import RunFolder
 
 __all__ = [
@@ -137,8 +137,8 @@ def _print_report_summary(d: dict) -> None:
         _say(line)
 
 
-def _published(folder: RunFolder) -> None:
-    copied = folder.publish()
+def _published(folder: RunFolder, wait_s: float = Scaling().storage_wait_s) -> None:
+    copied = outages.ride_out(folder.publish, folder.location, wait_s=wait_s, say=_say)
     if folder.remote:
         _say(f"Stored {len(copied)} file(s) in {folder.remote}")
 
@@ -296,34 +296,32 @@ def _train_on_ray(spec: RunSpec, folder: RunFolder, address: str | None):
     """`train` on Ray Train: the run's Train folder under the run's location, the final
     checkpoint's model loaded back, the epoch lines printed after."""
     from advtrain.models import load_model
-    from workflows.train import build_trainer, read_final
+    from workflows.train import build_trainer, fit_and_read
 
     _connect_and_check(spec, address)
     s = spec.scaling
     ray_path = storage.join(folder.location, "ray")
     _say(f"Ray Train: {s.workers} worker(s), gpu={s.gpu}, storage {ray_path}")
-    trainer = build_trainer(
-        spec.train,
-        workers=s.workers,
-        gpu=s.gpu,
-        cpus_per_worker=s.cpus_per_worker,
-        max_failures=s.max_failures,
-        storage_path=ray_path,
-        name=folder.name,
-        threat_model=spec.threat_model,
-        placement_strategy=s.placement_strategy,
-    )
+
+    def trainer():
+        return build_trainer(
+            spec.train,
+            workers=s.workers,
+            gpu=s.gpu,
+            cpus_per_worker=s.cpus_per_worker,
+            max_failures=s.max_failures,
+            storage_path=ray_path,
+            name=folder.name,
+            threat_model=spec.threat_model,
+            placement_strategy=s.placement_strategy,
+        )
+
     try:
-        result = trainer.fit()
-    except Exception as e:
-        raise_data_error_in(e)
-        raise
+        model_path, history, summary = fit_and_read(
+            trainer, location=ray_path, wait_s=s.storage_wait_s, say=_say
+        )
     finally:
         _release_placement_groups()
-    if result.error is not None:
-        raise_data_error_in(result.error)
-        raise RuntimeError(f"Ray Train run failed: {result.error}")
-    model_path, history, summary = read_final(result)
     for m in history:
         _say(_epoch_line(m))
     return load_model(model_path), history, summary
@@ -454,12 +452,18 @@ def _search_and_finish(
         interrupted = True
     finally:
         _release_placement_groups()
-    # A trial's bad data file ends the search as an interrupt does (`StopOnDataError`).
-    if grid is not None and (data_error := _trials_data_error(grid)) is not None:
-        folder.publish()
-        raise DataError(
-            f"{data_error}; the search stopped (state saved): fix the file, then continue with: "
-            f"advtrain tune --resume {folder}"
+    # A trial's bad data file, or its storage gone longer than it waits, ends the search as an
+    # interrupt does (`workflows.tune.StopOnFatalError`).
+    if grid is not None and (fatal := _trials_fatal_error(grid)) is not None:
+        if isinstance(fatal, DataError):
+            folder.publish()
+            raise DataError(
+                f"{fatal}; the search stopped (state saved): fix the file, then continue with: "
+                f"advtrain tune --resume {folder}"
+            )
+        raise outages.StorageUnreachable(
+            f"{fatal}; the search stopped: once the storage answers, continue with: advtrain "
+            f"tune --resume {folder} (trials that ended after its last saved state run again)"
         )
     if interrupted:
         folder.publish()
@@ -471,10 +475,12 @@ def _search_and_finish(
     return _finish(spec, grid, folder, search)
 
 
-def _trials_data_error(grid):
-    """The DataError a trial of the search failed on (a bad file in the split every trial
-    reads), or `None`."""
-    return next((d for e in grid.errors if (d := data_error_in(e)) is not None), None)
+def _trials_fatal_error(grid):
+    """The error a trial of the search failed on that ends it (`workflows.tune.fatal_error_in`),
+    or `None`."""
+    from workflows.tune import fatal_error_in
+
+    return next((d for e in grid.errors if (d := fatal_error_in(e)) is not None), None)
 
 
 def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:
@@ -492,7 +498,7 @@ def _finish(spec: RunSpec, grid, folder: RunFolder, search=None) -> int:
     lines = results.write_all(folder.local)
     for line in lines:
         _say(line)
-    _published(folder)
+    _published(folder, spec.scaling.storage_wait_s)
     failed = [r for r in rows if r["stopped"] == "error"]
     if failed:
         _say(

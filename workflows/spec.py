@@ -42,7 +42,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 @dataclasses.dataclass(frozen=True)
 class Scaling:
     """Ray Train scaling: workers per run, GPUs, CPUs per worker, tolerated worker failures and
-    how workers are placed on nodes (the `scaling` section of a run file)."""
+    storage outages, and how workers are placed on nodes (the `scaling` section of a run
+    file)."""
 
     workers: int = option(
         1,
@@ -60,6 +61,14 @@ class Scaling:
         help="worker-group restarts tolerated before the run fails, from "
         "its latest checkpoint (`--max-failures` overrides)",
     )
+    storage_wait_s: float = option(
+        600.0,
+        low=0,
+        high=86400,
+        help="seconds a run waits for its storage (S3, GCS, NFS) when it stops answering; the "
+        "run then continues from its latest checkpoint, or the search stops (state saved) for "
+        "`--resume` if the outage lasts longer",
+    )
     placement_strategy: str = option(
         "PACK",
         choices=PLACEMENT_STRATEGIES,
@@ -69,7 +78,7 @@ class Scaling:
     )
 
     def __post_init__(self) -> None:
-        check_fields(self, "workers", "gpu", "cpus_per_worker", "max_failures")
+        check_fields(self, "workers", "gpu", "cpus_per_worker", "max_failures", "storage_wait_s")
         strategies = PLACEMENT_STRATEGIES  # upper-case and exact, so not `check_choice`
         if self.placement_strategy not in strategies:
             raise ValueError(

@@ -17,6 +17,7 @@ set-up, shared with `benchmarks/ray_overhead.py`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ from advtrain.config import (
     check_steps_per_call,
 )
 from advtrain.formats import raise_data_error_in
+from workflows import outages
 
 __all__ = [
     "COMMUNICATIONS",
@@ -492,6 +494,57 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+def fit_and_read(
+    make_trainer, *, location: str, wait_s: float, say
+) -> tuple[Path, list[dict], dict]:
+    """`make_trainer().fit()`, then its final model copied out (`read_final`), riding out storage
+    outages (`workflows.outages.ride_out`): a Train run fitted again under its name continues from
+    its latest checkpoint in the storage. Checkpoint folders cut off part-way are removed
+    (`remove_unregistered_checkpoints`), saying so.
+
+    Raises:
+        advtrain.formats.DataError: a bad data file, one line.
+        workflows.outages.StorageUnreachable: an outage longer than `wait_s` seconds.
+    """
+    ride = functools.partial(outages.ride_out, location=location, wait_s=wait_s, say=say)
+    try:
+        result = ride(lambda: make_trainer().fit())
+    except Exception as e:
+        raise_data_error_in(e)
+        raise
+    if result.error is not None:
+        raise_data_error_in(result.error)
+        raise RuntimeError(f"Ray Train run failed: {result.error}")
+    if gone := ride(lambda: remove_unregistered_checkpoints(result)):
+        say(f"advtrain: removed {len(gone)} checkpoint(s) cut off part-way: {', '.join(gone)}")
+    return ride(lambda: read_final(result))
+
+
+def remove_unregistered_checkpoints(result) -> list[str]:
+    """Deletes the checkpoint folders of an ended Train run that its checkpoint manager never
+    registered: uploads cut off part-way (the storage went away, a worker was killed), which Ray
+    leaves half-written beside the whole ones and never reads. Call it once `fit()` returned,
+    when no upload is in flight.
+
+    Returns:
+        The names of the folders deleted.
+    """
+    import pyarrow.fs as pafs
+
+    kept = {c.path.rstrip("/") for c, _ in result.best_checkpoints or ()}
+    if result.checkpoint is not None:
+        kept.add(result.checkpoint.path.rstrip("/"))
+    fs = result.filesystem
+    gone = []
+    for info in fs.get_file_info(pafs.FileSelector(result.path, allow_not_found=True)):
+        folder = info.type == pafs.FileType.Directory
+        checkpoint = folder and info.base_name.startswith("checkpoint_")
+        if checkpoint and info.path.rstrip("/") not in kept:
+            fs.delete_dir(info.path)
+            gone.append(info.base_name)
+    return sorted(gone)
 
 
 def read_final(result) -> tuple[Path, list[dict], dict]:

@@ -31,8 +31,8 @@ from typing import Any
 from ray import tune
 
 from advtrain.config import TrainConfig
-from advtrain.formats import data_error_in, raise_data_error_in
-from workflows import placement_groups, quiet, storage
+from advtrain.formats import data_error_in
+from workflows import outages, placement_groups, quiet, storage
 
 # The search section's spec lives in a Ray-free module (`advtrain config` reads it); its names
 # stay here too.
@@ -123,33 +123,34 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     from advtrain.models import import_model_module, is_import_path, load_model, save_model
     from workflows.results import evaluate_trial
     from workflows.spec import eval_data, load_spec
-    from workflows.train import build_trainer, read_final
+    from workflows.train import build_trainer, fit_and_read
 
     cfg = TrainConfig.from_dict({**base["train"], **_round_params(params)})
     spec = load_spec(None, train=cfg.to_dict(), eval=base["eval"], scaling=base["scaling"])
     scaling = spec.scaling
     trial_id = tune.get_context().get_trial_id()
-    trainer = build_trainer(
-        cfg,
-        workers=scaling.workers,
-        gpu=scaling.gpu,
-        cpus_per_worker=scaling.cpus_per_worker,
-        storage_path=base["train_path"],
-        name=f"train_{trial_id}",
-        max_failures=scaling.max_failures,
-        callbacks=[TuneReportCallback()],
-        threat_model=spec.threat_model,
-        placement_strategy=scaling.placement_strategy,
-        origin=base["origin"],
+
+    def trainer():
+        return build_trainer(
+            cfg,
+            workers=scaling.workers,
+            gpu=scaling.gpu,
+            cpus_per_worker=scaling.cpus_per_worker,
+            storage_path=base["train_path"],
+            name=f"train_{trial_id}",
+            max_failures=scaling.max_failures,
+            callbacks=[TuneReportCallback()],
+            threat_model=spec.threat_model,
+            placement_strategy=scaling.placement_strategy,
+            origin=base["origin"],
+        )
+
+    # A DataError fails the trial as one line (`StopOnFatalError` reads it).
+    model_path, history, summary = fit_and_read(
+        trainer, location=base["train_path"], wait_s=scaling.storage_wait_s, say=print
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        raise_data_error_in(e)  # the trial fails with the DataError (`StopOnDataError` reads it)
-        raise
     if is_import_path(cfg.model):  # registers the user's custom Keras objects before loading
         import_model_module(cfg.model, [base["origin"]])
-    model_path, history, summary = read_final(result)
     model = load_model(model_path)
     # The delivered model is the restored epoch's when the overfitting guard fired.
     delivered = (
@@ -167,14 +168,21 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         }
         save_model(model, Path(tmp, "model.keras"))
         write_json(Path(tmp, "history.json"), history)
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+        checkpoint = tune.Checkpoint.from_directory(tmp)
+        outages.ride_out(
+            lambda: tune.report(final, checkpoint=checkpoint),
+            base["train_path"],
+            wait_s=scaling.storage_wait_s,
+            say=print,
+        )
 
 
-class StopOnDataError(tune.Callback):
+class StopOnFatalError(tune.Callback):
     """Ends the search as Ctrl-C does (trials stopped, state saved, `--resume` continues it) once
-    a trial failed on a bad data file: every trial reads the same split, so the rest would fail on
-    it too. Not a Tune stopper: Tune marks a stopped search's searcher finished, and the resumed
-    search would start none of the trials not yet begun."""
+    a trial failed on what every other trial would fail on too (`fatal_error_in`): a bad data
+    file in the split they all read, or a storage unreachable for longer than the run waits. Not
+    a Tune stopper: Tune marks a stopped search's searcher finished, and the resumed search would
+    start none of the trials not yet begun."""
 
     def __init__(self):
         self.error: str | None = None
@@ -184,22 +192,28 @@ class StopOnDataError(tune.Callback):
         return {**self.__dict__, "error": None}
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if self.error is not None or (found := _trial_data_error(trial)) is None:
+        if self.error is not None or (found := _trial_fatal_error(trial)) is None:
             return
         self.error = str(found)
         if threading.current_thread() is threading.main_thread():
             os.kill(os.getpid(), signal.SIGINT)  # Tune's own handler: the graceful stop
 
 
-def _trial_data_error(trial):
-    """The DataError behind a trial's failure, from the error Tune pickled beside it."""
+def fatal_error_in(error: BaseException) -> Exception | None:
+    """The error behind a trial's failure that ends the search: a `DataError`, or
+    `StorageUnreachable` (an outage longer than `scaling.storage_wait_s`); else `None`."""
+    return data_error_in(error) or outages.outage_behind(error)
+
+
+def _trial_fatal_error(trial):
+    """The search-ending error behind a trial's failure, from the error Tune pickled beside it."""
     import cloudpickle
 
     path = trial.pickled_error_file
     if not path or not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
-        return data_error_in(cloudpickle.load(f))
+        return fatal_error_in(cloudpickle.load(f))
 
 
 def per_worker(spec: RunSpec) -> dict[str, float]:
@@ -338,7 +352,7 @@ def _tuner(spec: RunSpec, search: SearchSpec, folder: RunFolder, *, restore: boo
             callbacks=[
                 *build_callbacks(search, folder.name),
                 placement_groups.ReleaseEndedTrials(),
-                StopOnDataError(),
+                StopOnFatalError(),
             ],
         ),
     )
