@@ -414,7 +414,7 @@ WORKER_START = re.compile(
 class WorkerKiller(threading.Thread):
     """SIGKILLs a random Train worker of the search every ~20 s, at most `limit` times: only a
     worker whose run has a registered checkpoint (Train's snapshot in the run folder), so its
-    restart must resume from one. Ray's own `WorkerKillerActor` (ray._private.test_utils) kills
+    restart must resume from one. Ray's own `WorkerKillerActor` (its private test utilities) kills
     through a Ray task, which waits for a CPU the trials hold here. Every process is this
     machine's: the test cluster listens on 127.0.0.1 only."""
 
