@@ -1,5 +1,5 @@
 """Ray Train on a real local cluster: sharding and gradient arithmetic across workers (a worker
-killed mid-search, and its resume from checkpoint: tests/test_tune.py, the worker killer)."""
+killed mid-search, and its resume from checkpoint: tests/test_tune.py's worker killer)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Ray Tune on the real local cluster: a search completes, is interrupted (SIGINT, then SIGKILL),
-resumes without rerunning finished trials, and its table, Pareto front and report match the
-trials' own results."""
+"""Ray Tune on the real local cluster: a search completes, is interrupted (SIGINT, then SIGKILL)
+while a killer SIGKILLs its Train workers, resumes without rerunning finished trials or restarting
+a checkpointed run from epoch 0, and its table, Pareto front and report match the trials' own
+results."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 2, batch_size: 128,
 train_size: 4096, probe_size: 64,
         learning_rate: 0.003}
 eval: {norm: linf, eps: [0.05, 0.1], suite: quick, n: 100, batch_size: 100}
+scaling: {max_failures: 4}
 search:
   samples: 1
   scheduler: fifo
@@ -105,15 +107,82 @@ def _wait(predicate, timeout, what, proc=None):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cluster, tmp_path):
+WORKER_START = re.compile(
+    r"\(RayTrainWorker pid=(\d+)\).* advtrain worker \d+/\d+ of (train_\w+) from epoch (\d+)"
+)
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs a random Train worker of the search every ~20 s, at most `limit` times: only a
+    worker whose run has a registered checkpoint (Train's snapshot in the run folder), so its
+    restart must resume from one. Ray's own `WorkerKillerActor` (its private test utilities) kills
+    through a Ray task, which waits for a CPU the trials hold here. Every process is this
+    machine's: the test cluster listens on 127.0.0.1 only."""
+
+    def __init__(self, log: Path, exp: Path, *, interval_s: float = 20.0, limit: int = 3):
+        super().__init__(daemon=True)
+        self.log, self.exp, self.interval_s, self.limit = log, exp, interval_s, limit
+        self.kills: list[dict] = []  # trial, pid, where the log stood
+        self.done = threading.Event()
+
+    def _candidates(self) -> list[tuple[int, str]]:
+        import psutil
+
+        text = self.log.read_text() if self.log.exists() else ""
+        workers = {int(pid): run for pid, run, _ in WORKER_START.findall(text)}
+        out = []
+        for pid, run in workers.items():
+            if not (self.exp / "train" / run / "checkpoint_manager_snapshot.json").is_file():
+                continue
+            try:
+                if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+                    out.append((pid, run))
+            except psutil.Error:
+                continue  # gone already
+        return out
+
+    def run(self):
+        import random
+
+        rng = random.Random(0)
+        not_before = 0.0  # ~20 s after the last kill; until then, and between polls, 1 s steps
+        while len(self.kills) < self.limit and not self.done.wait(1.0):
+            if time.monotonic() < not_before or not (found := self._candidates()):
+                continue
+            pid, run = rng.choice(found)
+            offset = self.log.stat().st_size
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.kills.append({"run": run, "pid": pid, "offset": offset})
+            not_before = time.monotonic() + rng.uniform(0.75, 1.25) * self.interval_s
+
+
+@pytest.fixture
+def worker_killer(tmp_path):
+    """A `WorkerKiller` of the search in tmp_path/exp, logging to tmp_path/advtrain.log; stopped
+    when the test ends, however it ends."""
+    killer = WorkerKiller(tmp_path / "advtrain.log", tmp_path / "exp")
+    killer.start()
+    yield killer
+    killer.done.set()
+    killer.join()
+
+
+def test_search_under_a_worker_killer_interrupted_twice_resumes_without_rerun_and_reports_match(
+    ray_cluster, tmp_path, worker_killer
+):
+    """Several faults in one search: a killer SIGKILLs a Train worker every ~20 s throughout,
+    while the driver is stopped with Ctrl-C, resumed, SIGKILLed, and resumed to the end."""
     cfg = tmp_path / "search.yaml"
     cfg.write_text(SEARCH)
     exp = tmp_path / "exp"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     args = ["tune", "--config", str(cfg), "--out", str(exp), "--address", ray_cluster.address]
+    log = tmp_path / "advtrain.log"
 
     # 1. Start, let one trial finish, then Ctrl-C the driver.
-    log = tmp_path / "advtrain.log"
     proc = _advtrain(args, env, log, start_new_session=True)
     _wait(lambda: len(_finished_trials(exp)) >= 1, 400, "a first finished trial", proc)
     proc.send_signal(signal.SIGINT)
@@ -144,11 +213,14 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
     # 3. Resume to the end.
     proc = _advtrain(["tune", "--resume", str(exp), "--address", ray_cluster.address], env, log)
     proc.wait(timeout=600)
+    worker_killer.done.set()
+    worker_killer.join()
     assert proc.returncode == 0, log.read_text()[-3000:]
     done_after = _finished_trials(exp)
     assert len(done_after) == 3
     for trial_id, stamp in done_mid.items():
         assert done_after[trial_id] == stamp, f"finished trial {trial_id} was run again"
+    _check_killed_runs_resumed(worker_killer, log.read_text(), exp, epochs=2)
 
     # The table, Pareto front and report match the trials' own results.
     data = json.loads((exp / "trials.json").read_text())
@@ -160,6 +232,7 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
         assert row["test_robust_acc"] == pytest.approx(last["test_robust_acc"])
         assert row["val_robust_acc"] == pytest.approx(last["val_robust_acc"])
         assert row["stopped"] == "no"
+        assert row["epochs_run"] == 2 and row["test_robust_acc"] is not None
     with open(exp / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["trial_id"] for r in table] == [r["trial_id"] for r in data["trials"]]
@@ -195,6 +268,27 @@ def test_search_interrupted_twice_resumes_without_rerun_and_reports_match(ray_cl
     proc.wait(timeout=120)
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert (exp / "results.md").read_text() == before
+
+
+def _check_killed_runs_resumed(killer: WorkerKiller, text: str, exp: Path, *, epochs: int):
+    """Each killed worker's run came back from its checkpoint, not from epoch 0; prints the
+    counts: kills, restarts, epochs trained twice."""
+    assert killer.kills, "the killer found no worker past its first checkpoint to kill"
+    for kill in killer.kills:
+        after = WORKER_START.findall(text[kill["offset"] :])
+        later = [int(e) for _, run, e in after if run == kill["run"]]
+        assert later and later[0] >= 1, (kill, later)
+    starts = set(WORKER_START.findall(text))  # (pid, run, epoch): Ray may print a line twice
+    runs = {run for _, run, _ in starts}
+    rerun = 0
+    for rj in (exp / "tune").glob("*/result.json"):
+        trained = [json.loads(line) for line in rj.read_text().splitlines()]
+        rerun += sum(1 for m in trained if not m.get("evaluated")) - epochs
+    print(
+        f"chaos: {len(killer.kills)} worker(s) killed, {len(starts) - len(runs)} worker "
+        f"restart(s) (kills and driver resumes), {epochs * len(runs)} epochs planned, "
+        f"{rerun} epoch report(s) repeated"
+    )
 
 
 def test_search_spec_defaults_validate_and_build_param_space():
@@ -393,101 +487,3 @@ def test_asha_stops_trials_on_a_cluster_that_holds_one_trial_and_nothing_stays_r
     assert stopped and all(r["epochs_run"] < 3 for r in stopped), rows
     assert next(r for r in rows if r["config"]["eps"] == 0.0)["stopped"] == "asha", rows
     assert all(r["test_robust_acc"] is not None for r in rows), rows
-
-
-CHAOS_SEARCH = """
-train: {model: mlp, method: pgd, eps: 0.1, steps: 2, epochs: 6, batch_size: 128, \
-train_size: 4096, probe_size: 64,
-        learning_rate: 0.003}
-eval: {norm: linf, eps: [0.1], suite: quick, n: 50, batch_size: 50}
-scaling: {max_failures: 4}
-search:
-  samples: 1
-  scheduler: fifo
-  space: {eps: {grid: [0.05, 0.1]}, mix: {choice: [1.0]}}
-"""
-WORKER_START = re.compile(
-    r"\(RayTrainWorker pid=(\d+)\).* advtrain worker \d+/\d+ of (train_\w+) from epoch (\d+)"
-)
-
-
-class WorkerKiller(threading.Thread):
-    """SIGKILLs a random Train worker of the search every ~20 s, at most `limit` times: only a
-    worker whose run has a registered checkpoint (Train's snapshot in the run folder), so its
-    restart must resume from one. Ray's own `WorkerKillerActor` (its private test utilities) kills
-    through a Ray task, which waits for a CPU the trials hold here. Every process is this
-    machine's: the test cluster listens on 127.0.0.1 only."""
-
-    def __init__(self, log: Path, exp: Path, *, interval_s: float = 20.0, limit: int = 3):
-        super().__init__(daemon=True)
-        self.log, self.exp, self.interval_s, self.limit = log, exp, interval_s, limit
-        self.kills: list[dict] = []  # trial, pid, where the log stood
-        self.done = threading.Event()
-
-    def _candidates(self) -> list[tuple[int, str]]:
-        import psutil
-
-        text = self.log.read_text() if self.log.exists() else ""
-        workers = {int(pid): run for pid, run, _ in WORKER_START.findall(text)}
-        out = []
-        for pid, run in workers.items():
-            if not (self.exp / "train" / run / "checkpoint_manager_snapshot.json").is_file():
-                continue
-            try:
-                if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
-                    out.append((pid, run))
-            except psutil.Error:
-                continue  # gone already
-        return out
-
-    def run(self):
-        import random
-
-        rng = random.Random(0)
-        while len(self.kills) < self.limit and not self.done.wait(
-            rng.uniform(0.75, 1.25) * self.interval_s if self.kills else 1.0
-        ):
-            if not (found := self._candidates()):
-                continue
-            pid, run = rng.choice(found)
-            offset = self.log.stat().st_size
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            self.kills.append({"run": run, "pid": pid, "offset": offset})
-
-
-def test_a_search_under_a_worker_killer_completes_every_trial_resuming_from_checkpoints(
-    ray_cluster, tmp_path
-):
-    killer = WorkerKiller(tmp_path / "advtrain.log", tmp_path / "exp")
-    killer.start()
-    try:
-        exp = _tune_to_the_end(CHAOS_SEARCH, tmp_path, ray_cluster.address, timeout=600)
-    finally:
-        killer.done.set()
-        killer.join()
-    text = (tmp_path / "advtrain.log").read_text()
-    assert killer.kills, "the killer found no worker past its first checkpoint to kill"
-    # Each killed worker's run came back from its checkpoint, not from epoch 0.
-    for kill in killer.kills:
-        later = [
-            int(e)
-            for _, run, e in WORKER_START.findall(text[kill["offset"] :])
-            if run == kill["run"]
-        ]
-        assert later and later[0] >= 1, (kill, later)
-    rows = json.loads((exp / "trials.json").read_text())["trials"]
-    assert sorted(r["config"]["eps"] for r in rows) == [0.05, 0.1], rows
-    assert all(r["stopped"] == "no" and r["test_robust_acc"] is not None for r in rows), rows
-    assert all(r["epochs_run"] == 6 for r in rows), rows  # every epoch in the delivered history
-    starts = set(WORKER_START.findall(text))  # (pid, run, epoch): Ray may print a line twice
-    rerun = 0
-    for rj in (exp / "tune").glob("*/result.json"):
-        trained = [json.loads(line) for line in rj.read_text().splitlines()]
-        rerun += sum(1 for m in trained if not m.get("evaluated")) - 6
-    print(
-        f"chaos: {len(killer.kills)} worker(s) killed, {len(starts) - len(rows)} restart(s), "
-        f"{len(rows)} of 2 trials completed with test results, {rerun} epoch(s) re-run"
-    )
