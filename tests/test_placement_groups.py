@@ -42,19 +42,31 @@ def test_release_orphans_frees_only_groups_whose_creator_actor_died(ray_cluster)
     from ray.util.placement_group import placement_group, remove_placement_group
 
     @ray.remote(num_cpus=0)
-    class Controller:
-        """Stands in for a trial's Train controller: an actor of the job that creates a group."""
+    class TrainController:
+        """Stands in for a trial's Train controller (the class name is what is checked): an actor
+        of the job that creates a group."""
 
-        def reserve(self):
-            group = placement_group([{"CPU": 1}])
+        def reserve(self, resources=None):
+            group = placement_group([resources or {"CPU": 1}])
+            ray.get(group.ready(), timeout=60)
+            return group.id.hex()
+
+    @ray.remote(num_cpus=0)
+    class Other:
+        """Any other actor that creates a group: its group stays after it dies."""
+
+        def reserve(self, resources):
+            group = placement_group([resources])
             ray.get(group.ready(), timeout=60)
             return group.id.hex()
 
     ray.init(address=ray_cluster.address, log_to_driver=False)
     try:
-        ended, running = Controller.remote(), Controller.remote()
+        ended, running, other = TrainController.remote(), TrainController.remote(), Other.remote()
         ended_group = ray.get(ended.reserve.remote(), timeout=90)
         running_group = ray.get(running.reserve.remote(), timeout=90)
+        other_group = ray.get(other.reserve.remote({"memory": 1024}), timeout=90)
+        ray.kill(other)
         # The driver's own group (as Tune's trial groups are) and a detached one, both 0-CPU so
         # the cluster's 2 CPUs stay the two controllers'.
         driver_group = placement_group([{"memory": 1024}])
@@ -72,9 +84,12 @@ def test_release_orphans_frees_only_groups_whose_creator_actor_died(ray_cluster)
 
         assert released == [f"{ended_group[:8]} {{CPU: 1}}"] and alive == 1
         assert state.get_placement_group(ended_group).state == "REMOVED"
-        for kept in (running_group, driver_group.id.hex(), detached.id.hex()):
+        for kept in (running_group, driver_group.id.hex(), detached.id.hex(), other_group):
             assert state.get_placement_group(kept).state == "CREATED"
         ray.kill(running)
         remove_placement_group(detached)
+        from workflows.ray_internals import placement_group as by_id
+
+        remove_placement_group(by_id(other_group))
     finally:
         ray.shutdown()

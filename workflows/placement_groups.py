@@ -72,10 +72,11 @@ def release_own() -> list[str]:
 
 
 def release_orphans() -> tuple[list[str], int]:
-    """Removes the groups of this process's job whose creator actor is dead (the Train controller
-    of a trial that ended). Safe while the search runs: a pending or running trial's group has a
-    live creator, Tune's own trial groups are the driver's (no creator actor), and detached groups
-    are never touched.
+    """Removes the groups of this process's job whose creator actor is dead and was a Train
+    controller (the Train run of a trial that ended). Safe while the search runs: a pending or
+    running trial's group has a live creator, Tune's own trial groups are the driver's (no
+    creator actor), a group any other actor created is kept (its class is checked, and kept when
+    the state API no longer knows it), and detached groups are never touched.
 
     Returns:
         (one `"<id prefix> {resources}"` per group removed, how many groups of live actors remain).
@@ -86,10 +87,13 @@ def release_orphans() -> tuple[list[str], int]:
     from workflows.ray_internals import actor_placement_groups, placement_group
 
     released, alive = [], 0
-    for hex_id, bundles, dead in actor_placement_groups(ray.get_runtime_context().get_job_id()):
+    job = ray.get_runtime_context().get_job_id()
+    for hex_id, bundles, dead, creator in actor_placement_groups(job):
         if not dead:
             alive += 1
             continue
+        if _class_of(creator) != "TrainController":
+            continue  # only a Train run's group: never one Tune or the user's code holds
         try:
             remove_placement_group(placement_group(hex_id))
         except Exception as e:  # noqa: BLE001 - removed meanwhile, or the GCS refused: the rest still go
@@ -97,6 +101,18 @@ def release_orphans() -> tuple[list[str], int]:
             continue
         released.append(f"{hex_id[:8]} {_resources(bundles)}")
     return released, alive
+
+
+def _class_of(actor_hex: str) -> str | None:
+    """The class of an actor, from the state API; `None` when it no longer knows it."""
+    from ray.util.state import get_actor
+
+    try:
+        actor = get_actor(actor_hex)
+    except Exception:  # noqa: BLE001 - the state API unreachable: treat as unknown, keep the group
+        return None
+    # A class defined in a function is named with its qualified name (`f.<locals>.Cls`).
+    return None if actor is None else actor.class_name.rsplit(".", 1)[-1]
 
 
 class ReleaseEndedTrials(tune.Callback):

@@ -175,14 +175,14 @@ def placement_group(hex_id: str) -> Any:
     return PlacementGroup(PlacementGroupID.from_hex(hex_id))
 
 
-def actor_placement_groups(job_id: str) -> list[tuple[str, list[dict], bool]]:
+def actor_placement_groups(job_id: str) -> list[tuple[str, list[dict], bool, str]]:
     """The placement groups of job `job_id` (hex) that an actor of it created and that still
     reserve resources (not removed, not detached). Ray frees such a group only when both its
     creator actor and its job are dead; the state API does not say whether the creator is.
 
     Returns:
         (placement group id in hex, its bundles as the state API lists them, `unit_resources`
-        each, creator actor dead) per group.
+        each, creator actor dead, creator actor id in hex) per group.
     """
     from ray._private.state import state
     from ray.core.generated.gcs_pb2 import PlacementGroupTableData
@@ -199,7 +199,9 @@ def actor_placement_groups(job_id: str) -> list[tuple[str, list[dict], bool]]:
         ):
             continue
         bundles = [{"unit_resources": dict(b.unit_resources)} for b in g.bundles]
-        out.append((g.placement_group_id.hex(), bundles, g.creator_actor_dead))
+        out.append(
+            (g.placement_group_id.hex(), bundles, g.creator_actor_dead, g.creator_actor_id.hex())
+        )
     return out
 
 
